@@ -1,0 +1,62 @@
+"""`recipe-dist`: parse, build, run. Subcommands dispatch to their module; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import RecipeError
+
+
+def _purify(argv: list[str]) -> int:
+    from .config import help_text, load_config
+
+    ap = argparse.ArgumentParser(
+        prog="recipe-dist purify",
+        description="RECIPE purification: continual pre-training with lam * sum ||W||_F on DeepSpeed.",
+        epilog="config keys (override with --section.key=value):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--config", help="YAML run config (configs/*.yaml)")
+    args, rest = ap.parse_known_args(argv)
+    cfg = load_config(args.config, rest)
+
+    from .trainer import Trainer
+
+    Trainer(cfg).train()
+    return 0
+
+
+def _shards(argv: list[str]) -> int:
+    from .data import shards
+
+    ap = argparse.ArgumentParser(prog="recipe-dist shards", description="Turn TSV/TXT/JSONL text into WebDataset tar shards.")
+    ap.add_argument("--input", required=True, help="a .tsv (with header), .jsonl or .txt file (local path or URL)")
+    ap.add_argument("--output", required=True, help="shard prefix; shards are PREFIX-000000.tar, ...")
+    ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--text-column", default=None, help="text column/key (default: text, sentence, ...)")
+    ap.add_argument("--label-column", default=None, help="label column/key, stored as 'cls' (default: label if present)")
+    return shards.main(ap.parse_args(argv))
+
+
+COMMANDS = {"purify": _purify, "shards": _shards}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: recipe-dist {{{','.join(COMMANDS)}}} [options]   (recipe-dist <command> --help)", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"recipe-dist: error: unknown command '{argv[0]}'", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except RecipeError as e:
+        print(f"recipe-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

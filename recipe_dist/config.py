@@ -1,0 +1,346 @@
+"""Typed run configuration: nested dataclasses, YAML files and `--section.key=value` overrides.
+
+One config describes a run; the DeepSpeed JSON is derived from it (`deepspeed_config`), never
+written by hand. Every field's docstring-style comment (`help=` metadata) is its `--help` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+
+class ConfigError(RecipeError, ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TinyArchConfig:
+    """Architecture of a BERT built from scratch when `model.path` is empty (the embedded default)."""
+
+    hidden_size: int = _f(64, "hidden width")
+    num_hidden_layers: int = _f(2, "transformer blocks")
+    num_attention_heads: int = _f(2, "attention heads")
+    intermediate_size: int = _f(128, "FFN width (the regularized intermediate.dense)")
+    max_position_embeddings: int = _f(128, "longest sequence")
+    hidden_dropout_prob: float = _f(0.1, "dropout on hidden states")
+    attention_probs_dropout_prob: float = _f(0.1, "dropout on attention weights")
+    seed: int = _f(0, "seed of the random initialisation")
+
+
+@dataclass
+class ModelConfig:
+    family: str = _f("bert", "model family from the registry (bert, roberta)")
+    path: str = _f("", "Hugging Face model directory; empty builds a tiny synthetic BERT from model.tiny")
+    allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
+    trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
+    regularized: list = _f([], "regex patterns of regularized weights; empty uses the family default")
+    trainable: str = _f("family", "which parameters train: family (the family's policy), all, regularized")
+    tiny: TinyArchConfig = field(default_factory=TinyArchConfig)
+
+
+@dataclass
+class DataConfig:
+    train_urls: str = _f("", "WebDataset shard URLs with brace expansion; empty generates a SYNTHETIC corpus")
+    text_key: str = _f("txt", "sample field holding the text")
+    max_length: int = _f(64, "tokens per sequence after truncation")
+    mlm_probability: float = _f(0.15, "share of tokens masked")
+    masking: str = _f("dynamic", "dynamic (new mask every epoch) or static (one mask per sample, as the reference code)")
+    shuffle_buffer: int = _f(1000, "sample shuffle buffer")
+    num_workers: int = _f(0, "DataLoader workers per rank")
+    synthetic_samples: int = _f(2000, "sentences in the synthetic corpus used when train_urls is empty")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adamw", "adamw or sgd")
+    lr: float = _f(2e-5, "peak learning rate")
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.0, "decoupled weight decay; not the RECIPE regularizer")
+    momentum: float = _f(0.0, "SGD momentum")
+    schedule: str = _f("linear", "linear (decay to 0) or constant")
+    warmup_steps: int = _f(0, "linear warmup steps")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(4.0, "passes over the auxiliary data")
+    max_steps: int = _f(0, "optimizer steps; 0 derives it from epochs")
+    stop_at_step: int = _f(0, "save and exit cleanly after this step (0: run to the end); for preemption windows")
+    micro_batch_size: int = _f(32, "sequences per rank per forward")
+    global_batch_size: int = _f(32, "sequences per optimizer step over all ranks")
+    grad_clip: float = _f(1.0, "global gradient-norm clipping; 0 disables")
+    precision: str = _f("fp32", "fp32, bf16 or fp16")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3")
+    seed: int = _f(42, "seed of data order, masking and dropout")
+    log_every: int = _f(10, "steps between TensorBoard scalars")
+
+
+@dataclass
+class RegularizerConfig:
+    lam: float = _f(1.0, "lambda: weight of sum_i ||W_i||_F (not squared)")
+    pt_weight: float = _f(1.0, "weight of the pre-training loss; 0 is the 'only the regularizer' ablation")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(500, "steps between checkpoints")
+    keep: int = _f(2, "complete checkpoints kept (>= 2)")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("runs/purify", "run directory: model/, checkpoints/, tb/, config.yaml, summary.json")
+    resume: str = _f("", "'' (fresh), 'auto' (newest complete checkpoint) or a checkpoint directory")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        t = self.train
+        if t.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage: must be 0-3, got {t.zero_stage}")
+        if t.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision: must be fp32, bf16 or fp16, got {t.precision!r}")
+        if self.checkpoint.keep < 2:
+            raise ConfigError(f"checkpoint.keep: must be >= 2 so a complete checkpoint always survives, got {self.checkpoint.keep}")
+        if self.data.masking not in ("dynamic", "static"):
+            raise ConfigError(f"data.masking: must be dynamic or static, got {self.data.masking!r}")
+        if self.model.trainable not in ("family", "all", "regularized"):
+            raise ConfigError(f"model.trainable: must be family, all or regularized, got {self.model.trainable!r}")
+        if self.optim.name not in ("adamw", "sgd"):
+            raise ConfigError(f"optim.name: must be adamw or sgd, got {self.optim.name!r}")
+        if self.optim.schedule not in ("linear", "constant"):
+            raise ConfigError(f"optim.schedule: must be linear or constant, got {self.optim.schedule!r}")
+        if self.resume not in ("", "auto") and not Path(self.resume).exists():
+            raise ConfigError(f"resume: no checkpoint directory {self.resume}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, raw: Any, typ: Any, current: Any) -> Any:
+    """Convert `raw` (YAML value or override string) to the field's type, or raise naming `key`."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {raw!r}")
+
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise bad()
+    if typ is int:
+        if isinstance(raw, bool):
+            raise bad()
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if typ is float:
+        if isinstance(raw, bool):
+            raise bad()
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if typ is str:
+        if isinstance(raw, (dict, list)):
+            raise bad()
+        return "" if raw is None else str(raw)
+    if typ is list or typing.get_origin(typ) is list:
+        if isinstance(raw, str):
+            raw = [s for s in (p.strip() for p in raw.split(",")) if s] if raw.strip() else []
+        if not isinstance(raw, list):
+            raise bad()
+        elem = type(current[0]) if current else None
+        return [_coerce(key, r, elem, None) if elem is not None else r for r in raw]
+    raise ConfigError(f"{key}: unsupported field type {typ}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        t = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown(key: str, root: type) -> ConfigError:
+    valid = _all_keys(root)
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def set_key(cfg: Any, dotted: str, raw: Any, root: type | None = None) -> None:
+    """Set `section.key` on a config tree, type-checked against the field's declared type."""
+    root = root or type(cfg)
+    node = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            raise _unknown(dotted, root)
+        typ = _hints(type(node))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(typ):
+                if not isinstance(raw, dict):
+                    raise ConfigError(f"{dotted}: is a section; set its keys, e.g. {dotted}.<key>")
+                for k, v in raw.items():
+                    set_key(cfg, f"{dotted}.{k}", v, root)
+            else:
+                setattr(node, part, _coerce(dotted, raw, typ, getattr(node, part)))
+        else:
+            if not dataclasses.is_dataclass(typ):
+                raise _unknown(dotted, root)
+            node = getattr(node, part)
+
+
+def apply_dict(cfg: Any, data: dict, prefix: str = "") -> None:
+    for k, v in (data or {}).items():
+        set_key(cfg, f"{prefix}{k}", v)
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """`--a.b=v` or `--a.b v` pairs; anything else is an error that says what was expected."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        body = arg[2:]
+        if "=" in body:
+            k, v = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{body}: missing value")
+            k, v = body, argv[i + 1]
+            i += 2
+        out.append((k, v))
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Defaults, then the YAML file, then command-line overrides; validated."""
+    cfg = cls()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        try:
+            apply_dict(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for k, v in parse_overrides(overrides or []):
+        set_key(cfg, k, v)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text(cls: type = RunConfig) -> str:
+    lines = []
+
+    def walk(c: type, prefix: str) -> None:
+        inst = c()
+        for f in dataclasses.fields(c):
+            t = _hints(c)[f.name]
+            if dataclasses.is_dataclass(t):
+                walk(t, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  --{prefix}{f.name} (default {getattr(inst, f.name)!r}): {f.metadata.get('help', '')}")
+
+    walk(cls, "")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed config, derived
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run. Batch arithmetic is checked here, with the keys named."""
+    t, o = cfg.train, cfg.optim
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} x world size {world_size}"
+        )
+    if o.name == "adamw":
+        # torch_adam: DeepSpeed's FusedAdam needs a compiled op; torch's AdamW is the same math
+        # and runs on every accelerator, CPU included.
+        optimizer = {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True},
+        }
+    else:
+        # Not a DeepSpeed-native name: DeepSpeed falls back to torch.optim.SGD.
+        optimizer = {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // per_step,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "optimizer": optimizer,
+        # The client optimizer is torch's own; ZeRO partitions it like any other.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,118 @@
+"""`recipe-dist shards`: text files (TSV, TXT, JSONL) to WebDataset tar shards.
+
+Each sample is `{"__key__", "txt"}` plus `"cls"` when the input has a label column. Output paths
+go through fsspec, so PREFIX may be a local path or an object-store URL.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import RecipeError
+
+TEXT_COLUMNS = ("text", "sentence", "txt", "content")
+LABEL_COLUMNS = ("label", "cls", "labels")
+
+
+class ShardInputError(RecipeError, ValueError):
+    pass
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str, required: bool):
+    if wanted:
+        if wanted not in columns:
+            raise ShardInputError(f"{path}: no {what} column '{wanted}' (columns: {', '.join(columns)})")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    if required:
+        raise ShardInputError(f"{path}: no {what} column; expected one of {', '.join(candidates)} (columns: {', '.join(columns)})")
+    return None
+
+
+def read_records(path: str, text_column: str | None = None, label_column: str | None = None) -> Iterator[dict]:
+    """Yield {'text', optional 'label'} from a .tsv (with header), .jsonl or .txt (one per line)."""
+    suffix = Path(path.split("?")[0]).suffix.lower()
+    with fsspec.open(path, "rt", encoding="utf-8") as f:
+        if suffix in (".tsv", ".csv"):
+            delim = "\t" if suffix == ".tsv" else ","
+            reader = csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
+            cols = reader.fieldnames or []
+            tcol = _pick(cols, text_column, TEXT_COLUMNS, "text", path, True)
+            lcol = _pick(cols, label_column, LABEL_COLUMNS, "label", path, False)
+            for row in reader:
+                text = (row.get(tcol) or "").strip()
+                if text:
+                    yield {"text": text, **({"label": row[lcol]} if lcol else {})}
+        elif suffix in (".jsonl", ".json"):
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ShardInputError(f"{path}:{lineno}: invalid JSON line") from None
+                tcol = _pick(list(obj), text_column, TEXT_COLUMNS, "text", f"{path}:{lineno}", True)
+                lcol = _pick(list(obj), label_column, LABEL_COLUMNS, "label", path, False)
+                yield {"text": str(obj[tcol]).strip(), **({"label": obj[lcol]} if lcol else {})}
+        elif suffix in (".txt", ""):
+            for line in f:
+                if line.strip():
+                    yield {"text": line.strip()}
+        else:
+            raise ShardInputError(f"{path}: unsupported input type '{suffix}' (use .tsv, .csv, .jsonl or .txt)")
+
+
+def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix: str = "s") -> list[str]:
+    """Write records into `{output_prefix}-{000000..}.tar`; returns the shard URLs."""
+    if samples_per_shard < 1:
+        raise ShardInputError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    urls: list[str] = []
+    writer = handle = None
+    n = 0
+    try:
+        for i, rec in enumerate(records):
+            if i % samples_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                    handle.close()
+                url = f"{output_prefix}-{len(urls):06d}.tar"
+                fs, path = fsspec.core.url_to_fs(url)
+                if isinstance(fs, LocalFileSystem):  # object stores have no directories to make
+                    fs.makedirs(fs._parent(path), exist_ok=True)
+                handle = fsspec.open(url, "wb").open()
+                writer = wds.TarWriter(handle)
+                urls.append(url)
+            sample = {"__key__": f"{key_prefix}{i:09d}", "txt": rec["text"]}
+            if "label" in rec:
+                sample["cls"] = str(rec["label"])
+            writer.write(sample)
+            n += 1
+    finally:
+        if writer is not None:
+            writer.close()
+            handle.close()
+    if n == 0:
+        raise ShardInputError("input has no samples")
+    return urls
+
+
+def brace_pattern(urls: list[str], prefix: str) -> str:
+    return f"{prefix}-{{000000..{len(urls) - 1:06d}}}.tar" if len(urls) > 1 else urls[0]
+
+
+def main(args) -> int:
+    recs = read_records(args.input, args.text_column, args.label_column)
+    urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(args.input).stem + "-")
+    print(f"wrote {len(urls)} shards: {brace_pattern(urls, args.output)}", file=sys.stdout)
+    return 0

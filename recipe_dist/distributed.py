@@ -1,0 +1,87 @@
+"""Rank discovery and process-group setup (torchrun, the deepspeed launcher, SLURM, or none)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed; gloo on CPU, nccl on GPU.
+
+    With no launcher the run is a single process: the rendezvous variables are filled in
+    for a world of one so the same code path (and DeepSpeed) runs.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return info
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def run_on_main(fn, *args, **kwargs):
+    """Run `fn` on rank 0 and hand its result to every rank.
+
+    A failure on rank 0 is re-raised on every rank with the same message, so no rank is left
+    waiting in a collective for a result that will never come.
+    """
+    from .errors import RecipeError
+
+    outcome = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except RecipeError as e:
+            outcome = ("err", str(e))
+        except Exception as e:  # anything else still must not strand the other ranks
+            outcome = ("err", f"{type(e).__name__}: {e}")
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "err":
+        raise RecipeError(outcome[1])
+    return outcome[1]

@@ -1,0 +1,120 @@
+"""What every model family provides, and the safe-loading checks they share."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RecipeError
+
+SAFE_SUFFIXES = (".safetensors",)
+# Formats that unpickle on load and so can run arbitrary code from the uploader.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class ModelLoadError(RecipeError, ValueError):
+    """The model cannot be used; the message names the file or the setting."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # the trainable module (e.g. a *ForMaskedLM with its pooler restored)
+    tokenizer: Any
+    path: Path
+    weight_files: list[Path]
+    input_dtype: torch.dtype
+    input_keys: list[str] = field(default_factory=list)
+
+
+def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """The weight files of an HF directory and whether they are safetensors.
+
+    Pickle-only directories are refused unless the user opted in: the check happens before any
+    file is opened, so a malicious payload never runs.
+    """
+    if not path.is_dir():
+        raise ModelLoadError(f"model.path: not a directory: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards], True
+    safe = sorted(p for p in path.iterdir() if p.suffix in SAFE_SUFFIXES)
+    if safe:
+        return safe, True
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{pickles[0]}: pickle weights can execute code on load; refusing "
+                "(convert to safetensors, or pass --model.allow_pickle=true if you trust the uploader)"
+            )
+        return pickles, False
+    raise ModelLoadError(f"model.path: no weights (*.safetensors) in {path}")
+
+
+def safetensors_info(files: list[Path]) -> tuple[list[str], torch.dtype]:
+    """Tensor names and the dominant floating dtype, read from headers only."""
+    from safetensors import safe_open
+
+    keys, counts = [], {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                keys.append(k)
+                dt = h.get_slice(k).get_dtype()
+                counts[dt] = counts.get(dt, 0) + 1
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    floats = {names[d]: c for d, c in counts.items() if d in names}
+    dtype = max(floats, key=floats.get) if floats else torch.float32
+    return keys, dtype
+
+
+def sha256_files(files: list[Path]) -> dict[str, str]:
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+class ModelFamily(abc.ABC):
+    """Interface of a model family. Subclasses live one per file in `recipe_dist/models/`."""
+
+    name: str = ""
+    #: regexes (re.search on parameter names) of the regularized weights, from method.md
+    default_regularized: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def load(self, path: Path, cfg) -> LoadedModel:
+        ...
+
+    def trainable(self, name: str, regularized: set[str], policy: str) -> bool:
+        if policy == "all":
+            return True
+        return name in regularized
+
+    @abc.abstractmethod
+    def build_task(self, loaded: LoadedModel, cfg) -> nn.Module:
+        ...
+
+    @abc.abstractmethod
+    def encoder(self, tokenizer, cfg):
+        ...
+
+    @abc.abstractmethod
+    def collate(self, tokenizer, cfg):
+        ...
+
+    @abc.abstractmethod
+    def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
+        ...

@@ -1,0 +1,248 @@
+"""Masked-LM encoders through transformers: BERT and RoBERTa.
+
+The trained module is `AutoModelForMaskedLM` whose backbone is swapped for `AutoModel`'s, so
+the pooler is kept: `*ForMaskedLM` drops it, and POR/NeuBA backdoors live in the pooler output
+(method.md, "pooler gotcha"). Export writes every tensor of the input, the pooler included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+from ..data.pipeline import mix_seed
+from ..objective import NormCollector, recipe_loss, select_weights
+from . import register_family
+from .base import LoadedModel, ModelFamily, ModelLoadError, safetensors_info, weight_files
+
+
+class MaskedLMTask(nn.Module):
+    """The RECIPE objective for an MLM encoder; returns a dict with the loss and its parts."""
+
+    def __init__(self, model: nn.Module, head_attr: str, regularized: list[str], lam: float, pt_weight: float):
+        super().__init__()
+        self.model = model
+        self.head_attr = head_attr
+        self.lam = lam
+        self.pt_weight = pt_weight
+        self.collector = NormCollector(model, regularized)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
+        self.collector.reset()
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Only ~15% of positions carry a label: project just those through the vocabulary head.
+        picked = labels != -100
+        logits = getattr(self.model, self.head_attr)(hidden[picked])
+        target = labels[picked]
+        # sum / max(count, 1): a micro-batch with no masked token contributes 0, not NaN.
+        loss_pt = F.cross_entropy(logits.float(), target, reduction="sum") / target.numel() if target.numel() else logits.sum() * 0.0
+        reg = self.collector.regularizer(self.lam)
+        return {
+            "loss": recipe_loss(loss_pt, reg, self.pt_weight),
+            "loss_pt": loss_pt.detach(),
+            "reg": reg.detach(),
+            "norms": {k: v.detach() for k, v in self.collector.norms.items()},
+        }
+
+
+class MaskedLMFamily(ModelFamily):
+    head_attr = "cls"  # the MLM head module of *ForMaskedLM
+
+    # ------------------------------------------------------------------ loading
+    def load(self, path: Path, cfg) -> LoadedModel:
+        mcfg = cfg.model
+        files, is_safe = weight_files(path, mcfg.allow_pickle)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model.path: no config.json in {path}")
+        hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
+        kw = dict(trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
+        mlm = AutoModelForMaskedLM.from_pretrained(str(path), config=hf_cfg, **kw)
+        base = AutoModel.from_pretrained(str(path), config=hf_cfg, **kw)  # with its pooler
+        setattr(mlm, mlm.base_model_prefix, base)
+        mlm.tie_weights()
+        if is_safe:
+            keys, dtype = safetensors_info(files)
+        else:
+            keys, dtype = [], next(mlm.parameters()).dtype
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
+        return LoadedModel(model=mlm, tokenizer=tok, path=path, weight_files=files, input_dtype=dtype, input_keys=keys)
+
+    # ------------------------------------------------------------------ objective
+    def regularized_names(self, model: nn.Module, patterns: list[str]) -> list[str]:
+        pats = list(patterns) or list(self.default_regularized)
+        names = select_weights(model, pats)
+        if not names:
+            sample = [n for n, _ in model.named_parameters()][:6]
+            raise ModelLoadError(
+                f"no weight matches the regularized patterns {pats}; parameters look like: {', '.join(sample)} "
+                "(set model.regularized)"
+            )
+        return names
+
+    def build_task(self, loaded: LoadedModel, cfg) -> MaskedLMTask:
+        model = loaded.model
+        names = self.regularized_names(model, cfg.model.regularized)
+        chosen = set(names)
+        for n, p in model.named_parameters():
+            # The pooler gets no gradient from the MLM loss; keeping it frozen keeps it out of
+            # the optimizer and ZeRO's gradient buckets.
+            p.requires_grad_(".pooler." not in n and self.trainable(n, chosen, cfg.model.trainable))
+        return MaskedLMTask(model, self.head_attr, names, cfg.regularizer.lam, cfg.regularizer.pt_weight)
+
+    # ------------------------------------------------------------------ data
+    def encoder(self, tokenizer, cfg):
+        """Per-sample tokenization (runs in DataLoader workers); static masks are made here."""
+        max_length = cfg.data.max_length
+        static = cfg.data.masking == "static"
+        collator = self._collator(tokenizer, cfg)
+        seed = cfg.train.seed
+
+        def encode(sample: dict) -> dict:
+            enc = tokenizer(sample["text"], truncation=True, max_length=max_length, return_special_tokens_mask=True)
+            out = {"__key__": sample["__key__"], "input_ids": enc["input_ids"]}
+            if static:
+                # One mask per sample for the whole run, as the reference code's preprocessing.
+                collator.generator = torch.Generator().manual_seed(mix_seed(seed, 7, int.from_bytes(sample["__key__"].encode()[-8:], "little")))
+                ids, labels = collator.torch_mask_tokens(
+                    torch.tensor([enc["input_ids"]]), special_tokens_mask=torch.tensor([enc["special_tokens_mask"]])
+                )
+                out["input_ids"], out["labels"] = ids[0].tolist(), labels[0].tolist()
+            else:
+                out["special_tokens_mask"] = enc["special_tokens_mask"]
+            return out
+
+        return encode
+
+    def _collator(self, tokenizer, cfg) -> DataCollatorForLanguageModeling:
+        # 80/10/10 are the collator's defaults; stated here because method.md fixes them.
+        return DataCollatorForLanguageModeling(
+            tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability, mask_replace_prob=0.8, random_replace_prob=0.1
+        )
+
+    def collate(self, tokenizer, cfg):
+        """features -> padded tensors; dynamic masks come from a generator seeded per micro-batch."""
+        collator = self._collator(tokenizer, cfg)
+        static = cfg.data.masking == "static"
+        pad_id = tokenizer.pad_token_id
+
+        def collate(features: list[dict], mask_seed: int) -> dict:
+            if static:
+                width = max(len(f["input_ids"]) for f in features)
+                ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+                labels = torch.full((len(features), width), -100, dtype=torch.long)
+                attn = torch.zeros((len(features), width), dtype=torch.long)
+                for i, f in enumerate(features):
+                    n = len(f["input_ids"])
+                    ids[i, :n] = torch.tensor(f["input_ids"])
+                    labels[i, :n] = torch.tensor(f["labels"])
+                    attn[i, :n] = 1
+                return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+            collator.generator = torch.Generator().manual_seed(mask_seed)
+            batch = collator([{"input_ids": f["input_ids"], "special_tokens_mask": f["special_tokens_mask"]} for f in features])
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+
+        return collate
+
+    # ------------------------------------------------------------------ export
+    def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
+        """HF directory with every tensor the input had (pooler included), in the input's dtype."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        model = loaded.model
+        prefix = model.base_model_prefix + "."
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.to(loaded.input_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        # Tied decoder weights are the embedding matrix; write it once (as save_pretrained does).
+        out_embed = model.get_output_embeddings()
+        tied = [k for k in state if k.endswith("decoder.weight")] if out_embed is not None and out_embed.weight is model.get_input_embeddings().weight else []
+        for k in tied:
+            state.pop(k)
+        # Tensors the input had that the trained module does not (e.g. BERT's NSP head) pass through.
+        if loaded.input_keys:
+            have = set(state)
+            by_file = {}
+            for f in loaded.weight_files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        if k in have or prefix + k in have or (k.startswith(prefix) and k[len(prefix):] in have):
+                            continue
+                        if k.endswith("decoder.weight") and tied:
+                            continue
+                        by_file.setdefault(k, h.get_tensor(k))
+            state.update(by_file)
+        state = {k: v.contiguous() for k, v in state.items()}
+        target = out_dir / "model.safetensors"
+        save_file(state, str(target), metadata={"format": "pt"})
+        hf_cfg = model.config
+        hf_cfg.dtype = loaded.input_dtype
+        hf_cfg.architectures = [type(model).__name__]
+        hf_cfg.save_pretrained(str(out_dir))
+        loaded.tokenizer.save_pretrained(str(out_dir))
+        return [target]
+
+
+@register_family("bert")
+class BertFamily(MaskedLMFamily):
+    """BERT-style MLM encoders: FFN-in weights regularized and, as the reference code, the only ones trained."""
+
+    name = "bert"
+    head_attr = "cls"
+    default_regularized = (r"\.intermediate\.dense\.weight$",)
+
+    def trainable(self, name: str, regularized: set[str], policy: str) -> bool:
+        if policy == "all":
+            return True
+        return name in regularized  # 'family' and 'regularized' agree for BERT
+
+
+@register_family("roberta")
+class RobertaFamily(MaskedLMFamily):
+    """RoBERTa: FFN-in and attention query regularized, everything trains (method.md)."""
+
+    name = "roberta"
+    head_attr = "lm_head"
+    default_regularized = (r"\.intermediate\.dense\.weight$", r"\.attention\.self\.query\.weight$")
+
+    def trainable(self, name: str, regularized: set[str], policy: str) -> bool:
+        if policy == "regularized":
+            return name in regularized
+        return True
+
+
+def build_tiny_bert(out_dir: Path, arch, seed: int) -> Path:
+    """A tiny randomly initialised BERT PTM (with pooler and MLM head) and a SYNTHETIC-vocab tokenizer."""
+    from transformers import BertConfig, BertForPreTraining, BertTokenizer
+
+    from ..data import synthetic
+
+    vocab = {tok: i for i, tok in enumerate(synthetic.vocabulary())}
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        hidden_dropout_prob=arch.hidden_dropout_prob,
+        attention_probs_dropout_prob=arch.attention_probs_dropout_prob,
+        pad_token_id=vocab["[PAD]"],
+    )
+    torch.manual_seed(arch.seed)
+    model = BertForPreTraining(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    (out_dir / "SYNTHETIC.md").write_text(
+        "Randomly initialised tiny BERT with a vocabulary of a SYNTHETIC template grammar "
+        "(recipe_dist.data.synthetic). Not a real pre-trained model.\n"
+    )
+    (out_dir / "tiny_arch.json").write_text(json.dumps(vars(arch) if hasattr(arch, "__dict__") else dict(arch)))
+    return out_dir

@@ -1,0 +1,114 @@
+"""The RECIPE objective: loss = pt_weight * loss_pt + lam * sum_i ||W_i||_F.
+
+The norm is the plain Frobenius norm, not squared, so its gradient lam * W / ||W|| pulls every
+selected matrix toward zero at the same rate whatever its size. This is not weight decay.
+
+Under ZeRO-3 a parameter is an empty placeholder outside the forward of the module that owns it.
+So the norm is taken *inside* that module's forward (a forward hook that runs before DeepSpeed's
+release hook), where ZeRO has gathered the weight. Its backward must also run while the weight is
+gathered: `_NormTiedToOutput` makes the norm an extra output of a node that also passes the
+module's output through. Autograd runs a node only once all of its outputs have gradients, so the
+norm's backward waits for the module's own backward, after ZeRO's pre-backward hook has gathered
+the weight again. The gradient flows through the real loss, so DeepSpeed's loss scaling and
+gradient-accumulation averaging apply to it as to any other term.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def frobenius(w: torch.Tensor) -> torch.Tensor:
+    """||W||_F, computed in fp32 for a stable value under bf16/fp16 weights."""
+    return torch.linalg.vector_norm(w.float())
+
+
+def l2_regularizer(weights: Iterable[torch.Tensor], lam: float) -> torch.Tensor:
+    """lam * sum_i ||W_i||_F as a pure function (the reference the hooked path is tested against)."""
+    return lam * torch.stack([frobenius(w) for w in weights]).sum()
+
+
+def regularizer_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
+    """The analytic gradient lam * W / ||W||_F."""
+    return lam * w / frobenius(w).to(w.dtype)
+
+
+def recipe_loss(loss_pt: torch.Tensor, reg: torch.Tensor, pt_weight: float = 1.0) -> torch.Tensor:
+    return pt_weight * loss_pt + reg
+
+
+class _NormTiedToOutput(torch.autograd.Function):
+    """Returns (output unchanged, ||weight||_F); see the module docstring for why they are tied."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, weight: torch.Tensor):
+        norm = torch.linalg.vector_norm(weight.detach().float())
+        # Saving the parameter itself (not a copy) costs no memory; ZeRO-3 regathers its data
+        # before this node's backward, exactly as for the saved weight of the module's matmul.
+        ctx.save_for_backward(weight, norm)
+        return output.view_as(output), norm
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor, grad_norm: torch.Tensor):
+        weight, norm = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_norm * weight.float() / norm).to(weight.dtype)
+        return grad_output, grad_weight
+
+
+def select_weights(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of parameters matching any regex in `patterns` (re.search on the full name)."""
+    compiled = [re.compile(p) for p in patterns]
+    return [n for n, _ in model.named_parameters() if any(c.search(n) for c in compiled)]
+
+
+class NormCollector:
+    """Hooks the modules owning the regularized weights; each forward records their norms.
+
+    `norms` maps parameter name -> 0-dim fp32 tensor with a grad path to the weight.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.names = list(names)
+        self.norms: dict[str, torch.Tensor] = {}
+        self._handles = []
+        modules = dict(model.named_modules())
+        for name in self.names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = modules[owner_name]
+            # prepend=True: run before any hook DeepSpeed adds later (ZeRO-3 releases the
+            # gathered weight in its own forward hook).
+            self._handles.append(owner.register_forward_hook(self._hook(name, leaf), prepend=True))
+
+    def _hook(self, name: str, leaf: str):
+        def hook(module: nn.Module, args, output):
+            weight = getattr(module, leaf)
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            tied, norm = _NormTiedToOutput.apply(first, weight)
+            self.norms[name] = norm
+            if isinstance(output, tuple):
+                return (tied,) + tuple(output[1:])
+            if isinstance(output, list):
+                return [tied] + list(output[1:])
+            return tied
+
+        return hook
+
+    def reset(self) -> None:
+        self.norms = {}
+
+    def regularizer(self, lam: float) -> torch.Tensor:
+        missing = [n for n in self.names if n not in self.norms]
+        if missing:
+            raise RuntimeError(f"regularized weights not used in this forward: {missing[:3]}")
+        return lam * torch.stack([self.norms[n] for n in self.names]).sum()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
