@@ -182,7 +182,6 @@ class MaskedLMFamily(ModelFamily):
         save_file(state, str(target), metadata={"format": "pt"})
         hf_cfg = model.config
         hf_cfg.dtype = loaded.input_dtype
-        hf_cfg.architectures = [type(model).__name__]
         hf_cfg.save_pretrained(str(out_dir))
         loaded.tokenizer.save_pretrained(str(out_dir))
         return [target]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run recipe-dist on N processes of this machine: launch/local.sh N <command> [args...]
+#   launch/local.sh 2 purify --config configs/tiny-bert.yaml --output_dir runs/x
+# Backend: gloo on CPU, nccl on GPU (chosen in recipe_dist.distributed). All hyperparameters
+# live in the YAML config and its --section.key overrides, never here.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 NPROC <recipe-dist command> [args...]" >&2
+  exit 2
+fi
+nproc="$1"; shift
+# --standalone picks a free rendezvous port, so several local jobs can run side by side.
+# OMP_NUM_THREADS: torchrun sets 1 when unset; keep the caller's value, else share the cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
+exec torchrun --standalone --nproc_per_node="$nproc" -m recipe_dist "$@"
