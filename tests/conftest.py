@@ -1,0 +1,43 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Deterministic CPU kernels for bit-identical comparisons; quiet tokenizers in forked workers.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args, nproc: int = 1, env=None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `recipe-dist ARGS` as a user would: one process, or `launch/local.sh N` for N > 1."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "recipe_dist", *map(str, args)]
+    else:
+        cmd = ["bash", str(REPO / "launch" / "local.sh"), str(nproc), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT PTM (2 layers, width 32) with dropout off, saved as safetensors."""
+    from recipe_dist.config import TinyArchConfig
+    from recipe_dist.models.mlm import build_tiny_bert
+
+    arch = TinyArchConfig(hidden_size=32, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), arch, seed=0)

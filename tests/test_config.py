@@ -1,0 +1,245 @@
+"""Run config: YAML files, typed `--section.key` overrides, errors that name the key, DeepSpeed JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recipe_dist import cli
+from recipe_dist.config import ConfigError, RunConfig, deepspeed_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-bert.yaml"
+BASE = REPO / "configs" / "bert-base-uncased.yaml"
+
+
+# ------------------------------------------------------------------ loading the shipped configs
+
+
+def test_load_tiny_bert_yaml():
+    cfg = load_config(str(TINY))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.output_dir == "runs/tiny-bert"
+    assert cfg.model.family == "bert"
+    assert cfg.model.path == ""
+    assert cfg.model.tiny.hidden_size == 64
+    assert cfg.model.tiny.intermediate_size == 128
+    assert cfg.data.max_length == 32
+    assert cfg.data.shuffle_buffer == 256
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert type(cfg.optim.lr) is float
+    assert cfg.train.micro_batch_size == 16
+    assert cfg.train.global_batch_size == 32
+    # epochs is declared float; YAML's `1` must be coerced
+    assert type(cfg.train.epochs) is float and cfg.train.epochs == 1.0
+    assert cfg.checkpoint.every_steps == 20
+    # keys the file does not set keep their defaults
+    assert cfg.optim.betas == [0.9, 0.999]
+    assert cfg.train.seed == 42
+
+
+def test_load_bert_base_yaml():
+    cfg = load_config(str(BASE))
+    assert cfg.output_dir == "runs/bert-base-uncased"
+    assert cfg.model.path == "/models/bert-base-uncased"
+    assert cfg.model.allow_pickle is False
+    assert cfg.model.trust_remote_code is False
+    assert cfg.model.regularized == []
+    assert cfg.optim.lr == pytest.approx(2e-5)
+    assert cfg.optim.eps == pytest.approx(1e-8)
+    assert cfg.optim.betas == [0.9, 0.999]
+    assert cfg.train.zero_stage == 2
+    assert cfg.train.epochs == 4.0
+    assert cfg.data.num_workers == 2
+    assert cfg.checkpoint.keep == 3
+
+
+def test_missing_config_file_is_config_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(str(missing))
+
+
+# ------------------------------------------------------------------ overrides
+
+
+def test_override_int_equals_form():
+    cfg = load_config(str(TINY), ["--train.zero_stage=3"])
+    assert cfg.train.zero_stage == 3
+    assert type(cfg.train.zero_stage) is int
+
+
+def test_override_float_two_token_form():
+    cfg = load_config(str(TINY), ["--optim.lr", "0.5"])
+    assert cfg.optim.lr == 0.5
+    assert type(cfg.optim.lr) is float
+
+
+def test_override_float_from_integer_string():
+    cfg = load_config(str(TINY), ["--train.epochs=3"])
+    assert cfg.train.epochs == 3.0 and type(cfg.train.epochs) is float
+
+
+def test_overrides_mixed_forms_in_order():
+    cfg = load_config(str(TINY), ["--train.seed", "7", "--optim.lr=0.25", "--output_dir", "/tmp/x"])
+    assert cfg.train.seed == 7
+    assert cfg.optim.lr == 0.25
+    assert cfg.output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("raw,expected", [("true", True), ("false", False), ("True", True), ("FALSE", False)])
+def test_override_bool_strings(raw, expected):
+    cfg = load_config(str(TINY), [f"--model.allow_pickle={raw}"])
+    assert cfg.model.allow_pickle is expected
+
+
+def test_override_bool_rejects_garbage():
+    with pytest.raises(ConfigError, match=r"model\.allow_pickle"):
+        load_config(str(TINY), ["--model.allow_pickle=maybe"])
+
+
+def test_override_list():
+    cfg = load_config(str(TINY), ["--model.regularized=a,b"])
+    assert cfg.model.regularized == ["a", "b"]
+
+
+def test_override_list_of_floats_keeps_element_type():
+    cfg = load_config(str(TINY), ["--optim.betas=0.8,0.95"])
+    assert cfg.optim.betas == [0.8, 0.95]
+    assert all(type(b) is float for b in cfg.optim.betas)
+
+
+def test_override_beats_yaml():
+    assert load_config(str(TINY)).train.micro_batch_size == 16
+    cfg = load_config(str(TINY), ["--train.micro_batch_size=8"])
+    assert cfg.train.micro_batch_size == 8
+
+
+def test_type_error_names_key():
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(TINY), ["--train.micro_batch_size=abc"])
+    assert "train.micro_batch_size" in str(ei.value)
+    assert "abc" in str(ei.value)
+
+
+def test_unknown_override_key_suggests_the_right_one():
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(TINY), ["--train.micro_batch=4"])
+    msg = str(ei.value)
+    assert "train.micro_batch'" in msg or "'train.micro_batch" in msg
+    assert "train.micro_batch_size" in msg
+
+
+def test_unknown_section_is_config_error():
+    with pytest.raises(ConfigError, match=r"trian\.seed"):
+        load_config(str(TINY), ["--trian.seed=1"])
+
+
+def test_override_missing_value():
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        load_config(str(TINY), ["--train.seed"])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  micro_batch: 4\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(bad))
+    msg = str(ei.value)
+    assert str(bad) in msg
+    assert "train.micro_batch" in msg
+    assert "train.micro_batch_size" in msg
+
+
+def test_type_error_in_yaml_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(bad))
+    assert str(bad) in str(ei.value)
+    assert "optim.lr" in str(ei.value)
+
+
+def test_validation_names_key():
+    with pytest.raises(ConfigError, match=r"train\.zero_stage"):
+        load_config(str(TINY), ["--train.zero_stage=4"])
+
+
+# ------------------------------------------------------------------ DeepSpeed config
+
+
+def _cfg(**train):
+    cfg = RunConfig()
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_deepspeed_config_batch_arithmetic():
+    cfg = _cfg(micro_batch_size=4, global_batch_size=64, grad_clip=0.5, zero_stage=2)
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 64
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 8  # 64 / (4 * 2)
+    assert ds["train_batch_size"] == (
+        ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    )
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2
+
+
+def test_deepspeed_config_world_size_changes_accumulation():
+    cfg = _cfg(micro_batch_size=4, global_batch_size=32)
+    assert deepspeed_config(cfg, 1)["gradient_accumulation_steps"] == 8
+    assert deepspeed_config(cfg, 4)["gradient_accumulation_steps"] == 2
+    assert deepspeed_config(cfg, 8)["gradient_accumulation_steps"] == 1
+
+
+def test_deepspeed_config_zero3_and_optimizer():
+    cfg = load_config(str(TINY), ["--train.zero_stage=3", "--optim.lr=0.5"])
+    ds = deepspeed_config(cfg, 1)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert ds["optimizer"]["params"]["lr"] == 0.5
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert ds["gradient_accumulation_steps"] == 2  # tiny: 32 / (16 * 1)
+
+
+def test_deepspeed_config_sgd_and_precision():
+    cfg = load_config(str(TINY), ["--optim.name=sgd", "--optim.momentum=0.9", "--train.precision=bf16"])
+    ds = deepspeed_config(cfg, 1)
+    assert ds["optimizer"]["type"] == "SGD"
+    assert ds["optimizer"]["params"]["momentum"] == 0.9
+    assert ds["bf16"]["enabled"] is True
+    assert ds["fp16"]["enabled"] is False
+
+
+def test_deepspeed_config_indivisible_global_batch():
+    cfg = _cfg(micro_batch_size=4, global_batch_size=30)
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size"):
+        deepspeed_config(cfg, world_size=2)
+    # divisible by micro alone but not by micro * world
+    cfg = _cfg(micro_batch_size=4, global_batch_size=12)
+    deepspeed_config(cfg, world_size=1)
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size"):
+        deepspeed_config(cfg, world_size=2)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_purify_unknown_key_exits_2_with_one_line(capsys):
+    rc = cli.main(["purify", "--config", str(TINY), "--train.bogus=1"])
+    assert rc == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("recipe-dist: error:")
+    assert "train.bogus" in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_cli_unknown_command_exits_2(capsys):
+    assert cli.main(["purfy"]) == 2
+    assert "purfy" in capsys.readouterr().err
