@@ -78,10 +78,7 @@ class Trainer:
                 elif value is None:
                     value = t.detach().cpu().clone()
                 cache[id(t)] = value.detach().cpu() if value is not None else None
-            value = cache[id(t)]
-            # Tied entries (e.g. decoder.bias is predictions.bias) get their own copy; safetensors
-            # refuses shared storage, and export drops the tied embedding matrix itself.
-            state[name] = value.clone() if value is not None and any(v is value for v in state.values()) else value
+            state[name] = cache[id(t)]  # tied entries share a tensor; export separates them
         return state if self.dist.is_main else None
 
     # ------------------------------------------------------------------ run

@@ -43,7 +43,11 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
 def read_records(path: str, text_column: str | None = None, label_column: str | None = None) -> Iterator[dict]:
     """Yield {'text', optional 'label'} from a .tsv (with header), .jsonl or .txt (one per line)."""
     suffix = Path(path.split("?")[0]).suffix.lower()
-    with fsspec.open(path, "rt", encoding="utf-8") as f:
+    try:
+        handle = fsspec.open(path, "rt", encoding="utf-8").open()
+    except FileNotFoundError:
+        raise ShardInputError(f"{path}: input file not found") from None
+    with handle as f:
         if suffix in (".tsv", ".csv"):
             delim = "\t" if suffix == ".tsv" else ","
             reader = csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
@@ -77,6 +81,8 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
     """Write records into `{output_prefix}-{000000..}.tar`; returns the shard URLs."""
     if samples_per_shard < 1:
         raise ShardInputError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    # webdataset splits member names at the first dot: a dot in the key would merge samples.
+    key_prefix = key_prefix.replace(".", "_")
     urls: list[str] = []
     writer = handle = None
     n = 0

@@ -80,7 +80,7 @@ class MaskedLMFamily(ModelFamily):
         if not names:
             sample = [n for n, _ in model.named_parameters()][:6]
             raise ModelLoadError(
-                f"no weight matches the regularized patterns {pats}; parameters look like: {', '.join(sample)} "
+                f"no weight matches the regularized patterns {', '.join(pats)}; parameters look like: {', '.join(sample)} "
                 "(set model.regularized)"
             )
         return names
@@ -178,6 +178,14 @@ class MaskedLMFamily(ModelFamily):
                         by_file.setdefault(k, h.get_tensor(k))
             state.update(by_file)
         state = {k: v.contiguous() for k, v in state.items()}
+        # Other tied entries (decoder.bias is predictions.bias) get their own copy: safetensors
+        # refuses tensors that share storage.
+        seen: set[int] = set()
+        for k, v in state.items():
+            ptr = v.untyped_storage().data_ptr()
+            if ptr in seen and v.numel():
+                state[k] = v.clone()
+            seen.add(ptr)
         target = out_dir / "model.safetensors"
         save_file(state, str(target), metadata={"format": "pt"})
         hf_cfg = model.config
