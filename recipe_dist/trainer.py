@@ -144,7 +144,8 @@ class Trainer:
             return epoch_stream(urls, epoch, cfg.train.seed, cfg.data.text_key, encode, cfg.train.micro_batch_size, cfg.data.shuffle_buffer)
 
         bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc="purify", unit="step", dynamic_ncols=True)
-        sums = torch.zeros(3)  # loss_pt, reg, loss summed over micro-batches since the last log
+        # loss_pt, reg, loss summed on the device since the last log: no host sync per micro-batch.
+        sums = torch.zeros(3, device=engine.device)
         n_micro = 0
         last = None
         t_log, step_log = time.time(), step
@@ -158,7 +159,7 @@ class Trainer:
                 out = engine(**batch)
                 engine.backward(out["loss"])
                 engine.step()
-                sums += torch.stack([out["loss_pt"].float().cpu(), out["reg"].float().cpu(), out["loss"].detach().float().cpu()])
+                sums += torch.stack([out["loss_pt"].float(), out["reg"].float(), out["loss"].detach().float()])
                 n_micro += 1
                 micro += 1
                 if micro % gas:
@@ -173,7 +174,9 @@ class Trainer:
                         dist.all_reduce(mean)
                         mean /= info.world_size
                     now = time.time()
-                    last = {"loss_pt": mean[0].item(), "reg": mean[1].item(), "loss": mean[2].item()}
+                    loss_pt, reg, loss = mean.tolist()  # the one host sync of a logging step
+                    last = {"loss_pt": loss_pt, "reg": reg, "loss": loss}
+                    norms = dict(zip(out["norms"], torch.stack(list(out["norms"].values())).tolist()))
                     logger.scalars(
                         {
                             "train/loss_pt": last["loss_pt"],
@@ -181,7 +184,7 @@ class Trainer:
                             "train/loss": last["loss"],
                             "train/lr": engine.get_lr()[0],
                             "train/samples_per_second": (step - step_log) * cfg.train.global_batch_size / max(now - t_log, 1e-9),
-                            **{f"reg/norm/{k}": v.item() for k, v in out["norms"].items()},
+                            **{f"reg/norm/{k}": v for k, v in norms.items()},
                         },
                         step,
                     )

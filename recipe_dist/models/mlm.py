@@ -202,11 +202,7 @@ class BertFamily(MaskedLMFamily):
     name = "bert"
     head_attr = "cls"
     default_regularized = (r"\.intermediate\.dense\.weight$",)
-
-    def trainable(self, name: str, regularized: set[str], policy: str) -> bool:
-        if policy == "all":
-            return True
-        return name in regularized  # 'family' and 'regularized' agree for BERT
+    # trainable: the base policy (only the regularized weights unless model.trainable=all).
 
 
 @register_family("roberta")
