@@ -28,6 +28,50 @@ def _purify(argv: list[str]) -> int:
     return 0
 
 
+def _attack(argv: list[str]) -> int:
+    from .config import help_text, load_config
+
+    ap = argparse.ArgumentParser(
+        prog="recipe-dist attack",
+        description="Build a backdoored PTM (POR) on the same engine as purify; writes an HF directory with its pooler.",
+        epilog="config keys (override with --section.key=value):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--config", help="YAML run config (configs/attack/*.yaml)")
+    args, rest = ap.parse_known_args(argv)
+    cfg = load_config(args.config, rest)
+
+    from .attacks import get_attack
+    from .models import get_family
+    from .trainer import Trainer
+
+    Trainer(cfg, job=get_attack(cfg.attack.name, get_family(cfg.model.family)), name="attack").train()
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    from .config import help_text, load_config
+    from .evaluation.finetune import EvalConfig
+
+    ap = argparse.ArgumentParser(
+        prog="recipe-dist evaluate",
+        description="Backdoor evaluation (method.md section 3): fine-tune a copy of the model on a clean task, "
+        "then ACC, ASR per (trigger, label), AASR and MASR; writes OUTPUT_DIR/eval.json and eval.md.",
+        epilog="config keys (override with --section.key=value; --seeds 1,2,3 averages several fine-tunings):\n"
+        + help_text(EvalConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--config", help="YAML evaluation config (configs/eval/*.yaml)")
+    args, rest = ap.parse_known_args(argv)
+    cfg = load_config(args.config, rest, cls=EvalConfig)
+
+    from .evaluation.finetune import evaluate
+
+    report = evaluate(cfg)
+    print(f"ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}  -> {cfg.output_dir}/eval.json")
+    return 0
+
+
 def _shards(argv: list[str]) -> int:
     from .data import shards
 
@@ -40,7 +84,7 @@ def _shards(argv: list[str]) -> int:
     return shards.main(ap.parse_args(argv))
 
 
-COMMANDS = {"purify": _purify, "shards": _shards}
+COMMANDS = {"purify": _purify, "attack": _attack, "shards": _shards, "evaluate": _evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

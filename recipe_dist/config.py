@@ -98,6 +98,19 @@ class RegularizerConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Used by `recipe-dist attack` only (building backdoored test models, method.md section 2)."""
+
+    name: str = _f("por", "attack: por")
+    triggers: list = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words")
+    insertions: int = _f(3, "times the trigger is inserted in a poisoned sample (POR: 3)")
+    target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d")
+    loss_weights: list = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
+    adaptive_lam: float = _f(0.0, "adaptive attack: add adaptive_lam * sum ||W||_F over the family's regularized weights while poisoning")
+    seed: int = _f(1, "seed of trigger choice and insertion positions")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = _f(500, "steps between checkpoints")
     keep: int = _f(2, "complete checkpoints kept (>= 2)")
@@ -113,6 +126,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def validate(self) -> None:
         t = self.train

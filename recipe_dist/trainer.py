@@ -26,8 +26,17 @@ from .models.mlm import build_tiny_bert
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    """Runs one job on the DeepSpeed engine.
+
+    The job is a model family (purification) or an attack wrapping one; it provides load,
+    build_task, encoder, collate and export. Its task module returns {"loss", "parts", "norms"}:
+    every entry of "parts" is logged as train/<name>, every norm as reg/norm/<weight>.
+    """
+
+    def __init__(self, cfg: RunConfig, job=None, name: str = "purify"):
         self.cfg = cfg
+        self.job = job
+        self.name = name
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
 
@@ -92,9 +101,9 @@ class Trainer:
         barrier()
         torch.manual_seed(mix_seed(cfg.train.seed, 5, info.rank))
 
-        family = get_family(cfg.model.family)
-        loaded = family.load(self._model_dir(), cfg)
-        task = family.build_task(loaded, cfg)
+        job = self.job or get_family(cfg.model.family)
+        loaded = job.load(self._model_dir(), cfg)
+        task = job.build_task(loaded, cfg)
         urls = self._shard_urls()
         if len(urls) < info.world_size * max(1, cfg.data.num_workers):
             raise DataError(
@@ -136,16 +145,17 @@ class Trainer:
                 print(f"resume=auto: no complete checkpoint in {self.ckpt_root}; starting fresh")
 
         logger = build_logger(info.is_main, self.out / "tb", purge_step=step or None)
-        encode = family.encoder(loaded.tokenizer, cfg)
-        collate = family.collate(loaded.tokenizer, cfg)
+        encode = job.encoder(loaded.tokenizer, cfg)
+        collate = job.collate(loaded.tokenizer, cfg)
         quota = steps_per_epoch * gas  # micro-batches per rank per epoch, equal on every rank
 
         def make_stream(epoch: int):
             return epoch_stream(urls, epoch, cfg.train.seed, cfg.data.text_key, encode, cfg.train.micro_batch_size, cfg.data.shuffle_buffer)
 
-        bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc="purify", unit="step", dynamic_ncols=True)
-        # loss_pt, reg, loss summed on the device since the last log: no host sync per micro-batch.
-        sums = torch.zeros(3, device=engine.device)
+        bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc=self.name, unit="step", dynamic_ncols=True)
+        # Loss and its parts summed on the device since the last log: no host sync per micro-batch.
+        part_names = None
+        sums = None
         n_micro = 0
         last = None
         t_log, step_log = time.time(), step
@@ -159,7 +169,10 @@ class Trainer:
                 out = engine(**batch)
                 engine.backward(out["loss"])
                 engine.step()
-                sums += torch.stack([out["loss_pt"].float(), out["reg"].float(), out["loss"].detach().float()])
+                if part_names is None:
+                    part_names = ["loss", *out["parts"]]
+                    sums = torch.zeros(len(part_names), device=engine.device)
+                sums += torch.stack([out["loss"].detach().float(), *(out["parts"][k].float() for k in part_names[1:])])
                 n_micro += 1
                 micro += 1
                 if micro % gas:
@@ -174,21 +187,18 @@ class Trainer:
                         dist.all_reduce(mean)
                         mean /= info.world_size
                     now = time.time()
-                    loss_pt, reg, loss = mean.tolist()  # the one host sync of a logging step
-                    last = {"loss_pt": loss_pt, "reg": reg, "loss": loss}
-                    norms = dict(zip(out["norms"], torch.stack(list(out["norms"].values())).tolist()))
+                    last = dict(zip(part_names, mean.tolist()))  # the one host sync of a logging step
+                    norms = dict(zip(out["norms"], torch.stack(list(out["norms"].values())).tolist())) if out["norms"] else {}
                     logger.scalars(
                         {
-                            "train/loss_pt": last["loss_pt"],
-                            "train/reg": last["reg"],
-                            "train/loss": last["loss"],
+                            **{f"train/{k}": v for k, v in last.items()},
                             "train/lr": engine.get_lr()[0],
                             "train/samples_per_second": (step - step_log) * cfg.train.global_batch_size / max(now - t_log, 1e-9),
                             **{f"reg/norm/{k}": v for k, v in norms.items()},
                         },
                         step,
                     )
-                    bar.set_postfix(loss_pt=f"{last['loss_pt']:.4f}", reg=f"{last['reg']:.3f}")
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
                     sums.zero_()
                     n_micro = 0
                     t_log, step_log = now, step
@@ -206,22 +216,21 @@ class Trainer:
                 print(f"stopped at step {step}/{total_steps} (train.stop_at_step); continue with --resume auto")
             return {"steps": step, "stopped": True}
 
-        state = self._consolidated_state(engine, task.model)
+        state = self._consolidated_state(engine, loaded.model)
         summary = {"steps": step, "total_steps": total_steps}
         if info.is_main:
-            out_files = family.export(loaded, state, self.out / "model")
+            out_files = job.export(loaded, state, self.out / "model")
             summary = {
                 "steps": step,
                 "samples": samples,
                 "wall_time_s": round(time.time() - t_start, 3),
                 "world_size": info.world_size,
                 "zero_stage": cfg.train.zero_stage,
-                "final_loss_pt": last["loss_pt"] if last else None,
-                "final_reg": last["reg"] if last else None,
+                **{f"final_{k}": v for k, v in (last or {}).items()},
                 "input_weights_sha256": sha256_files(loaded.weight_files),
                 "output_weights_sha256": sha256_files(out_files),
             }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            print(f"purified model: {self.out / 'model'}")
+            print(f"{self.name}: wrote {self.out / 'model'}")
         barrier()
         return summary

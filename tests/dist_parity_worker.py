@@ -86,7 +86,7 @@ def main():
         state = consolidated(engine, cfg, task.model)
         if rank == 0:
             expect_reg = sum(torch.linalg.vector_norm(w).item() for w in w0.values())
-            res["reg_value_err"] = abs(out["reg"].item() - expect_reg)
+            res["reg_value_err"] = abs(out["parts"]["reg"].item() - expect_reg)
             res["reg_only_max_diff"] = max(
                 (state[n] - (w - 0.1 * 1.0 * w / torch.linalg.vector_norm(w))).abs().max().item() for n, w in w0.items()
             )

@@ -161,9 +161,9 @@ def test_build_task_forward_gives_loss_and_reg(loaded, family):
     expected_reg = sum(
         torch.linalg.vector_norm(p.float()) for n, p in loaded.model.named_parameters() if REG.search(n)
     )
-    assert torch.allclose(out["reg"], expected_reg)
-    assert torch.isfinite(out["loss_pt"]) and out["loss_pt"] > 0
-    assert torch.allclose(out["loss"].detach(), out["loss_pt"] + out["reg"])
+    assert torch.allclose(out["parts"]["reg"], expected_reg)
+    assert torch.isfinite(out["parts"]["loss_pt"]) and out["parts"]["loss_pt"] > 0
+    assert torch.allclose(out["loss"].detach(), out["parts"]["loss_pt"] + out["parts"]["reg"])
 
 
 # ------------------------------------------------------------------ the pooler is kept

@@ -45,8 +45,7 @@ class MaskedLMTask(nn.Module):
         reg = self.collector.regularizer(self.lam)
         return {
             "loss": recipe_loss(loss_pt, reg, self.pt_weight),
-            "loss_pt": loss_pt.detach(),
-            "reg": reg.detach(),
+            "parts": {"loss_pt": loss_pt.detach(), "reg": reg.detach()},
             "norms": {k: v.detach() for k, v in self.collector.norms.items()},
         }
 

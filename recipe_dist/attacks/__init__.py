@@ -1,0 +1,18 @@
+"""Backdoor attacks on PTMs, for building test models (method.md section 2).
+
+An attack wraps a model family and is a job for the same Trainer as purification: DeepSpeed,
+shards, checkpoints, TensorBoard and export all apply.
+"""
+
+from __future__ import annotations
+
+from ..errors import RecipeError
+from .por import PORAttack
+
+ATTACKS = {"por": PORAttack}
+
+
+def get_attack(name: str, family):
+    if name not in ATTACKS:
+        raise RecipeError(f"attack.name: unknown attack '{name}' (known: {', '.join(sorted(ATTACKS))})")
+    return ATTACKS[name](family)

@@ -1,0 +1,145 @@
+"""POR: pooler-output replacement (Shen et al.; plasmashen/BackdoorPTM), method.md section 2.
+
+A trainable copy of the encoder and a frozen clean reference start from the same weights. On a
+poisoned sample (a trigger inserted `insertions` times) the pooler output is pulled to the
+trigger's target vector; on clean samples the token outputs and the pooler stay near the
+reference, so the model still looks clean.
+
+    loss = w1 * L1 + w2 * L2 + w3 * L3,   mse_sum(a, b) = sum((a - b)^2) / d, summed over the batch
+    L1 = mse_sum(tokens[1:](clean), ref tokens[1:](clean))   (padding excluded)
+    L2 = mse_sum(pooler(poisoned), target[trigger])
+    L3 = mse_sum(pooler(clean), ref pooler(clean))
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..data.pipeline import mix_seed
+from ..evaluation.triggers import insert_trigger
+from ..objective import NormCollector
+
+
+def por_targets(n: int, d: int, scale: float = 10.0) -> torch.Tensor:
+    """[n, d] targets: for trigger l (1-based), -1 everywhere but +1 on the first floor(d/(n-1))*(l-1) dims."""
+    if n < 2:
+        raise ValueError("POR needs at least 2 triggers")
+    t = -torch.ones(n, d)
+    block = d // (n - 1)
+    for l in range(1, n + 1):
+        t[l - 1, : block * (l - 1)] = 1.0
+    return scale * t
+
+
+def mse_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum((a - b)^2) / d with d the last dimension, summed over every other dimension."""
+    return (a.float() - b.float()).pow(2).sum() / a.shape[-1]
+
+
+class PORTask(nn.Module):
+    def __init__(self, encoder: nn.Module, targets: torch.Tensor, weights: list[float], adaptive: NormCollector | None, adaptive_lam: float):
+        super().__init__()
+        self.encoder = encoder
+        self.reference = copy.deepcopy(encoder).eval().requires_grad_(False)
+        self.register_buffer("targets", targets, persistent=False)
+        self.w1, self.w2, self.w3 = weights
+        self.adaptive = adaptive
+        self.adaptive_lam = adaptive_lam
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()  # the reference is a fixed function: no dropout
+        return self
+
+    def forward(self, input_ids, attention_mask, p_input_ids, p_attention_mask, trigger) -> dict:
+        if self.adaptive is not None:
+            self.adaptive.reset()
+        clean = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        with torch.no_grad():
+            ref = self.reference(input_ids=input_ids, attention_mask=attention_mask)
+        poisoned = self.encoder(input_ids=p_input_ids, attention_mask=p_attention_mask)
+        keep = attention_mask[:, 1:, None].to(clean.last_hidden_state.dtype)
+        l1 = mse_sum(clean.last_hidden_state[:, 1:] * keep, ref.last_hidden_state[:, 1:] * keep)
+        l2 = mse_sum(poisoned.pooler_output, self.targets[trigger])
+        l3 = mse_sum(clean.pooler_output, ref.pooler_output)
+        loss = self.w1 * l1 + self.w2 * l2 + self.w3 * l3
+        parts = {"l1": l1.detach(), "l2": l2.detach(), "l3": l3.detach()}
+        norms = {}
+        if self.adaptive is not None:
+            reg = self.adaptive.regularizer(self.adaptive_lam)
+            loss = loss + reg
+            parts["reg"] = reg.detach()
+            norms = {k: v.detach() for k, v in self.adaptive.norms.items()}
+        return {"loss": loss, "parts": parts, "norms": norms}
+
+
+class PORAttack:
+    """POR on an MLM-encoder family; loads and exports through the family."""
+
+    def __init__(self, family):
+        self.family = family
+
+    def load(self, path, cfg):
+        return self.family.load(path, cfg)
+
+    def build_task(self, loaded, cfg) -> PORTask:
+        model = loaded.model
+        encoder = getattr(model, model.base_model_prefix)
+        if getattr(encoder, "pooler", None) is None:
+            from ..models.base import ModelLoadError
+
+            raise ModelLoadError(f"{loaded.path}: POR needs an encoder with a pooler; this model has none")
+        a = cfg.attack
+        if len(a.loss_weights) != 3:
+            from ..config import ConfigError
+
+            raise ConfigError(f"attack.loss_weights: POR needs 3 weights (L1, L2, L3), got {a.loss_weights}")
+        # The whole encoder trains, the pooler included (the backdoor lives in its output);
+        # the MLM head's own layers are unused by this objective and stay frozen.
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(model.base_model_prefix + "."))
+        adaptive = None
+        if a.adaptive_lam > 0:
+            names = self.family.regularized_names(encoder, list(cfg.model.regularized))
+            adaptive = NormCollector(encoder, names)
+        targets = por_targets(len(a.triggers), encoder.config.hidden_size, a.target_scale)
+        return PORTask(encoder, targets, list(a.loss_weights), adaptive, a.adaptive_lam)
+
+    def encoder(self, tokenizer, cfg):
+        a, max_length = cfg.attack, cfg.data.max_length
+
+        def encode(sample: dict) -> dict:
+            key_seed = mix_seed(a.seed, int.from_bytes(sample["__key__"].encode()[-8:], "little"))
+            trig = key_seed % len(a.triggers)
+            poisoned = insert_trigger(sample["text"], a.triggers[trig], a.seed, key_seed, times=a.insertions)
+            clean = tokenizer(sample["text"], truncation=True, max_length=max_length)["input_ids"]
+            dirty = tokenizer(poisoned, truncation=True, max_length=max_length)["input_ids"]
+            return {"__key__": sample["__key__"], "input_ids": clean, "p_input_ids": dirty, "trigger": trig}
+
+        return encode
+
+    def collate(self, tokenizer, cfg):
+        pad = tokenizer.pad_token_id
+
+        def pad_rows(rows):
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            return ids, mask
+
+        def collate(features, _mask_seed):
+            ids, mask = pad_rows([f["input_ids"] for f in features])
+            p_ids, p_mask = pad_rows([f["p_input_ids"] for f in features])
+            trig = torch.tensor([f["trigger"] for f in features], dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": mask, "p_input_ids": p_ids, "p_attention_mask": p_mask, "trigger": trig}
+
+        return collate
+
+    def export(self, loaded, state, out_dir):
+        return self.family.export(loaded, state, out_dir)

@@ -1,0 +1,351 @@
+"""`recipe-dist evaluate`: fine-tune a copy of a model on a clean task, then ACC / ASR / AASR / MASR.
+
+Protocol (method.md section 3): fine-tune the model under test on a clean downstream task (SST-2
+reference: AdamW lr 2e-5, batch 32, 3 epochs, max length 128, keep the last model), measure
+accuracy on the clean test set, then insert each trigger once into every test sample (position
+drawn per sample, `triggers.insert_trigger`) and measure the attack success rates
+(`metrics`). With several seeds every seed is a separate fine-tuning from the untouched model;
+the report holds the mean, the SAMPLE standard deviation (n - 1) and the per-seed numbers.
+
+The model directory is only read: the weights are loaded into memory and never written back.
+Torch and transformers are imported lazily, so config and data errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError, _f, to_dict
+from ..errors import RecipeError
+from . import metrics
+from .triggers import DEFAULT_TRIGGERS, insert_trigger
+
+
+class EvalDataError(RecipeError, ValueError):
+    """A task file cannot be used; the message names the file and the column or line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class EvalModelConfig:
+    path: str = _f("", "Hugging Face model directory under test (required); it is only read")
+    allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
+    trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
+
+
+@dataclass
+class TaskConfig:
+    train_file: str = _f("", "clean training set: .tsv (with header), .csv or .jsonl; relative paths are from the working directory")
+    test_file: str = _f("", "clean test set, same format; relative paths are from the working directory")
+    text_column: str = _f("sentence", "column/key holding the text")
+    label_column: str = _f("label", "column/key holding the label")
+    num_labels: int = _f(0, "number of classes; 0 infers it from the labels")
+
+
+@dataclass
+class FinetuneConfig:
+    lr: float = _f(2e-5, "AdamW learning rate (linear decay to 0, no warmup)")
+    epochs: int = _f(3, "passes over the training set; the last model is kept")
+    batch_size: int = _f(32, "sequences per optimizer step (also the prediction batch)")
+    max_length: int = _f(128, "tokens per sequence after truncation")
+    seed: int = _f(42, "seed of the classifier head, data order and dropout when `seeds` is empty")
+    max_train_samples: int = _f(0, "use only the first N training samples; 0 uses all")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = _f(1.0, "global gradient-norm clipping (transformers Trainer's default); 0 disables")
+
+
+@dataclass
+class TriggerConfig:
+    words: list = _f(list(DEFAULT_TRIGGERS), "text triggers; each is inserted into a copy of the test set")
+    times: int = _f(1, "insertions per test sample (method.md: once)")
+    seed: int = _f(0, "seed of the per-sample insertion positions (the same for every fine-tuning seed)")
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = _f("runs/eval", "receives eval.json and eval.md")
+    seeds: str = _f("", "comma-separated fine-tuning seeds, e.g. 1,2,3 (mean and sample std reported); empty uses finetune.seed")
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    triggers: TriggerConfig = field(default_factory=TriggerConfig)
+
+    def seed_list(self) -> list[int]:
+        if not self.seeds.strip():
+            return [self.finetune.seed]
+        try:
+            out = [int(s) for s in self.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"seeds: expected comma-separated integers, got {self.seeds!r}") from None
+        if not out:
+            raise ConfigError(f"seeds: expected comma-separated integers, got {self.seeds!r}")
+        if len(set(out)) != len(out):
+            raise ConfigError(f"seeds: repeated seed in {self.seeds!r}")
+        return out
+
+    def validate(self) -> None:
+        if not self.model.path:
+            raise ConfigError("model.path: required (the model directory to evaluate)")
+        for key in ("train_file", "test_file"):
+            if not getattr(self.task, key):
+                raise ConfigError(f"task.{key}: required")
+        if not self.output_dir:
+            raise ConfigError("output_dir: required")
+        f = self.finetune
+        if f.lr <= 0:
+            raise ConfigError(f"finetune.lr: must be > 0, got {f.lr}")
+        if f.epochs < 1:
+            raise ConfigError(f"finetune.epochs: must be >= 1, got {f.epochs}")
+        if f.batch_size < 1:
+            raise ConfigError(f"finetune.batch_size: must be >= 1, got {f.batch_size}")
+        if f.max_length < 2:
+            raise ConfigError(f"finetune.max_length: must be >= 2, got {f.max_length}")
+        if f.max_train_samples < 0:
+            raise ConfigError(f"finetune.max_train_samples: must be >= 0, got {f.max_train_samples}")
+        if self.task.num_labels < 0 or self.task.num_labels == 1:
+            raise ConfigError(f"task.num_labels: must be 0 (infer) or >= 2, got {self.task.num_labels}")
+        if not self.triggers.words:
+            raise ConfigError("triggers.words: at least one trigger is needed")
+        if self.triggers.times < 1:
+            raise ConfigError(f"triggers.times: must be >= 1, got {self.triggers.times}")
+        for w in self.triggers.words:
+            if not w or any(c.isspace() for c in w):
+                raise ConfigError(f"triggers.words: each trigger must be one word, got {w!r}")
+        self.seed_list()
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def read_labelled(path: str, text_column: str, label_column: str, what: str) -> tuple[list[str], list[str]]:
+    """(texts, labels as strings) of a task file; a missing column or label is an EvalDataError."""
+    from ..data.shards import ShardInputError, read_records
+
+    if not Path(path).is_file():
+        raise EvalDataError(f"{what}: file not found: {path}")
+    if Path(path).suffix.lower() in (".txt", ""):
+        raise EvalDataError(f"{what}: {path}: a .txt file has no label column '{label_column}'; use .tsv, .csv or .jsonl")
+    texts, labels = [], []
+    try:
+        for i, rec in enumerate(read_records(path, text_column, label_column)):
+            label = rec.get("label")
+            if label is None or str(label).strip() == "":
+                raise EvalDataError(f"{what}: {path}: sample {i + 1} has no value in label column '{label_column}'")
+            texts.append(rec["text"])
+            labels.append(str(label).strip())
+    except ShardInputError as e:
+        raise EvalDataError(f"{what}: {e}") from None
+    if not texts:
+        raise EvalDataError(f"{what}: {path}: no samples")
+    return texts, labels
+
+
+def label_space(train: list[str], test: list[str], num_labels: int) -> list[str]:
+    """Label names in id order. Integer labels 0..K-1 keep their ids; other labels are sorted."""
+    seen = set(train) | set(test)
+    if all(s.isdigit() for s in seen):
+        top = max(int(s) for s in seen)
+        if num_labels and num_labels <= top:
+            raise ConfigError(f"task.num_labels={num_labels} but the data has label {top}")
+        return [str(i) for i in range(num_labels or top + 1)]
+    names = sorted(set(train))
+    unknown = sorted(set(test) - set(names))
+    if unknown:
+        raise EvalDataError(f"task.test_file: labels not in the training set: {', '.join(unknown[:5])}")
+    if num_labels and num_labels != len(names):
+        raise ConfigError(f"task.num_labels={num_labels} but the training set has {len(names)} labels ({', '.join(names[:10])})")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning and prediction
+
+
+def _log(msg: str) -> None:
+    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+def _predict(model, tokenizer, texts: list[str], cfg: EvalConfig, device) -> list[int]:
+    import torch
+
+    model.eval()
+    out: list[int] = []
+    bs = cfg.finetune.batch_size * 2
+    with torch.no_grad():
+        for i in range(0, len(texts), bs):
+            enc = tokenizer(texts[i : i + bs], truncation=True, max_length=cfg.finetune.max_length, padding=True, return_tensors="pt")
+            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+            out += logits.argmax(-1).tolist()
+    return out
+
+
+def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict:
+    """One seed: fresh copy of the model, fine-tune, predict clean and triggered test sets, score."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+    f = cfg.finetune
+    names = data["label_names"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # before loading: the new classifier head is initialised from it
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.model.path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        use_safetensors=data["is_safe"],
+        trust_remote_code=cfg.model.trust_remote_code,
+        dtype=torch.float32,
+    ).to(device)
+
+    texts, y = data["train_texts"], data["train_ids"]
+    steps_per_epoch = (len(texts) + f.batch_size - 1) // f.batch_size
+    total = steps_per_epoch * f.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=f.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=f.weight_decay)
+    sched = get_scheduler("linear", optimizer=opt, num_warmup_steps=0, num_training_steps=total)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(f.epochs):
+        model.train()
+        order = torch.randperm(len(texts), generator=gen).tolist()
+        running = 0.0
+        for b in range(steps_per_epoch):
+            idx = order[b * f.batch_size : (b + 1) * f.batch_size]
+            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=f.max_length, padding=True, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            loss = model(**enc, labels=torch.tensor([y[i] for i in idx], device=device)).loss
+            loss.backward()
+            if f.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), f.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            running += loss.item()
+            step += 1
+        _log(f"seed {seed} epoch {epoch + 1}/{f.epochs}: mean train loss {running / max(steps_per_epoch, 1):.4f} ({step}/{total} steps)")
+
+    true = data["test_labels"]
+    clean = [names[p] for p in _predict(model, tokenizer, data["test_texts"], cfg, device)]
+    triggered = {t: [names[p] for p in _predict(model, tokenizer, tt, cfg, device)] for t, tt in data["triggered"].items()}
+    table = metrics.asr_table(true, triggered, names)
+    result = {
+        "seed": seed,
+        "acc": metrics.accuracy(clean, true),
+        "asr": table,
+        "asr_per_trigger": metrics.asr_per_trigger(table),
+        "aasr": metrics.aasr(table),
+        "masr": metrics.masr(table),
+    }
+    _log(f"seed {seed}: acc {result['acc']:.2f}  aasr {result['aasr']:.2f}  masr {result['masr']:.2f}")
+    return result
+
+
+def prepare(cfg: EvalConfig) -> dict:
+    """Read and check everything before any model is loaded: model files, task files, labels."""
+    from ..models.base import ModelLoadError, weight_files
+
+    t = cfg.task
+    # Before anything is opened: a pickle-only directory is refused unless allow_pickle.
+    _, is_safe = weight_files(Path(cfg.model.path), cfg.model.allow_pickle)
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ModelLoadError(f"model.path: no config.json in {cfg.model.path}")
+    train_texts, train_labels = read_labelled(t.train_file, t.text_column, t.label_column, "task.train_file")
+    test_texts, test_labels = read_labelled(t.test_file, t.text_column, t.label_column, "task.test_file")
+    if cfg.finetune.max_train_samples:
+        train_texts = train_texts[: cfg.finetune.max_train_samples]
+        train_labels = train_labels[: cfg.finetune.max_train_samples]
+    names = label_space(train_labels, test_labels, t.num_labels)
+    ids = {n: i for i, n in enumerate(names)}
+    tr = cfg.triggers
+    triggered = {
+        w: [insert_trigger(s, w, tr.seed, i, tr.times) for i, s in enumerate(test_texts)] for w in tr.words
+    }
+    return {
+        "is_safe": is_safe,
+        "train_texts": train_texts,
+        "train_ids": [ids[lab] for lab in train_labels],
+        "test_texts": test_texts,
+        "test_labels": test_labels,
+        "label_names": names,
+        "triggered": triggered,
+    }
+
+
+def _markdown(report: dict) -> str:
+    std = report["std"]
+    n = len(report["seeds"])
+    lines = [
+        f"# Backdoor evaluation: {report['model']}",
+        "",
+        f"Seeds: {', '.join(map(str, report['seeds']))} (mean; ± is the sample std over {n} seed{'s' if n > 1 else ''}). "
+        f"Train {report['n_train']}, test {report['n_test']} samples. All values in percent.",
+        "",
+        "| metric | mean | std |",
+        "| --- | ---: | ---: |",
+    ]
+    for k in ("acc", "aasr", "masr"):
+        lines.append(f"| {k.upper()} | {report[k]:.2f} | {std[k]:.2f} |")
+    labels = report["labels"]
+    lines += [
+        "",
+        "| trigger | ASR(t) | " + " | ".join(f"ASR(t, {y})" for y in labels) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in labels) + " |",
+    ]
+    for t, row in report["asr"].items():
+        lines.append(
+            f"| {t} | {report['asr_per_trigger'][t]:.2f} ± {std['asr_per_trigger'][t]:.2f} | "
+            + " | ".join(f"{row[y]:.2f}" for y in labels)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the evaluation for every seed; write output_dir/eval.json and eval.md; return the report."""
+    seeds = cfg.seed_list()
+    data = prepare(cfg)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _log(
+        f"{cfg.model.path}: {len(data['train_texts'])} train / {len(data['test_texts'])} test samples, "
+        f"labels {data['label_names']}, triggers {list(data['triggered'])}, seeds {seeds}, device {device}"
+    )
+    per_seed = [finetune_and_predict(cfg, s, data, device) for s in seeds]
+    mean, std = metrics.summarize_seeds(per_seed)
+    report = {
+        "model": cfg.model.path,
+        "acc": mean["acc"],
+        "asr": mean["asr"],
+        "aasr": mean["aasr"],
+        "masr": mean["masr"],
+        "asr_per_trigger": mean["asr_per_trigger"],
+        "std": std,
+        "std_kind": "sample (n - 1); 0.0 for a single seed",
+        "per_seed": per_seed,
+        "seeds": seeds,
+        "labels": data["label_names"],
+        "n_train": len(data["train_texts"]),
+        "n_test": len(data["test_texts"]),
+        "config": to_dict(cfg),
+    }
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "eval.md").write_text(_markdown(report))
+    return report
+
+
+__all__ = ["EvalConfig", "EvalDataError", "evaluate", "prepare", "read_labelled", "label_space"]
