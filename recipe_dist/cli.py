@@ -9,19 +9,25 @@ import sys
 from .errors import RecipeError
 
 
-def _purify(argv: list[str]) -> int:
-    from .config import help_text, load_config
+def _config_command(argv: list[str], prog: str, description: str, config_help: str, cls=None, extra: str = ""):
+    """Parse `--config FILE` plus `--section.key=value` overrides into a typed config."""
+    from .config import RunConfig, help_text, load_config
 
+    cls = cls or RunConfig
     ap = argparse.ArgumentParser(
-        prog="recipe-dist purify",
-        description="RECIPE purification: continual pre-training with lam * sum ||W||_F on DeepSpeed.",
-        epilog="config keys (override with --section.key=value):\n" + help_text(),
+        prog=f"recipe-dist {prog}",
+        description=description,
+        epilog=f"config keys (override with --section.key=value{extra}):\n" + help_text(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--config", help="YAML run config (configs/*.yaml)")
+    ap.add_argument("--config", help=config_help)
     args, rest = ap.parse_known_args(argv)
-    cfg = load_config(args.config, rest)
+    return load_config(args.config, rest, cls=cls)
 
+
+def _purify(argv: list[str]) -> int:
+    cfg = _config_command(argv, "purify", "RECIPE purification: continual pre-training with lam * sum ||W||_F on DeepSpeed.",
+                          "YAML run config (configs/*.yaml)")
     from .trainer import Trainer
 
     Trainer(cfg).train()
@@ -29,18 +35,8 @@ def _purify(argv: list[str]) -> int:
 
 
 def _attack(argv: list[str]) -> int:
-    from .config import help_text, load_config
-
-    ap = argparse.ArgumentParser(
-        prog="recipe-dist attack",
-        description="Build a backdoored PTM (POR) on the same engine as purify; writes an HF directory with its pooler.",
-        epilog="config keys (override with --section.key=value):\n" + help_text(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--config", help="YAML run config (configs/attack/*.yaml)")
-    args, rest = ap.parse_known_args(argv)
-    cfg = load_config(args.config, rest)
-
+    cfg = _config_command(argv, "attack", "Build a backdoored PTM (POR) on the same engine as purify; writes an HF directory with its pooler.",
+                          "YAML run config (configs/attack/*.yaml)")
     from .attacks import get_attack
     from .models import get_family
     from .trainer import Trainer
@@ -50,23 +46,17 @@ def _attack(argv: list[str]) -> int:
 
 
 def _evaluate(argv: list[str]) -> int:
-    from .config import help_text, load_config
-    from .evaluation.finetune import EvalConfig
+    from .evaluation.finetune import EvalConfig, evaluate
 
-    ap = argparse.ArgumentParser(
-        prog="recipe-dist evaluate",
-        description="Backdoor evaluation (method.md section 3): fine-tune a copy of the model on a clean task, "
+    cfg = _config_command(
+        argv,
+        "evaluate",
+        "Backdoor evaluation (method.md section 3): fine-tune a copy of the model on a clean task, "
         "then ACC, ASR per (trigger, label), AASR and MASR; writes OUTPUT_DIR/eval.json and eval.md.",
-        epilog="config keys (override with --section.key=value; --seeds 1,2,3 averages several fine-tunings):\n"
-        + help_text(EvalConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "YAML evaluation config (configs/eval/*.yaml)",
+        cls=EvalConfig,
+        extra="; --seeds 1,2,3 averages several fine-tunings",
     )
-    ap.add_argument("--config", help="YAML evaluation config (configs/eval/*.yaml)")
-    args, rest = ap.parse_known_args(argv)
-    cfg = load_config(args.config, rest, cls=EvalConfig)
-
-    from .evaluation.finetune import evaluate
-
     report = evaluate(cfg)
     print(f"ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}  -> {cfg.output_dir}/eval.json")
     return 0
