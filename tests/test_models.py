@@ -268,3 +268,24 @@ def test_export_in_input_dtype_fp16(tmp_path, family, fp16_dir):
     for k, v in src.items():
         assert torch.equal(dst[k], v), k
     assert json.loads((out / "config.json").read_text()).get("dtype") == "float16"
+
+
+def test_static_masking_is_per_sample_and_fixed(tiny_bert_dir):
+    from recipe_dist.config import RunConfig
+    from recipe_dist.models import get_family
+
+    cfg = RunConfig()
+    cfg.data.masking = "static"
+    cfg.data.mlm_probability = 0.5
+    fam = get_family("bert")
+    loaded = fam.load(tiny_bert_dir, cfg)
+    encode, collate = fam.encoder(loaded.tokenizer, cfg), fam.collate(loaded.tokenizer, cfg)
+    text = "the cat sees a red book today and the dog finds the old letter ."
+    a, b = encode({"__key__": "k-1", "text": text}), encode({"__key__": "k-1", "text": text})
+    c = encode({"__key__": "k-2", "text": text})
+    assert a["labels"] == b["labels"] and a["input_ids"] == b["input_ids"]  # same mask every epoch
+    assert a["labels"] != c["labels"]  # a different sample gets its own mask
+    assert any(lab != -100 for lab in a["labels"])
+    batch = collate([a, encode({"__key__": "k-3", "text": "a dog ."})], mask_seed=0)
+    assert batch["labels"].shape == batch["input_ids"].shape
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all()

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from ..data.pipeline import mix_seed
+from ..data.pipeline import key_seed, pad_rows
 from ..evaluation.triggers import insert_trigger
 from ..objective import NormCollector
 
@@ -112,9 +112,9 @@ class PORAttack:
         a, max_length = cfg.attack, cfg.data.max_length
 
         def encode(sample: dict) -> dict:
-            key_seed = mix_seed(a.seed, int.from_bytes(sample["__key__"].encode()[-8:], "little"))
-            trig = key_seed % len(a.triggers)
-            poisoned = insert_trigger(sample["text"], a.triggers[trig], a.seed, key_seed, times=a.insertions)
+            sample_seed = key_seed(a.seed, 11, sample["__key__"])
+            trig = sample_seed % len(a.triggers)
+            poisoned = insert_trigger(sample["text"], a.triggers[trig], a.seed, sample_seed, times=a.insertions)
             clean = tokenizer(sample["text"], truncation=True, max_length=max_length)["input_ids"]
             dirty = tokenizer(poisoned, truncation=True, max_length=max_length)["input_ids"]
             return {"__key__": sample["__key__"], "input_ids": clean, "p_input_ids": dirty, "trigger": trig}
@@ -124,18 +124,9 @@ class PORAttack:
     def collate(self, tokenizer, cfg):
         pad = tokenizer.pad_token_id
 
-        def pad_rows(rows):
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
-            return ids, mask
-
         def collate(features, _mask_seed):
-            ids, mask = pad_rows([f["input_ids"] for f in features])
-            p_ids, p_mask = pad_rows([f["p_input_ids"] for f in features])
+            ids, mask = pad_rows([f["input_ids"] for f in features], pad)
+            p_ids, p_mask = pad_rows([f["p_input_ids"] for f in features], pad)
             trig = torch.tensor([f["trigger"] for f in features], dtype=torch.long)
             return {"input_ids": ids, "attention_mask": mask, "p_input_ids": p_ids, "p_attention_mask": p_mask, "trigger": trig}
 

@@ -34,6 +34,23 @@ def mix_seed(*parts: int) -> int:
     return int.from_bytes(h, "little") & (2**63 - 1)
 
 
+def key_seed(seed: int, tag: int, key: str) -> int:
+    """A seed for one sample, from its whole `__key__` (stable across runs, ranks and workers)."""
+    h = hashlib.blake2b(f"{int(seed)}:{int(tag)}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def pad_rows(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token-id lists to the longest; returns (ids [B, T], mask [B, T] with 1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def shard_urls(spec: str) -> list[str]:
     """Brace-expanded shard URLs (`::` separates several patterns, as in webdataset)."""
     urls = expand_urls(spec)

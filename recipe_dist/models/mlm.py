@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-from ..data.pipeline import mix_seed
+from ..data.pipeline import key_seed, pad_rows
 from ..objective import NormCollector, recipe_loss, select_weights
 from . import register_family
 from .base import LoadedModel, ModelFamily, ModelLoadError, safetensors_info, weight_files
@@ -99,7 +99,7 @@ class MaskedLMFamily(ModelFamily):
         """Per-sample tokenization (runs in DataLoader workers); static masks are made here."""
         max_length = cfg.data.max_length
         static = cfg.data.masking == "static"
-        collator = self._collator(tokenizer, cfg)
+        collator = self._collator(tokenizer, cfg) if static else None
         seed = cfg.train.seed
 
         def encode(sample: dict) -> dict:
@@ -107,7 +107,7 @@ class MaskedLMFamily(ModelFamily):
             out = {"__key__": sample["__key__"], "input_ids": enc["input_ids"]}
             if static:
                 # One mask per sample for the whole run, as the reference code's preprocessing.
-                collator.generator = torch.Generator().manual_seed(mix_seed(seed, 7, int.from_bytes(sample["__key__"].encode()[-8:], "little")))
+                collator.generator = torch.Generator().manual_seed(key_seed(seed, 7, sample["__key__"]))
                 ids, labels = collator.torch_mask_tokens(
                     torch.tensor([enc["input_ids"]]), special_tokens_mask=torch.tensor([enc["special_tokens_mask"]])
                 )
@@ -132,15 +132,8 @@ class MaskedLMFamily(ModelFamily):
 
         def collate(features: list[dict], mask_seed: int) -> dict:
             if static:
-                width = max(len(f["input_ids"]) for f in features)
-                ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-                labels = torch.full((len(features), width), -100, dtype=torch.long)
-                attn = torch.zeros((len(features), width), dtype=torch.long)
-                for i, f in enumerate(features):
-                    n = len(f["input_ids"])
-                    ids[i, :n] = torch.tensor(f["input_ids"])
-                    labels[i, :n] = torch.tensor(f["labels"])
-                    attn[i, :n] = 1
+                ids, attn = pad_rows([f["input_ids"] for f in features], pad_id)
+                labels, _ = pad_rows([f["labels"] for f in features], -100)
                 return {"input_ids": ids, "attention_mask": attn, "labels": labels}
             collator.generator = torch.Generator().manual_seed(mask_seed)
             batch = collator([{"input_ids": f["input_ids"], "special_tokens_mask": f["special_tokens_mask"]} for f in features])
