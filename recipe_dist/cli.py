@@ -74,7 +74,36 @@ def _shards(argv: list[str]) -> int:
     return shards.main(ap.parse_args(argv))
 
 
-COMMANDS = {"purify": _purify, "attack": _attack, "shards": _shards, "evaluate": _evaluate}
+def _report(argv: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from .report import write_report
+
+    ap = argparse.ArgumentParser(prog="recipe-dist report",
+                                 description="Write RUN_DIR/report.md and its plots from the run's TensorBoard files.")
+    ap.add_argument("run_dir", metavar="RUN_DIR", help="a purify or attack output_dir")
+    ap.add_argument("--eval", action="append", default=[], metavar="NAME=PATH",
+                    help="an evaluation to tabulate and plot, e.g. purified=runs/eval/eval.json (repeatable)")
+    ap.add_argument("--title", default=None, help="report title (default: 'Run report: <dir name>')")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError(f"RUN_DIR: no such directory: {run_dir}")
+    evals = {}
+    for spec in args.eval:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise RecipeError(f"--eval: expected NAME=PATH, got {spec!r}")
+        try:
+            evals[name] = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RecipeError(f"--eval {name}: cannot read {path}: {e}") from None
+    print(write_report(run_dir, evals, title=args.title))
+    return 0
+
+
+COMMANDS = {"purify": _purify, "attack": _attack, "shards": _shards, "evaluate": _evaluate, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:
