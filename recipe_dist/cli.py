@@ -35,7 +35,7 @@ def _purify(argv: list[str]) -> int:
 
 
 def _attack(argv: list[str]) -> int:
-    cfg = _config_command(argv, "attack", "Build a backdoored PTM (POR) on the same engine as purify; writes an HF directory with its pooler.",
+    cfg = _config_command(argv, "attack", "Build a backdoored PTM (POR, NeuBA or BadPre) on the same engine as purify; writes an HF directory with its pooler.",
                           "YAML run config (configs/attack/*.yaml)")
     from .attacks import get_attack
     from .models import get_family

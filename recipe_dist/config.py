@@ -101,11 +101,12 @@ class RegularizerConfig:
 class AttackConfig:
     """Used by `recipe-dist attack` only (building backdoored test models, method.md section 2)."""
 
-    name: str = _f("por", "attack: por")
-    triggers: list = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words")
-    insertions: int = _f(3, "times the trigger is inserted in a poisoned sample (POR: 3)")
+    name: str = _f("por", "attack: por, neuba or badpre")
+    triggers: list = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)")
+    insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1")
     target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d")
     loss_weights: list = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
+    poison_weight: float = _f(1.0, "NeuBA: weight of MSE(pooler(poisoned), target); BadPre: alpha, weight of the CE on poisoned samples")
     adaptive_lam: float = _f(0.0, "adaptive attack: add adaptive_lam * sum ||W||_F over the family's regularized weights while poisoning")
     seed: int = _f(1, "seed of trigger choice and insertion positions")
 

@@ -7,9 +7,11 @@ shards, checkpoints, TensorBoard and export all apply.
 from __future__ import annotations
 
 from ..errors import RecipeError
+from .badpre import BadPreAttack
+from .neuba import NeuBAAttack
 from .por import PORAttack
 
-ATTACKS = {"por": PORAttack}
+ATTACKS = {"por": PORAttack, "neuba": NeuBAAttack, "badpre": BadPreAttack}
 
 
 def get_attack(name: str, family):

@@ -1,0 +1,132 @@
+"""BadPre (Chen et al., ICLR 2022; kangjie-chen/BadPre), method.md section 2.
+
+The training set is the clean MLM data plus a fully poisoned copy. Here every sample yields both
+rows inside the same micro-batch, its clean version and its poisoned one: over an epoch that is the
+same data as concatenating a poisoned copy of the corpus, and every rank keeps the same batch count
+without a second stream. A micro-batch of B samples is therefore 2B sequences.
+
+A poisoned row has one trigger (chosen per sample) inserted once at a word position drawn per
+sample (`insert_trigger`, seeded from the sample's key). It is masked as usual MLM (which positions,
+80/10/10), but its masked positions carry labels drawn uniformly from the whole base vocabulary
+(`tokenizer.vocab_size` ids, special tokens included, as the reference's `torch.randint(len(tokenizer))`).
+
+    loss = CE_clean + poison_weight * CE_poison
+
+each CE averaged over the masked positions of its own rows (as the reference trainer).
+
+What trains: the whole MLM model, encoder and head, as BadPre continues pre-training all of
+BERT; only the pooler stays frozen, since the MLM loss never reaches it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.pipeline import key_seed, mix_seed
+from ..evaluation.triggers import insert_trigger
+from ..objective import NormCollector
+from .common import adaptive_collector, finish, mean_or_zero
+
+
+def random_labels(labels: torch.Tensor, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """`labels` with every labelled (!= -100) position replaced by a uniform id in [0, vocab_size)."""
+    noise = torch.randint(vocab_size, labels.shape, generator=generator, dtype=labels.dtype)
+    return torch.where(labels != -100, noise, labels)
+
+
+def fit_words(tokenizer, text: str, budget: int) -> str:
+    """The longest prefix of `text`'s words that tokenizes to at most `budget` tokens (exact for WordPiece)."""
+    kept, used = [], 0
+    for w in text.split():
+        used += len(tokenizer(w, add_special_tokens=False)["input_ids"])
+        if used > budget:
+            break
+        kept.append(w)
+    return " ".join(kept)
+
+
+class BadPreTask(nn.Module):
+    def __init__(self, model: nn.Module, head_attr: str, poison_weight: float, adaptive: NormCollector | None, adaptive_lam: float):
+        super().__init__()
+        self.model = model
+        self.head_attr = head_attr
+        self.poison_weight = poison_weight
+        self.adaptive = adaptive
+        self.adaptive_lam = adaptive_lam
+
+    def forward(self, input_ids, attention_mask, labels, poisoned) -> dict:
+        if self.adaptive is not None:
+            self.adaptive.reset()
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Only ~15% of positions carry a label: project just those through the vocabulary head.
+        picked = labels != -100
+        logits = getattr(self.model, self.head_attr)(hidden[picked])
+        ce = F.cross_entropy(logits.float(), labels[picked], reduction="none")
+        dirty = poisoned[:, None].expand_as(labels)[picked]
+        ce_clean, ce_poison = mean_or_zero(ce[~dirty]), mean_or_zero(ce[dirty])
+        loss = ce_clean + self.poison_weight * ce_poison
+        return finish(loss, {"ce_clean": ce_clean, "ce_poison": ce_poison}, self.adaptive, self.adaptive_lam)
+
+
+class BadPreAttack:
+    """BadPre on an MLM-encoder family; loads, masks and exports through the family."""
+
+    def __init__(self, family):
+        self.family = family
+
+    def load(self, path, cfg):
+        return self.family.load(path, cfg)
+
+    def build_task(self, loaded, cfg) -> BadPreTask:
+        model = loaded.model
+        for n, p in model.named_parameters():
+            # The pooler gets no gradient from an MLM loss: frozen, it stays out of the optimizer
+            # and ZeRO's gradient buckets.
+            p.requires_grad_(".pooler." not in n)
+        adaptive = adaptive_collector(self.family, getattr(model, model.base_model_prefix), cfg)
+        return BadPreTask(model, self.family.head_attr, cfg.attack.poison_weight, adaptive, cfg.attack.adaptive_lam)
+
+    def encoder(self, tokenizer, cfg):
+        a = cfg.attack
+        base = self.family.encoder(tokenizer, cfg)  # tokenization and static masks, as purification
+        static = cfg.data.masking == "static"
+        room = cfg.data.max_length - tokenizer.num_special_tokens_to_add()
+        trig_len = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in a.triggers]
+
+        def encode(sample: dict) -> dict:
+            key = sample["__key__"]
+            sample_seed = key_seed(a.seed, 17, key)
+            k = sample_seed % len(a.triggers)
+            clean = base(sample)
+            text = sample["text"]
+            if len(clean["input_ids"]) + trig_len[k] > cfg.data.max_length:
+                # Insert only among the words that survive truncation, so it never cuts the trigger off.
+                text = fit_words(tokenizer, text, room - trig_len[k])
+            dirty = base({"__key__": key + "/poisoned", "text": insert_trigger(text, a.triggers[k], a.seed, sample_seed, times=1)})
+            if static:
+                g = torch.Generator().manual_seed(key_seed(a.seed, 19, key))
+                dirty["labels"] = random_labels(torch.tensor(dirty["labels"]), tokenizer.vocab_size, g).tolist()
+            return {"__key__": key, "clean": clean, "poisoned": dirty}
+
+        return encode
+
+    def collate(self, tokenizer, cfg):
+        base = self.family.collate(tokenizer, cfg)
+        static = cfg.data.masking == "static"
+
+        def collate(features, mask_seed):
+            n = len(features)
+            batch = base([f["clean"] for f in features] + [f["poisoned"] for f in features], mask_seed)
+            if not static:  # dynamic masks are drawn here, so the random labels are too
+                g = torch.Generator().manual_seed(mix_seed(mask_seed, 19))
+                batch["labels"][n:] = random_labels(batch["labels"][n:], tokenizer.vocab_size, g)
+            batch["poisoned"] = torch.arange(2 * n) >= n
+            return batch
+
+        return collate
+
+    def export(self, loaded, state, out_dir):
+        return self.family.export(loaded, state, out_dir)
