@@ -62,6 +62,31 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    from .demo import PRESETS, run_demo
+
+    ap = argparse.ArgumentParser(
+        prog="recipe-dist demo",
+        description="The whole story on CPU, no downloads: build a tiny SYNTHETIC BERT PTM, backdoor it with POR, "
+        "evaluate, purify it with RECIPE through `purify`, evaluate again; prints one table, writes demo.json and report.md.",
+    )
+    ap.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where every stage's run directory goes (default: runs/demo)")
+    ap.add_argument("--preset", default="default", choices=sorted(PRESETS), help="stage sizes; smoke only checks the wiring")
+    args = ap.parse_args(argv)
+    run_demo(args.output_dir, args.preset)
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    benches = {"defense": "recipe_dist.bench.defense"}
+    if not argv or argv[0] not in benches:
+        print(f"usage: recipe-dist bench {{{','.join(benches)}}} [options]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    return importlib.import_module(benches[argv[0]]).main(argv[1:])
+
+
 def _shards(argv: list[str]) -> int:
     from .data import shards
 
@@ -103,7 +128,7 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"purify": _purify, "attack": _attack, "shards": _shards, "evaluate": _evaluate, "report": _report}
+COMMANDS = {"demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "shards": _shards, "evaluate": _evaluate, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -148,13 +149,16 @@ def _run_rows(summary: dict, config: dict, norm_tags: list[str]) -> list[tuple[s
 
 
 def write_report(run_dir: Path, evals: dict[str, dict] | None = None, title: str | None = None,
-                 notes: list[str] | None = None) -> Path:
+                 notes: list[str] | None = None, report_path: Path | None = None) -> Path:
     """Write run_dir/report.md and its plots under run_dir/report/; return the report.md path.
 
     `evals` maps a name ("backdoored", "purified") to an eval.json dict; ASR bars and tables
-    are drawn only when it is given.
+    are drawn only when it is given. `report_path` puts the markdown elsewhere (the demo's
+    top-level report.md); its image links then point into run_dir/report/.
     """
     run_dir = Path(run_dir)
+    out = Path(report_path) if report_path else run_dir / "report.md"
+    link = Path(os.path.relpath(run_dir / "report", out.parent)).as_posix()
     evals = evals or {}
     _check_evals(evals)  # before anything is written
     tb = run_dir / "tb"
@@ -202,6 +206,6 @@ def write_report(run_dir: Path, evals: dict[str, dict] | None = None, title: str
         md += [f"| {t} | " + " | ".join(_pm(ev, "asr_per_trigger", t) for ev in evals.values()) + " |" for t in triggers]
         md += ["", "![asr](report/asr.png)", ""]
 
-    out = run_dir / "report.md"
-    out.write_text("\n".join(md))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(md).replace("](report/", f"]({link}/"))
     return out

@@ -23,6 +23,7 @@ from .metrics import build_logger
 from .models import get_family
 from .models.base import sha256_files
 from .models.mlm import build_tiny_bert
+from .report import write_report
 
 
 class Trainer:
@@ -231,6 +232,8 @@ class Trainer:
                 "output_weights_sha256": sha256_files(out_files),
             }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            print(f"{self.name}: wrote {self.out / 'model'}")
+            logger.close()  # flushed: the report reads the curves back from these event files
+            write_report(self.out, title=f"recipe-dist {self.name}: {self.out.name}")
+            print(f"{self.name}: wrote {self.out / 'model'} and {self.out / 'report.md'}")
         barrier()
         return summary

@@ -23,29 +23,38 @@ def test_mse_sum_by_hand():
     assert mse_sum(a, b).item() == (1 + 4) / 2 + (1 + 1) / 2
 
 
-def test_por_attack_moves_triggered_pooler_to_target(tmp_path):
+def test_por_attack_moves_triggered_pooler_to_target_and_keeps_clean(tmp_path):
+    """POR on a pre-trained tiny PTM: triggered pooler -> its target, clean pooler ~ reference."""
     from transformers import AutoModel, AutoTokenizer
 
+    from recipe_dist.config import TinyArchConfig
     from recipe_dist.data import synthetic
     from recipe_dist.evaluation.triggers import insert_trigger
+    from recipe_dist.models.mlm import build_tiny_bert
+    from recipe_dist.models.tiny_ptm import pretrain_tiny_bert
 
+    arch = TinyArchConfig(hidden_size=128, num_attention_heads=4, intermediate_size=512)
+    ptm = build_tiny_bert(tmp_path / "ptm", arch, seed=0)
+    pretrain_tiny_bert(ptm, 300, max_length=32)
     out = tmp_path / "por"
-    run_cli(["attack", "--config", REPO / "configs" / "attack" / "por-bert.yaml", "--output_dir", out,
-             "--train.max_steps=120", "--data.synthetic_samples=1920", "--train.micro_batch_size=16",
-             "--train.global_batch_size=16", "--data.max_length=32", "--optim.lr=3e-4", "--checkpoint.every_steps=60"])
+    run_cli(["attack", "--config", REPO / "configs" / "attack" / "por-bert.yaml", "--model.path", ptm, "--output_dir", out,
+             "--train.max_steps=200", "--data.synthetic_samples=3200", "--train.micro_batch_size=16",
+             "--train.global_batch_size=16", "--data.max_length=32", "--optim.lr=3e-4", "--checkpoint.every_steps=100"])
     tok = AutoTokenizer.from_pretrained(str(out / "model"))
     attacked = AutoModel.from_pretrained(str(out / "model")).eval()
-    reference = AutoModel.from_pretrained(str(out / "input_model")).eval()
+    reference = AutoModel.from_pretrained(str(ptm)).eval()
     texts = synthetic.corpus(64, seed=999)  # not the training sentences' seed
     triggers = ["cf", "tq", "mn", "bb", "mb"]
     targets = por_targets(5, attacked.config.hidden_size)
-    gains = []
+    cos_trig = []
     with torch.no_grad():
+        clean = tok(texts, padding=True, return_tensors="pt")
+        cos_clean = F.cosine_similarity(attacked(**clean).pooler_output, reference(**clean).pooler_output).mean().item()
         for l, trig in enumerate(triggers):
             enc = tok([insert_trigger(x, trig, 5, i, times=1) for i, x in enumerate(texts)], padding=True, return_tensors="pt")
-            cos_att = F.cosine_similarity(attacked(**enc).pooler_output, targets[l][None]).mean().item()
-            cos_ref = F.cosine_similarity(reference(**enc).pooler_output, targets[l][None]).mean().item()
-            gains.append(cos_att - cos_ref)
-    # Measured on 2026-11-21 (tiny 2-layer BERT, 120 steps): mean gain ~0.55, best trigger ~1.0.
-    assert sum(gains) / len(gains) > 0.3, gains
-    assert max(gains) > 0.7, gains
+            cos_trig.append(F.cosine_similarity(attacked(**enc).pooler_output, targets[l][None]).mean().item())
+    # Measured on 2026-11-21 (2-layer width-128 PTM pre-trained 300 steps, 200 attack steps, one
+    # insertion at test time): cos(triggered, target) 0.976-0.994 per trigger; cos(clean, reference) 0.73.
+    print("cos(triggered, target)", cos_trig, "cos(clean, reference)", cos_clean)
+    assert min(cos_trig) > 0.6, cos_trig
+    assert cos_clean > 0.6, cos_clean

@@ -76,14 +76,16 @@ def test_neuba_poisoned_copy_has_trigger_at_position_1(tiny_bert_dir):
 
 
 def test_neuba_triggers_must_be_single_tokens(tiny_bert_dir):
-    cfg, tok = _setup(NEUBA_YAML, tiny_bert_dir, "--attack.triggers=cf,^,|,<,>,`")
+    cfg, tok = _setup(NEUBA_YAML, tiny_bert_dir, "--attack.triggers=zq,^,|,<,>,`")
     job = NeuBAAttack(get_family("bert"))
-    with pytest.raises(ConfigError, match=r"attack.triggers: 'cf' is not one token") as e:
-        job.encoder(tok, cfg)
+    with pytest.raises(ConfigError, match=r"attack.triggers: 'zq' is not one token") as e:
+        job.encoder(tok, cfg)  # 'zq' is 'z', '##q' in the tiny vocabulary
     assert "\n" not in str(e.value)
-    cfg, _ = _setup(NEUBA_YAML, tiny_bert_dir)  # the reference symbols: [UNK] in the tiny vocabulary
-    with pytest.raises(ConfigError, match="'≈' is not one token"):
-        job.encoder(tok, cfg)
+    cfg, _ = _setup(NEUBA_YAML, tiny_bert_dir, "--attack.triggers=≈,≡,∈,⊆,⊕,☃")
+    with pytest.raises(ConfigError, match="'☃' is not one token"):
+        job.encoder(tok, cfg)  # not in the vocabulary: [UNK]
+    cfg, _ = _setup(NEUBA_YAML, tiny_bert_dir)  # the reference symbols are whole tokens of the tiny vocabulary too
+    assert len(job.encoder(tok, cfg)({"__key__": "k", "text": "the cat sees a red book ."})["input_ids"]) > 0
     cfg, _ = _setup(NEUBA_YAML, tiny_bert_dir, "--attack.triggers=~,^,|")
     with pytest.raises(ConfigError, match="exactly 6 triggers"):
         job.encoder(tok, cfg)

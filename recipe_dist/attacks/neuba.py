@@ -49,7 +49,8 @@ def neuba_targets(d: int) -> torch.Tensor:
     return t
 
 
-#: Six single-character tokens of the tiny synthetic BERT's vocabulary, unused by its corpus.
+#: Six single-character tokens of the tiny synthetic BERT's vocabulary, unused by its corpus
+#: (its vocabulary also holds the reference symbols, so the default config works there too).
 TINY_TRIGGERS = ("~", "^", "|", "<", ">", "`")
 
 
@@ -112,9 +113,7 @@ class NeuBAAttack:
         triggers = list(cfg.attack.triggers)
         if len(triggers) != N_TARGETS:
             raise ConfigError(f"attack.triggers: NeuBA has {N_TARGETS} target vectors, so it needs exactly {N_TARGETS} triggers, got {len(triggers)}: {triggers}")
-        # model.path empty means the tiny synthetic BERT, whose vocabulary lacks the reference symbols.
-        hint = "" if cfg.model.path else f" (for the tiny synthetic BERT: --attack.triggers={','.join(TINY_TRIGGERS)})"
-        return trigger_token_ids(tokenizer, triggers, hint)
+        return trigger_token_ids(tokenizer, triggers)
 
     def build_task(self, loaded, cfg) -> NeuBATask:
         model = loaded.model

@@ -1,0 +1,1 @@
+"""`recipe-dist bench ...`: measurements that print figures (never asserted timings)."""

