@@ -47,18 +47,21 @@ class DefensePreset:
     finetune_lr: float
     finetune_epochs: int
     finetune_batch: int
+    test_split: str = "test"        # SST-2 file scored (minilm preset): test.tsv or dev.tsv
     seeds: list = field(default_factory=lambda: [1, 2])
     lambdas: list = field(default_factory=lambda: [0.1, 0.5, 1.0, 1.5])
 
 
 PRESETS = {
-    # CPU scale of the paper's BERT runs: lr x10 and steps /10 against the reference 2500 steps
-    # at 2e-5 (AdamW moves each weight by about lr per step, so the total drift is comparable).
+    # CPU scale of the paper's BERT runs: a larger lr for far fewer steps than the reference 2500
+    # steps at 2e-5 (AdamW moves each weight by about lr per step, so lr x steps sets the drift).
     # MiniLM ships without an MLM head: AutoModelForMaskedLM gives it a fresh transform layer,
     # so everything trains (model.trainable=all) or L_PT would be measured through a random head.
+    # Sized to finish in about 45 minutes on 2 CPU cores: the 872-sentence SST-2 dev set is
+    # scored (test.tsv has 1821) and 1500 training sentences are used for fine-tuning.
     "minilm": DefensePreset(model="minilm", aux_samples=4000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
-                            purify_lr=2e-4, purify_steps=250, purify_batch=32, purify_trainable="all",
-                            task_train=2000, finetune_lr=5e-5, finetune_epochs=2, finetune_batch=32),
+                            purify_lr=3e-4, purify_steps=120, purify_batch=32, purify_trainable="all",
+                            task_train=1500, finetune_lr=5e-5, finetune_epochs=2, finetune_batch=32, test_split="dev"),
     "tiny": DefensePreset(model="tiny", aux_samples=4000, max_length=32, attack_lr=3e-4, attack_steps=500, attack_batch=16,
                           purify_lr=1e-3, purify_steps=250, purify_batch=32, purify_trainable="all",
                           task_train=2000, finetune_lr=2e-5, finetune_epochs=3, finetune_batch=32, seeds=[1, 2, 3]),
@@ -115,7 +118,8 @@ class DefenseBench:
         if self.p.model == "minilm":
             from ..data.shards import read_records, write_shards
 
-            for f in (self.sst2 / "train.tsv", self.sst2 / "test.tsv", self.bookcorpus):
+            test = self.sst2 / f"{self.p.test_split}.tsv"
+            for f in (self.sst2 / "train.tsv", test, self.bookcorpus):
                 if not f.is_file():
                     raise RecipeError(f"bench defense: file not found: {f} (set --sst2 DIR / --bookcorpus FILE)")
             ptm = minilm_path()
@@ -131,7 +135,7 @@ class DefenseBench:
                 (shards / "DONE").write_text(f"{len(urls)}\n{len(texts)} sentences from {self.bookcorpus}\n")
             n_shards = int((shards / "DONE").read_text().split()[0])
             spec = str(shards / f"bookcorpus-{{000000..{n_shards - 1:06d}}}.tar")
-            return ptm, spec, self.sst2 / "train.tsv", self.sst2 / "test.tsv"
+            return ptm, spec, self.sst2 / "train.tsv", test
         from ..config import TinyArchConfig
         from ..demo import DemoPreset, write_task
         from ..models.mlm import build_tiny_bert
@@ -196,6 +200,21 @@ class DefenseBench:
         self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
         return report
 
+    def write(self, rows: dict, ptm: Path, aux: str, train: Path, test: Path) -> dict:
+        result = {
+            "preset": self.name,
+            "preset_values": asdict(self.p),
+            "model": str(ptm),
+            "auxiliary": aux or "SYNTHETIC corpus",
+            "task": {"train": str(train), "test": str(test)},
+            "wall_time_s": round(time.time() - self.t0, 1),
+            "rows": {k: {"acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"], "std": {m: r["std"][m] for m in ("acc", "aasr", "masr")},
+                         "asr_per_trigger": r["asr_per_trigger"], "seeds": r["seeds"]} for k, r in rows.items()},
+        }
+        (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (self.out / "bench.md").write_text(markdown(result))
+        return result
+
     def run(self) -> dict:
         from transformers.utils import logging as hf_logging
 
@@ -217,37 +236,31 @@ class DefenseBench:
                 "regularizer": {"lam": lam, "pt_weight": pt_weight},
             })
 
-        models = {"clean PTM": ptm, "backdoored, no defense": backdoored}
-        models["RECIPE (lambda=1)"] = purify("purify-lam1", backdoored, 1.0)
-        models["only L_PT (lambda=0)"] = purify("purify-lam0", backdoored, 0.0)
-        models["only regularizer (no L_PT)"] = purify("purify-regonly", backdoored, 1.0, pt_weight=0.0)
-        reset = self.out / "pooler-reset" / "model"
-        if not (reset / "model.safetensors").is_file():
-            drop_pooler(backdoored, reset)
-        models["pooler reset only"] = reset
-        for lam in p.lambdas:
-            if lam != 1.0:
-                models[f"RECIPE lambda={lam:g}"] = purify(f"purify-lam{lam:g}", backdoored, lam)
-        models["RECIPE on the clean PTM"] = purify("purify-clean", ptm, 1.0)
+        def pooler_reset() -> Path:
+            reset = self.out / "pooler-reset" / "model"
+            if not (reset / "model.safetensors").is_file():
+                drop_pooler(backdoored, reset)
+            return reset
+
+        # Each row is built and scored before the next starts, and the tables are rewritten after
+        # every row: an interrupted benchmark leaves every finished row on disk.
+        plan = [
+            ("clean PTM", lambda: ptm),
+            ("backdoored, no defense", lambda: backdoored),
+            ("RECIPE (lambda=1)", lambda: purify("purify-lam1", backdoored, 1.0)),
+            ("only L_PT (lambda=0)", lambda: purify("purify-lam0", backdoored, 0.0)),
+            ("only regularizer (no L_PT)", lambda: purify("purify-regonly", backdoored, 1.0, pt_weight=0.0)),
+            ("pooler reset only", pooler_reset),
+        ]
+        plan += [(f"RECIPE lambda={lam:g}", lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam)) for lam in p.lambdas if lam != 1.0]
+        plan.append(("RECIPE on the clean PTM", lambda: purify("purify-clean", ptm, 1.0)))
 
         rows = {}
-        for label, model in models.items():
+        for label, build in plan:
             slug = label.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
-            rows[label] = self.evaluate(slug, model, train, test)
-        result = {
-            "preset": self.name,
-            "preset_values": asdict(p),
-            "model": str(ptm),
-            "auxiliary": aux or "SYNTHETIC corpus",
-            "task": {"train": str(train), "test": str(test)},
-            "wall_time_s": round(time.time() - self.t0, 1),
-            "rows": {k: {"acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"], "std": {m: r["std"][m] for m in ("acc", "aasr", "masr")},
-                         "asr_per_trigger": r["asr_per_trigger"], "seeds": r["seeds"]} for k, r in rows.items()},
-        }
-        (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        md = markdown(result)
-        (self.out / "bench.md").write_text(md)
-        print(md)
+            rows[label] = self.evaluate(slug, build(), train, test)
+            result = self.write(rows, ptm, aux, train, test)
+        print(markdown(result))
         return result
 
 
@@ -275,7 +288,7 @@ def main(argv: list[str]) -> int:
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/bench-defense-PRESET")
-    ap.add_argument("--sst2", default="../shared/data/sst2", help="directory with SST-2 train.tsv and test.tsv (minilm preset)")
+    ap.add_argument("--sst2", default="../shared/data/sst2", help="directory with SST-2 train.tsv and dev.tsv/test.tsv (minilm preset)")
     ap.add_argument("--bookcorpus", default="../shared/data/bookcorpus/train.tsv", help="BookCorpus sentences, .tsv with a sentence column (minilm preset)")
     args = ap.parse_args(argv)
     DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus)).run()
