@@ -232,7 +232,7 @@ class Trainer:
                 "output_weights_sha256": sha256_files(out_files),
             }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            logger.close()  # flushed: the report reads the curves back from these event files
+            # The logger was closed (flushed) above: the report reads the curves back from tb/.
             write_report(self.out, title=f"recipe-dist {self.name}: {self.out.name}")
             print(f"{self.name}: wrote {self.out / 'model'} and {self.out / 'report.md'}")
         barrier()
