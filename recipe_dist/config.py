@@ -63,6 +63,15 @@ class DataConfig:
     shuffle_buffer: int = _f(1000, "sample shuffle buffer")
     num_workers: int = _f(0, "DataLoader workers per rank")
     synthetic_samples: int = _f(2000, "sentences in the synthetic corpus used when train_urls is empty")
+    endpoint_url: str = _f("", "S3-compatible endpoint (e.g. http://minio:9000); empty uses AWS_ENDPOINT_URL(_S3) or AWS. "
+                           "Credentials never go here: they come from the environment or profiles")
+    retries: int = _f(5, "retries of a transient storage error (5xx, reset, timeout) before the run fails; counted as data/retries")
+    retry_backoff: float = _f(0.5, "first retry delay in seconds; doubles per retry (capped at 10 s), with jitter")
+    io_timeout: float = _f(60.0, "connect and read timeout of one storage request, seconds")
+    on_corrupt: str = _f("fail", "a corrupt or truncated shard: fail (the run stops, naming it) or skip (warn, count "
+                         "data/corrupt_skipped, drop the rest of that shard)")
+    resampled: bool = _f(False, "draw shards with replacement per rank and worker (allows fewer shards than ranks x workers)")
+    record_keys: bool = _f(False, "debug: write each consumed micro-batch's sample keys to OUTPUT_DIR/keys/rank<R>.jsonl")
 
 
 @dataclass
@@ -139,6 +148,13 @@ class RunConfig:
             raise ConfigError(f"checkpoint.keep: must be >= 2 so a complete checkpoint always survives, got {self.checkpoint.keep}")
         if self.data.masking not in ("dynamic", "static"):
             raise ConfigError(f"data.masking: must be dynamic or static, got {self.data.masking!r}")
+        if self.data.on_corrupt not in ("fail", "skip"):
+            raise ConfigError(f"data.on_corrupt: must be fail or skip, got {self.data.on_corrupt!r}")
+        if self.data.retries < 0 or self.data.retry_backoff < 0 or self.data.io_timeout <= 0:
+            raise ConfigError("data.retries and data.retry_backoff must be >= 0 and data.io_timeout > 0")
+        if "@" in self.data.endpoint_url.split("://", 1)[-1].split("/", 1)[0]:
+            # user:secret@host would put a credential into config.yaml and the checkpoints.
+            raise ConfigError("data.endpoint_url: must not carry credentials (user:password@); use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         if self.model.trainable not in ("family", "all", "regularized"):
             raise ConfigError(f"model.trainable: must be family, all or regularized, got {self.model.trainable!r}")
         if self.optim.name not in ("adamw", "sgd"):

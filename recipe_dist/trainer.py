@@ -16,7 +16,9 @@ from transformers import get_scheduler
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, deepspeed_config, dump_yaml, to_dict
 from .data import synthetic
-from .data.pipeline import DataError, check_shards_exist, count_samples, epoch_stream, mix_seed, rank_micro_batches, shard_urls
+from .data import storage
+from .data.pipeline import (WaitTimer, check_shard_count, check_shards_exist, count_samples, epoch_stream, mix_seed,
+                            rank_micro_batches, shard_urls, timed)
 from .data.shards import write_shards
 from .distributed import DistInfo, barrier, init_distributed, run_on_main
 from .metrics import build_logger
@@ -65,7 +67,7 @@ class Trainer:
             if self.dist.is_main:
                 print(f"data: SYNTHETIC corpus of {self.cfg.data.synthetic_samples} sentences ({prefix}-*.tar); pass --data.train_urls for real data")
             return urls
-        urls = shard_urls(spec)
+        urls = run_on_main(shard_urls, spec)  # a prefix or glob is listed once, on rank 0
         run_on_main(check_shards_exist, urls)
         return urls
 
@@ -105,13 +107,11 @@ class Trainer:
         job = self.job or get_family(cfg.model.family)
         loaded = job.load(self._model_dir(), cfg)
         task = job.build_task(loaded, cfg)
+        storage_options = storage.StorageOptions.from_config(cfg.data)
+        storage.configure(storage_options)
         urls = self._shard_urls()
-        if len(urls) < info.world_size * max(1, cfg.data.num_workers):
-            raise DataError(
-                f"data.train_urls: {len(urls)} shards cannot feed {info.world_size} ranks x "
-                f"{max(1, cfg.data.num_workers)} workers; write more, smaller shards"
-            )
-        n_samples = run_on_main(count_samples, urls)
+        check_shard_count(len(urls), info.world_size, cfg.data.num_workers, cfg.data.resampled)
+        n_samples = run_on_main(count_samples, urls, cfg.data.on_corrupt)
 
         ds_config = deepspeed_config(cfg, info.world_size)
         gas = ds_config["gradient_accumulation_steps"]
@@ -151,7 +151,14 @@ class Trainer:
         quota = steps_per_epoch * gas  # micro-batches per rank per epoch, equal on every rank
 
         def make_stream(epoch: int):
-            return epoch_stream(urls, epoch, cfg.train.seed, cfg.data.text_key, encode, cfg.train.micro_batch_size, cfg.data.shuffle_buffer)
+            return epoch_stream(urls, epoch, cfg.train.seed, cfg.data.text_key, encode, cfg.train.micro_batch_size, cfg.data.shuffle_buffer,
+                                on_corrupt=cfg.data.on_corrupt, resampled=cfg.data.resampled, options=storage_options)
+
+        data_timer = WaitTimer()
+        keys_log = None
+        if cfg.data.record_keys:  # debug: which samples each micro-batch consumed (appended on resume)
+            (self.out / "keys").mkdir(parents=True, exist_ok=True)
+            keys_log = open(self.out / "keys" / f"rank{info.rank}.jsonl", "a", buffering=1)
 
         bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc=self.name, unit="step", dynamic_ncols=True)
         # Loss and its parts summed on the device since the last log: no host sync per micro-batch.
@@ -164,7 +171,9 @@ class Trainer:
         while step < total_steps and not (stop_at and step >= stop_at):
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
             micro = done_in_epoch * gas
-            for features in rank_micro_batches(make_stream, epoch, quota, cfg.data.num_workers, skip=micro, seed=cfg.train.seed):
+            for features in timed(rank_micro_batches(make_stream, epoch, quota, cfg.data.num_workers, skip=micro, seed=cfg.train.seed), data_timer):
+                if keys_log:
+                    keys_log.write(json.dumps({"step": step + 1, "epoch": epoch, "micro": micro, "keys": [f["__key__"] for f in features]}) + "\n")
                 batch = collate(features, mix_seed(cfg.train.seed, 2, epoch, micro, info.rank))
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 out = engine(**batch)
@@ -188,13 +197,22 @@ class Trainer:
                         dist.all_reduce(mean)
                         mean /= info.world_size
                     now = time.time()
-                    last = dict(zip(part_names, mean.tolist()))  # the one host sync of a logging step
+                    # Data health summed over ranks: storage retries and skipped shards so far, and
+                    # the seconds blocked on the loader since the last log (a share of wall time).
+                    data = torch.tensor([*storage.counts().values(), data_timer.take()], device=engine.device)
+                    if dist.is_initialized():
+                        dist.all_reduce(data)
+                    retries, skipped, wait = data.tolist()  # with the next line, the host syncs of a logging step
+                    last = dict(zip(part_names, mean.tolist()))
                     norms = dict(zip(out["norms"], torch.stack(list(out["norms"].values())).tolist())) if out["norms"] else {}
                     logger.scalars(
                         {
                             **{f"train/{k}": v for k, v in last.items()},
                             "train/lr": engine.get_lr()[0],
                             "train/samples_per_second": (step - step_log) * cfg.train.global_batch_size / max(now - t_log, 1e-9),
+                            "train/data_wait_fraction": wait / info.world_size / max(now - t_log, 1e-9),
+                            "data/retries": retries,
+                            "data/corrupt_skipped": skipped,
                             **{f"reg/norm/{k}": v for k, v in norms.items()},
                         },
                         step,
@@ -211,6 +229,8 @@ class Trainer:
                     break
         bar.close()
         logger.close()
+        if keys_log:
+            keys_log.close()
 
         if stop_at and step < total_steps:
             if info.is_main:

@@ -13,19 +13,21 @@ around its own stream, one that has more stops early.
 from __future__ import annotations
 
 import hashlib
+import random
 import tarfile
-from typing import Callable, Iterator
+import time
+import zlib
+from typing import Callable, Iterator, NamedTuple
 
-import fsspec
 import torch
 import webdataset as wds
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
 
-from ..errors import RecipeError
+from . import storage
+from .storage import DataError, StorageOptions
 
-
-class DataError(RecipeError, RuntimeError):
-    """Bad or missing data; the message names the URL."""
+__all__ = ["DataError", "StorageOptions", "epoch_stream", "rank_micro_batches", "shard_urls", "count_samples"]
 
 
 def mix_seed(*parts: int) -> int:
@@ -52,43 +54,140 @@ def pad_rows(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch
 
 
 def shard_urls(spec: str) -> list[str]:
-    """Brace-expanded shard URLs (`::` separates several patterns, as in webdataset)."""
-    urls = expand_urls(spec)
+    """Shard URLs from a spec: brace patterns (`::` joins several, as in webdataset), a prefix
+    ending in `/` (every `*.tar` object below it) or a glob (`*`, `?`, `[`); listed URLs are sorted.
+    """
+    urls: list[str] = []
+    for url in expand_urls(spec):
+        if url.endswith("/") or any(c in url.split("://", 1)[-1] for c in "*?["):
+            found = storage.list_shards(url)
+            if not found:
+                raise DataError(f"data.train_urls: no shards under {url}")
+            urls += found
+        else:
+            urls.append(url)
     if not urls:
         raise DataError(f"data.train_urls: no shards in {spec!r}")
     return urls
 
 
 def check_shards_exist(urls: list[str]) -> None:
+    """A one-line DataError naming the first shard that is missing or unreadable."""
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            raise DataError(f"shard not found: {url}")
+        storage.exists(url)
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in all shards (distinct keys), read through fsspec."""
-    total = 0
-    for url in urls:
-        keys = set()
-        try:
-            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+def check_shard_count(n_shards: int, world_size: int, num_workers: int, resampled: bool) -> None:
+    """Every rank x worker needs a shard of its own, unless shards are drawn with replacement."""
+    readers = world_size * max(1, num_workers)
+    if n_shards < readers and not resampled:
+        raise DataError(
+            f"data.train_urls: {n_shards} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers "
+            f"(needs >= {readers}); write more, smaller shards, or set data.resampled=true to draw shards with replacement"
+        )
+
+
+CORRUPT = (tarfile.TarError, EOFError, zlib.error, ValueError)
+
+
+def shard_samples(url: str, on_corrupt: str = "fail", record: bool = True) -> Iterator[dict]:
+    """The samples of one tar shard, grouped by key as webdataset does (`{"__key__", "__url__", ext: bytes}`).
+
+    A damaged shard (bad header, truncated member, or no end-of-archive block, i.e. cut at a
+    member boundary, which tarfile alone reads as a clean end) raises a DataError naming it with
+    on_corrupt="fail". With "skip" the samples read before the damage are kept, the rest of the
+    shard is dropped with a warning, and `corrupt_skipped` is counted (when `record`).
+    Storage errors are never "corrupt": they are retried, then fail the run.
+    """
+    stream = storage.wds_gopen.gopen(url) if storage.is_remote(url) else storage.open_url(url)
+    current = None
+    n = 0
+    try:
+        with stream:
+            try:
+                tar = tarfile.open(fileobj=stream, mode="r|*")
                 for member in tar:
-                    if member.isfile():
-                        base = member.name.rsplit("/", 1)[-1]
-                        keys.add(member.name[: len(member.name) - len(base)] + base.split(".", 1)[0])
-        except FileNotFoundError:
-            raise DataError(f"shard not found: {url}") from None
-        except tarfile.TarError as e:
-            raise DataError(f"corrupt shard {url}: {e}") from None
-        total += len(keys)
-    return total
+                    if not member.isreg():
+                        continue
+                    data = tar.extractfile(member).read()
+                    tar.members = []  # stream mode keeps every header otherwise
+                    prefix, suffix = base_plus_ext(member.name)
+                    if prefix is None or member.name.rsplit("/", 1)[-1].startswith("__"):
+                        continue
+                    if current is not None and prefix != current["__key__"]:
+                        yield current
+                        n += 1
+                        current = None
+                    if current is None:
+                        current = {"__key__": prefix, "__url__": url}
+                    suffix = suffix.lower()
+                    if suffix in current:
+                        raise tarfile.TarError(f"duplicate member {member.name}")
+                    current[suffix] = data
+                size = storage.stream_size(stream)
+                if getattr(tar.fileobj, "comptype", "tar") == "tar" and size is not None and size - tar.offset < tarfile.BLOCKSIZE:
+                    raise tarfile.TarError(f"truncated: no end-of-archive block after {tar.offset} of {size} bytes")
+            except CORRUPT as e:
+                reason = storage.redact(str(e) or type(e).__name__)
+                if on_corrupt != "skip":
+                    raise DataError(f"corrupt shard {url}: {reason} (data.on_corrupt=skip drops the damaged rest of a shard)") from None
+                if record:
+                    storage.count("corrupt_skipped")
+                storage.warn(f"corrupt shard {url}: {reason}; skipped its rest after {n} samples (data.on_corrupt=skip)")
+                return
+    except OSError as e:  # a local file that cannot be read
+        raise storage.storage_error(url, e) from None
+    if current is not None:
+        yield current
 
 
-def _raise_with_url(exn: Exception) -> bool:
-    # webdataset appends the shard URL to the exception's args when opening or reading fails.
-    url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "<unknown shard>"
-    raise DataError(f"cannot read shard {url}: {exn.args[0] if exn.args else exn!r}") from exn
+def count_samples(urls: list[str], on_corrupt: str = "fail") -> int:
+    """Samples in all shards (distinct keys), read the way the pipeline reads them."""
+    return sum(sum(1 for _ in shard_samples(url, on_corrupt, record=False)) for url in urls)
+
+
+def _read_shards(on_corrupt: str, options: StorageOptions | None):
+    def stage(src):
+        if options is not None:
+            storage.configure(options)  # this may be a fresh DataLoader worker
+        for item in src:
+            yield from shard_samples(item["url"], on_corrupt)
+
+    return stage
+
+
+def _resampled_shards(urls: list[str], seed: int, epoch: int):
+    """An endless stream of shards drawn with replacement, seeded per (epoch, rank, worker)."""
+
+    def source():
+        rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        rng = random.Random(mix_seed(seed, 4, epoch, rank, worker))
+        while True:
+            yield {"url": rng.choice(urls)}
+
+    return source
+
+
+class CountedBatch(NamedTuple):
+    """A micro-batch with the storage counts of the worker that made it (a namedtuple survives
+    DataLoader's default_convert; a plain tuple would come back as a list)."""
+
+    batch: list | None
+    counts: dict
+
+
+def _with_counts(src):
+    """Batches paired with this worker's storage counts since the last one; an error travels as a value.
+
+    DataLoader workers are other processes: this is how their retry and skip counts reach the
+    trainer, and how a DataError reaches it as the one line it is rather than a worker traceback.
+    """
+    worker = torch.utils.data.get_worker_info() is not None
+    try:
+        for batch in src:
+            yield CountedBatch(batch, storage.take_counts() if worker else {})
+    except DataError as e:
+        yield CountedBatch(None, {"__error__": str(e), **(storage.take_counts() if worker else {})})
 
 
 def epoch_stream(
@@ -99,8 +198,15 @@ def epoch_stream(
     encode: Callable[[dict], dict],
     micro_batch_size: int,
     shuffle_buffer: int,
+    *,
+    on_corrupt: str = "fail",
+    resampled: bool = False,
+    options: StorageOptions | None = None,
 ) -> wds.DataPipeline:
-    """The pipeline for one epoch on this rank (and worker); yields lists of encoded samples."""
+    """The pipeline for one epoch on this rank (and worker); yields lists of encoded samples.
+
+    `resampled` draws shards with replacement instead of splitting them over ranks and workers.
+    """
 
     def decode_text(sample: dict) -> dict:
         if text_key not in sample:
@@ -109,13 +215,19 @@ def epoch_stream(
         text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
         return {"__key__": sample["__key__"], "text": text}
 
+    if resampled:
+        shards = [_resampled_shards(urls, seed, epoch)]
+    else:
+        shards = [
+            wds.SimpleShardList(urls),
+            # detshuffle adds 1 to epoch before seeding, so start one below the epoch wanted.
+            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=mix_seed(seed, 0), epoch=epoch - 1),
+            wds.split_by_node,
+            wds.split_by_worker,
+        ]
     return wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        # detshuffle adds 1 to epoch before seeding, so start one below the epoch wanted.
-        wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=mix_seed(seed, 0), epoch=epoch - 1),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_raise_with_url),
+        *shards,
+        _read_shards(on_corrupt, options),
         wds.map(decode_text),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=mix_seed(seed, 1, epoch)),
         wds.map(encode),
@@ -123,8 +235,33 @@ def epoch_stream(
     )
 
 
+class WaitTimer:
+    """Seconds spent blocked in next() on the data iterator (see `timed`)."""
+
+    def __init__(self) -> None:
+        self.wait = 0.0
+
+    def take(self) -> float:
+        w, self.wait = self.wait, 0.0
+        return w
+
+
+def timed(it, timer: WaitTimer):
+    """Iterate `it`, adding the time each next() blocks to `timer.wait` (the trainer's data wait)."""
+    it = iter(it)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            timer.wait += time.perf_counter() - t0
+        yield item
+
+
 def rank_micro_batches(
-    make_stream: Callable[[int], Iterator[list[dict]]],
+    make_stream: Callable[[int], Iterator],
     epoch: int,
     quota: int,
     num_workers: int,
@@ -133,11 +270,14 @@ def rank_micro_batches(
 ) -> Iterator[list[dict]]:
     """Exactly `quota` micro-batches of `epoch` for this rank, minus the first `skip`.
 
-    Wraps around this rank's stream when its shards hold fewer samples than the quota.
+    Wraps around this rank's stream when its shards hold fewer samples than the quota. The
+    storage counts that come with each batch are added to this process's totals.
     """
     produced = 0
     while produced < quota:
         stream = make_stream(epoch)
+        if isinstance(stream, wds.DataPipeline):
+            stream = stream.compose(_with_counts)
         loader = (
             # An explicit generator: DataLoader otherwise draws its worker seeds from the global
             # torch RNG, which would make dropout differ between a resumed and a straight run.
@@ -151,7 +291,13 @@ def rank_micro_batches(
             else stream
         )
         got = 0
-        for batch in loader:
+        for item in loader:
+            batch, delta = item if isinstance(item, CountedBatch) else (item, {})
+            delta = dict(delta)
+            error = delta.pop("__error__", None)
+            storage.add_counts(delta)
+            if error is not None:
+                raise DataError(error)
             got += 1
             if produced >= skip:
                 yield batch

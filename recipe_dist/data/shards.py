@@ -1,7 +1,10 @@
 """`recipe-dist shards`: text files (TSV, TXT, JSONL) to WebDataset tar shards.
 
-Each sample is `{"__key__", "txt"}` plus `"cls"` when the input has a label column. Output paths
-go through fsspec, so PREFIX may be a local path or an object-store URL.
+Each sample is `{"__key__", "txt"}` plus `"cls"` when the input has a label column. PREFIX may be
+a local path or an object-store URL (s3://bucket/prefix/name, gs://, az://): a remote shard is
+written to a local temporary file first and uploaded once complete (retried on transient
+errors), so a reader never sees half a shard. An S3-compatible store is reached through
+AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), with credentials from the environment or a profile.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +23,7 @@ import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import RecipeError
+from . import storage
 
 TEXT_COLUMNS = ("text", "sentence", "txt", "content")
 LABEL_COLUMNS = ("label", "cls", "labels")
@@ -43,10 +49,11 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
 def read_records(path: str, text_column: str | None = None, label_column: str | None = None) -> Iterator[dict]:
     """Yield {'text', optional 'label'} from a .tsv (with header), .jsonl or .txt (one per line)."""
     suffix = Path(path.split("?")[0]).suffix.lower()
+    fs, fpath = storage.filesystem(path)
     try:
-        handle = fsspec.open(path, "rt", encoding="utf-8").open()
-    except FileNotFoundError:
-        raise ShardInputError(f"{path}: input file not found") from None
+        handle = storage.call(lambda: fs.open(fpath, "rt", encoding="utf-8"), path, what="input file")
+    except storage.DataError as e:
+        raise ShardInputError(str(e)) from None
     with handle as f:
         if suffix in (".tsv", ".csv"):
             delim = "\t" if suffix == ".tsv" else ","
@@ -83,20 +90,34 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
         raise ShardInputError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     # webdataset splits member names at the first dot: a dot in the key would merge samples.
     key_prefix = key_prefix.replace(".", "_")
+    remote = storage.is_remote(output_prefix)
     urls: list[str] = []
     writer = handle = None
     n = 0
+
+    def finish() -> None:
+        writer.close()
+        handle.close()
+        if remote:
+            try:
+                storage.upload(handle.name, urls[-1])
+            finally:
+                os.unlink(handle.name)
+
     try:
         for i, rec in enumerate(records):
             if i % samples_per_shard == 0:
                 if writer is not None:
-                    writer.close()
-                    handle.close()
+                    finish()
+                    writer = None
                 url = f"{output_prefix}-{len(urls):06d}.tar"
-                fs, path = fsspec.core.url_to_fs(url)
-                if isinstance(fs, LocalFileSystem):  # object stores have no directories to make
-                    fs.makedirs(fs._parent(path), exist_ok=True)
-                handle = fsspec.open(url, "wb").open()
+                if remote:
+                    handle = tempfile.NamedTemporaryFile(suffix=".tar", delete=False)
+                else:
+                    fs, path = fsspec.core.url_to_fs(url)
+                    if isinstance(fs, LocalFileSystem):
+                        fs.makedirs(fs._parent(path), exist_ok=True)
+                    handle = fsspec.open(url, "wb").open()
                 writer = wds.TarWriter(handle)
                 urls.append(url)
             sample = {"__key__": f"{key_prefix}{i:09d}", "txt": rec["text"]}
@@ -104,10 +125,15 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
                 sample["cls"] = str(rec["label"])
             writer.write(sample)
             n += 1
-    finally:
         if writer is not None:
+            finish()
+            writer = None
+    finally:
+        if writer is not None:  # an error midway: drop the unfinished shard's temporary file
             writer.close()
             handle.close()
+            if remote:
+                os.unlink(handle.name)
     if n == 0:
         raise ShardInputError("input has no samples")
     return urls

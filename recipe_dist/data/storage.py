@@ -1,0 +1,420 @@
+"""Shard storage: s3://, gs://, az://, file:// URLs and plain paths, opened through fsspec.
+
+- webdataset's `gopen` has no s3 scheme (and runs `gsutil` for gs://): the object-store schemes
+  are registered in its dispatch table (`gopen_schemes`) on import, so every `wds` pipeline in
+  the process opens them here.
+- One filesystem client per process, made lazily on first use. DataLoader workers are forked
+  from a parent that may already hold one; a client (and its event loop and connection pool)
+  must not cross a fork, so the cache is keyed on the process id and fsspec's own instance
+  cache is skipped.
+- Credentials come only from the standard places (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+  AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, instance roles; GOOGLE_APPLICATION_CREDENTIALS;
+  AZURE_STORAGE_*). The config holds an endpoint, never a key, so nothing secret reaches
+  config.yaml, checkpoints or logs; error messages are scrubbed of secret values as well.
+- An S3-compatible store is reached with `data.endpoint_url`, or botocore's own
+  AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3.
+- Transient errors (HTTP 5xx, 408, 429, throttling, connection resets, timeouts, short reads)
+  are retried here with exponential backoff and counted; the SDK's own retries are switched
+  off so that every retry is counted once. Objects are read by byte ranges: a retried range
+  resumes at the same byte, so a dropped connection loses or repeats nothing.
+- Missing objects and refused credentials are not retried: they fail at once, naming the URL.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import io
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import fsspec
+import webdataset  # noqa: F401 - `webdataset.gopen` the module is shadowed by its function of that name
+
+from ..errors import RecipeError
+
+wds_gopen = sys.modules["webdataset.gopen"]
+
+log = logging.getLogger("recipe_dist.data")
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+BLOCK_SIZE = 8 << 20  # bytes per ranged GET: one request per small shard, few per large one
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET",
+)
+
+T = TypeVar("T")
+
+
+class DataError(RecipeError, RuntimeError):
+    """Bad or missing data; the message names the URL."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How shards are reached; built from `data.*` (no credentials: those come from the environment)."""
+
+    endpoint_url: str = ""
+    retries: int = 5
+    retry_backoff: float = 0.5
+    io_timeout: float = 60.0
+
+    @classmethod
+    def from_config(cls, data: Any) -> "StorageOptions":
+        return cls(data.endpoint_url, data.retries, data.retry_backoff, data.io_timeout)
+
+
+_options = StorageOptions()
+_clients: dict[tuple, Any] = {}
+_counts: collections.Counter = collections.Counter()
+if hasattr(os, "register_at_fork"):
+    # A forked DataLoader worker starts from zero: its parent's counts are the parent's to report.
+    os.register_at_fork(after_in_child=_counts.clear)
+# Backoff jitter from a private generator: the global `random` state belongs to the run.
+_jitter = random.Random()
+
+
+def configure(options: StorageOptions) -> None:
+    """Set this process's storage options (the main process, and each DataLoader worker)."""
+    global _options
+    _options = options
+
+
+def options() -> StorageOptions:
+    return _options
+
+
+# ------------------------------------------------------------------ counters
+# Per process. DataLoader workers hand theirs to the main process with each batch
+# (pipeline.rank_micro_batches), which adds them here; the trainer logs the totals.
+
+
+def count(name: str, n: int = 1) -> None:
+    _counts[name] += n
+
+
+def counts() -> dict[str, int]:
+    """Totals in this process: `retries`, `corrupt_skipped`."""
+    return {"retries": _counts["retries"], "corrupt_skipped": _counts["corrupt_skipped"]}
+
+
+def take_counts() -> dict[str, int]:
+    """This process's counts since the last call, and reset them (a worker's side of the hand-over)."""
+    out = {k: v for k, v in _counts.items() if v}
+    _counts.clear()
+    return out
+
+
+def add_counts(delta: dict[str, int]) -> None:
+    for k, v in delta.items():
+        _counts[k] += int(v)
+
+
+def warn(message: str) -> None:
+    """One line on stderr; from a DataLoader worker too (its stderr is the rank's)."""
+    print(f"recipe-dist: warning: {redact(message)}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ clients
+
+
+def is_remote(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in REMOTE_SCHEMES if "://" in url else False
+
+
+def _make_client(protocol: str, opts: StorageOptions):
+    if protocol == "s3":
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            skip_instance_cache=True,
+            endpoint_url=opts.endpoint_url or None,  # None: botocore reads AWS_ENDPOINT_URL(_S3), profiles
+            config_kwargs={
+                # Retries are ours (counted, ranged): no hidden SDK retries underneath.
+                "retries": {"total_max_attempts": 1},
+                "connect_timeout": opts.io_timeout,
+                "read_timeout": opts.io_timeout,
+            },
+        )
+        fs.retries = 1  # s3fs's own retry loop, likewise
+        return fs
+    return fsspec.filesystem(protocol, skip_instance_cache=True)
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(filesystem, path) for `url`, from this process's client for its protocol (made on first use)."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    protocol = (protocol or "file").lower()
+    key = (os.getpid(), protocol, _options)
+    fs = _clients.get(key)
+    if fs is None:
+        try:
+            fs = _clients[key] = _make_client(protocol, _options)
+        except (ImportError, ValueError) as e:  # e.g. gcsfs / adlfs not installed
+            raise DataError(f"cannot open {url}: {redact(str(e))}") from None
+    return fs, fs._strip_protocol(url)
+
+
+# ------------------------------------------------------------------ errors and retries
+
+
+def redact(text: str) -> str:
+    """`text` on one line, with the values of secret environment variables masked."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return " ".join(str(text).split())
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _client_error(exc: BaseException):
+    """The botocore ClientError behind `exc` (s3fs translates them to OSErrors), if any."""
+    for e in _chain(exc):
+        if hasattr(e, "response") and isinstance(getattr(e, "response"), dict) and "Error" in e.response:
+            return e
+    return None
+
+
+def _transient_types() -> tuple[type, ...]:
+    types: list[type] = [ConnectionError, TimeoutError, ShortRead]
+    import http.client
+
+    types.append(http.client.IncompleteRead)
+    try:
+        import botocore.exceptions as bx
+
+        types += [bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                  "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests"}
+
+
+class ShortRead(IOError):
+    """A ranged read returned fewer bytes than asked for: the connection ended early."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: 5xx / 408 / 429 / throttling, connection resets, timeouts, short reads."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, DataError)):
+        return False
+    ce = _client_error(exc)
+    if ce is not None:
+        status = ce.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status in (408, 429) or ce.response["Error"].get("Code") in THROTTLE_CODES
+    transient = _transient_types()
+    for e in _chain(exc):
+        if isinstance(e, transient):
+            return True
+        status = getattr(e, "status", None) or getattr(e, "status_code", None)  # gcsfs, adlfs
+        if isinstance(status, int) and (status >= 500 or status in (408, 429)):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+            return True
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """A short, secret-free reason for `exc`."""
+    ce = _client_error(exc)
+    if ce is not None:
+        err = ce.response["Error"]
+        status = ce.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = err.get("Code", "?")
+        # A HEAD error has no body: botocore then uses the status as the code.
+        text = f"HTTP {status} {err.get('Message', '')}" if code == str(status) else f"{code} (HTTP {status}): {err.get('Message', '')}"
+        text = text.rstrip(": ")
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return redact(text)[:400]
+
+
+def storage_error(url: str, exc: BaseException, action: str = "read", what: str = "shard") -> DataError:
+    """The one-line DataError for a failed storage call on `url` (a `what`: shard, input file)."""
+    if isinstance(exc, DataError):
+        return exc
+    reason = describe(exc)
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{what} not found: {url}" + (f" ({reason})" if _client_error(exc) is not None else ""))
+    if isinstance(exc, PermissionError) or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return DataError(
+            f"cannot {action} {url}: access denied ({reason}); check the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's permissions"
+        )
+    return DataError(f"cannot {action} {url}: {reason}")
+
+
+def call(fn: Callable[[], T], url: str, action: str = "read", what: str = "shard") -> T:
+    """`fn()`, retried on transient storage errors with exponential backoff (each retry counted).
+
+    Anything else, or a transient error that outlasts `retries`, becomes a one-line DataError
+    naming `url`.
+    """
+    opts = _options
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified right here
+            if not is_transient(exc) or attempt >= opts.retries:
+                err = storage_error(url, exc, action, what)
+                if is_transient(exc):
+                    err = DataError(f"{err} (gave up after {attempt} retries)")
+                raise err from None
+            attempt += 1
+            _counts["retries"] += 1
+            delay = min(opts.retry_backoff * 2 ** (attempt - 1), 10.0) * (0.5 + _jitter.random())
+            log.info("retry %d/%d of %s on %s in %.2fs: %s", attempt, opts.retries, action, url, delay, describe(exc))
+            time.sleep(delay)
+
+
+# ------------------------------------------------------------------ reading
+
+
+class RangeReader(io.RawIOBase):
+    """Reads one object by byte ranges, each ranged GET retried on its own.
+
+    The object's size is taken once at open; a range that comes back short is a transient
+    error (the connection dropped), never an end of file, so no byte is lost or read twice.
+    """
+
+    def __init__(self, fs: Any, path: str, url: str, size: int, block_size: int = BLOCK_SIZE):
+        super().__init__()
+        self.fs, self.path, self.url, self.size = fs, path, url, size
+        self.block_size = block_size
+        self.pos = 0
+        self._block = b""
+        self._block_start = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        data = self.fs.cat_file(self.path, start=start, end=end)
+        if len(data) != end - start:
+            raise ShortRead(f"got {len(data)} of {end - start} bytes at offset {start}")
+        return data
+
+    def readinto(self, buf) -> int:
+        if self.pos >= self.size:
+            return 0
+        offset = self.pos - self._block_start
+        if not (0 <= offset < len(self._block)):
+            start, end = self.pos, min(self.pos + self.block_size, self.size)
+            self._block = call(lambda: self._fetch(start, end), self.url)
+            self._block_start, offset = start, 0
+        n = min(len(buf), len(self._block) - offset)
+        buf[:n] = self._block[offset : offset + n]
+        self.pos += n
+        return n
+
+    def __repr__(self) -> str:
+        return f"<RangeReader {self.url}>"
+
+
+def open_url(url: str, block_size: int = BLOCK_SIZE) -> io.BufferedReader:
+    """A buffered binary stream over `url` (remote: ranged and retried; local: a plain file)."""
+    if not is_remote(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        try:
+            return open(path, "rb")
+        except OSError as e:
+            raise storage_error(url, e) from None
+    fs, path = filesystem(url)
+    info = call(lambda: fs.info(path), url)
+    if info.get("type") == "directory":
+        raise DataError(f"{url} is a prefix, not a shard; end it with '/' to list the shards under it")
+    raw = RangeReader(fs, path, url, int(info["size"]), block_size)
+    return io.BufferedReader(raw, buffer_size=min(block_size, 1 << 20))
+
+
+def stream_size(stream: Any) -> int | None:
+    """Bytes in the object behind an opened stream, when known."""
+    raw = getattr(stream, "raw", stream)
+    if isinstance(raw, RangeReader):
+        return raw.size
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def exists(url: str) -> None:
+    """Raise a one-line DataError unless `url` is a readable object."""
+    if not is_remote(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if not os.path.isfile(path):
+            raise DataError(f"shard not found: {url}")
+        return
+    fs, path = filesystem(url)
+    call(lambda: fs.info(path), url)
+
+
+def _gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+    if mode != "rb":
+        fs, path = filesystem(url)
+        return fs.open(path, mode)
+    return open_url(url)
+
+
+def register_gopen() -> None:
+    """Route webdataset's gopen for the object-store schemes through `open_url`."""
+    for scheme in REMOTE_SCHEMES:
+        wds_gopen.gopen_schemes[scheme] = _gopen
+
+
+register_gopen()
+
+
+# ------------------------------------------------------------------ listing and writing
+
+
+def list_shards(url: str) -> list[str]:
+    """Sorted shard URLs under a prefix (`.../` lists `*.tar*` objects below it) or matching a glob."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    fs, path = filesystem(url)
+    if url.endswith("/"):
+        found = [p for p in call(lambda: fs.find(path), url, "list") if p.endswith(TAR_SUFFIXES)]
+    else:
+        matches = call(lambda: fs.glob(path, detail=True), url, "list")
+        found = [p for p, info in matches.items() if info.get("type") != "directory"]
+    if not protocol:
+        return sorted(found)
+    return sorted(f"{protocol}://{p.split('://', 1)[-1]}" for p in found)
+
+
+def upload(local_path: str, url: str) -> None:
+    """Copy a finished local file to `url` (retried whole: a PUT is idempotent)."""
+    fs, path = filesystem(url)
+    call(lambda: fs.put_file(local_path, path), url, "write", what="destination")
