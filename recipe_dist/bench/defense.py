@@ -282,6 +282,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def override(preset: DefensePreset, items: list[str]) -> DefensePreset:
+    """A copy of `preset` with FIELD=VALUE overrides, typed like the field they replace."""
+    import dataclasses
+
+    import yaml
+
+    values = asdict(preset)
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in values:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(values)}")
+        current = values[name]
+        value = yaml.safe_load(raw)
+        if isinstance(current, float) and not isinstance(value, bool):
+            try:
+                value = float(raw)  # YAML 1.1 reads "2e-4" as a string
+            except ValueError:
+                pass
+        if type(value) is not type(current):
+            raise ConfigError(f"--set {name}: expected {type(current).__name__}, got {raw!r}")
+        values[name] = value
+    return dataclasses.replace(preset, **values)
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -291,8 +315,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/bench-defense-PRESET")
     ap.add_argument("--sst2", default="../shared/data/sst2", help="directory with SST-2 train.tsv and dev.tsv/test.tsv (minilm preset)")
     ap.add_argument("--bookcorpus", default="../shared/data/bookcorpus/train.tsv", help="BookCorpus sentences, .tsv with a sentence column (minilm preset)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override one preset field, e.g. --set purify_trainable=family --set purify_lr=2e-4 (recorded in bench.json)")
     args = ap.parse_args(argv)
-    DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus)).run()
+    bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus))
+    bench.p = override(bench.p, args.set)
+    bench.run()
     return 0
 
 
