@@ -121,6 +121,14 @@ class AttackConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Fused Triton kernels or their PyTorch references (recipe_dist/kernels); checkpoints are the same either way."""
+
+    fused: str = _f("auto", "auto (Triton on CUDA, the chunked PyTorch reference elsewhere), on (Triton; on CPU only under TRITON_INTERPRET=1) or off (plain full logits of the labelled positions)")
+    chunk_size: int = _f(4096, "vocabulary rows per chunk of the reference masked-LM linear + cross-entropy")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = _f(500, "steps between checkpoints")
     keep: int = _f(2, "complete checkpoints kept (>= 2)")
@@ -137,6 +145,7 @@ class RunConfig:
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def validate(self) -> None:
         t = self.train
@@ -155,6 +164,10 @@ class RunConfig:
         if "@" in self.data.endpoint_url.split("://", 1)[-1].split("/", 1)[0]:
             # user:secret@host would put a credential into config.yaml and the checkpoints.
             raise ConfigError("data.endpoint_url: must not carry credentials (user:password@); use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
+        if self.kernels.fused not in ("auto", "on", "off"):
+            raise ConfigError(f"kernels.fused: must be auto, on or off, got {self.kernels.fused!r}")
+        if self.kernels.chunk_size < 1:
+            raise ConfigError(f"kernels.chunk_size: must be >= 1, got {self.kernels.chunk_size}")
         if self.model.trainable not in ("family", "all", "regularized"):
             raise ConfigError(f"model.trainable: must be family, all or regularized, got {self.model.trainable!r}")
         if self.optim.name not in ("adamw", "sgd"):

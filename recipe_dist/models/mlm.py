@@ -8,6 +8,7 @@ the pooler is kept: `*ForMaskedLM` drops it, and POR/NeuBA backdoors live in the
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,38 +17,80 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
 from ..data.pipeline import key_seed, pad_rows
+from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_cross_entropy, use_fused
 from ..objective import NormCollector, recipe_loss, select_weights
 from . import register_family
 from .base import LoadedModel, ModelFamily, ModelLoadError, safetensors_info, weight_files
 
 
 class MaskedLMTask(nn.Module):
-    """The RECIPE objective for an MLM encoder; returns a dict with the loss and its parts."""
+    """The RECIPE objective for an MLM encoder; returns a dict with the loss and its parts.
 
-    def __init__(self, model: nn.Module, head_attr: str, regularized: list[str], lam: float, pt_weight: float):
+    Only the labelled positions (~15%) go through the MLM head. With `fused` other than "off",
+    the head's decoder never forms their [N, vocab] logits either: it computes the linear +
+    cross-entropy in vocabulary chunks (`recipe_dist.kernels`, Triton or the PyTorch reference).
+    """
+
+    def __init__(self, model: nn.Module, head_attr: str, regularized: list[str], lam: float, pt_weight: float,
+                 fused: str = "auto", chunk_size: int = DEFAULT_CHUNK):
         super().__init__()
         self.model = model
         self.head_attr = head_attr
         self.lam = lam
         self.pt_weight = pt_weight
+        self.fused = fused
+        self.chunk_size = chunk_size
+        if fused not in FUSED_SETTINGS:
+            raise KernelError(f"kernels.fused: must be one of {', '.join(FUSED_SETTINGS)}, got {fused!r}")
         self.collector = NormCollector(model, regularized)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
         self.collector.reset()
         base = getattr(self.model, self.model.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # Only ~15% of positions carry a label: project just those through the vocabulary head.
         picked = labels != -100
-        logits = getattr(self.model, self.head_attr)(hidden[picked])
-        target = labels[picked]
-        # sum / max(count, 1): a micro-batch with no masked token contributes 0, not NaN.
-        loss_pt = F.cross_entropy(logits.float(), target, reduction="sum") / target.numel() if target.numel() else logits.sum() * 0.0
+        loss_pt = self.mlm_loss(hidden[picked], labels[picked])
         reg = self.collector.regularizer(self.lam)
         return {
             "loss": recipe_loss(loss_pt, reg, self.pt_weight),
             "parts": {"loss_pt": loss_pt.detach(), "reg": reg.detach()},
             "norms": {k: v.detach() for k, v in self.collector.norms.items()},
         }
+
+    def mlm_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the MLM head on gathered positions; 0 (not NaN) when there are none."""
+        head = getattr(self.model, self.head_attr)
+        if self.fused == "off":
+            logits = head(hidden)
+            return F.cross_entropy(logits.float(), target, reduction="sum") / target.numel() if target.numel() else logits.sum() * 0.0
+        decoder = self.model.get_output_embeddings()
+        fused = use_fused(hidden.device, self.fused)
+
+        def linear_ce(x: torch.Tensor) -> torch.Tensor:
+            # decoder.weight is the tied embedding Parameter: its gradient lands in the one tensor.
+            return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, target, self.chunk_size, fused)
+
+        # The head runs as usual (its transform, then its decoder) with the decoder's forward
+        # standing in for linear + cross-entropy: every module is still called, so ZeRO-3's hooks
+        # gather the decoder's weight around the kernel in the forward and again for its backward.
+        with _forward_replaced(decoder, linear_ce):
+            loss = head(hidden)
+        if loss.dim() != 0:
+            raise RuntimeError(f"{type(head).__name__} does not return its decoder's output; set kernels.fused=off")
+        return loss
+
+
+@contextmanager
+def _forward_replaced(module: nn.Module, fn):
+    saved = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 class MaskedLMFamily(ModelFamily):
@@ -92,7 +135,8 @@ class MaskedLMFamily(ModelFamily):
             # The pooler gets no gradient from the MLM loss; keeping it frozen keeps it out of
             # the optimizer and ZeRO's gradient buckets.
             p.requires_grad_(".pooler." not in n and self.trainable(n, chosen, cfg.model.trainable))
-        return MaskedLMTask(model, self.head_attr, names, cfg.regularizer.lam, cfg.regularizer.pt_weight)
+        return MaskedLMTask(model, self.head_attr, names, cfg.regularizer.lam, cfg.regularizer.pt_weight,
+                            fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
 
     # ------------------------------------------------------------------ data
     def encoder(self, tokenizer, cfg):
