@@ -1,32 +1,56 @@
-"""DeepSpeed checkpoints that count only once complete, with keep-last-K and `--resume auto`.
+"""Atomic DeepSpeed checkpoints, `--resume auto`, keep-last-K and resuming on another world size.
 
 Layout under `<output_dir>/checkpoints/`:
-  step_00000100/          DeepSpeed's files for that step, plus rng_rank<r>.pt per rank
-  step_00000100/COMPLETE  written by rank 0 after every rank has finished writing
-  latest                  the newest complete tag, replaced atomically (os.replace)
+  step_00000100/            a complete checkpoint: DeepSpeed's files, rng_rank<r>.pt per rank and
+                            COMPLETE (JSON: step, world size, ZeRO stage, data state)
+  step_00000100.partial/    a save in progress, or one that died: never loaded, removed by the
+                            next save and by pruning
+  universal/step_00000100/  DeepSpeed's universal form of a ZeRO 1-3 checkpoint, made when a run
+                            resumes it on a different number of ranks
+  latest                    the newest complete tag, replaced atomically (os.replace)
 
-DeepSpeed's own `latest` file is written by rank 0 before other ranks may have finished, so it
-is not used; a tag without COMPLETE is ignored by resume and removed by pruning.
+A save runs in this order: every rank writes into step_N.partial/; every rank reports whether its
+writes succeeded (one collective, which is also the barrier); rank 0 writes COMPLETE, renames the
+directory to step_N (an atomic rename), replaces `latest` and prunes. A process killed at any
+point leaves the older checkpoints untouched and, at worst, a .partial directory. DeepSpeed's own
+`latest` is written by rank 0 while other ranks may still be writing, so it is never written or
+read; `--resume auto` scans the step_N directories from the newest down to the first complete one.
+
+A save that fails on any rank (a full disk, say) fails on every rank with one message; the
+.partial directory is removed and the previous complete checkpoint is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
 import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from .distributed import barrier
+from .distributed import barrier, broadcast_object
 from .errors import RecipeError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
+# step_N.partial (a save in progress or abandoned), step_N.trash (being deleted): never loadable.
+GARBAGE_RE = re.compile(r"^step_\d{8}\.")
 COMPLETE = "COMPLETE"
+PARTIAL = ".partial"
+UNIVERSAL = "universal"
+# torch.save reports a full disk as a bare RuntimeError from its zip writer, so a failed write with
+# less than this left on the device is reported as "no space left".
+_NEARLY_FULL = 16 << 20
 
 
 class CheckpointError(RecipeError, RuntimeError):
@@ -35,6 +59,9 @@ class CheckpointError(RecipeError, RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+# ------------------------------------------------------------------ RNG
 
 
 def rng_state() -> dict:
@@ -56,6 +83,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------ finding checkpoints
+
+
+def read_meta(path: Path) -> dict | None:
+    """The COMPLETE record of checkpoint directory `path`; None if it is not complete."""
+    try:
+        text = (path / COMPLETE).read_text()
+    except OSError:
+        return None
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {}  # written by an older version as plain text; complete all the same
+
+
 def complete_tags(root: Path) -> list[tuple[int, str]]:
     """(step, tag) of complete checkpoints, newest first."""
     if not root.is_dir():
@@ -74,23 +116,156 @@ def find_resume(root: Path) -> str | None:
     return tags[0][1] if tags else None
 
 
-def save(engine, root: Path, step: int, client_state: dict, keep: int, rank: int) -> str:
+def resolve(resume: str, own_root: Path) -> tuple[Path, str] | None:
+    """(checkpoints root, tag) that `--resume` names, or None to start fresh.
+
+    'auto' is the newest complete checkpoint of this run (None if it has none). A path is either
+    one checkpoint (step_N/) or a checkpoints directory, whose newest complete one is taken.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        tag = find_resume(own_root)
+        return (own_root, tag) if tag else None
+    path = Path(resume)
+    if TAG_RE.match(path.name):
+        if read_meta(path) is None:
+            raise CheckpointError(f"resume: {path} is not a complete checkpoint (no {COMPLETE}); pick an older step_* directory")
+        return path.parent, path.name
+    tag = find_resume(path)
+    if tag is None:
+        raise CheckpointError(f"resume: no complete checkpoint (step_*/{COMPLETE}) in {path}")
+    return path, tag
+
+
+# ------------------------------------------------------------------ saving
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _describe(exc: BaseException, where: Path) -> str:
+    """A one-line reason for a failed write; a full disk is named as such whatever raised it."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    free = _free_bytes(where)
+    full = any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain)
+    full = full or any("No space left" in str(c) for c in chain) or (free is not None and free < _NEARLY_FULL)
+    if full:
+        return f"no space left on device under {where} ({free if free is not None else '?'} bytes free)"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _gather(failure: str | None) -> list[str | None]:
+    """Every rank's failure (None where its writes succeeded). All ranks must call it."""
+    if not dist.is_initialized():
+        return [failure]
+    out: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, failure)
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and os.replace: readers see the old or the new text."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: renamed first, so a crash mid-delete leaves garbage, never a
+    complete-looking checkpoint with files missing."""
+    if not path.exists():
+        return
+    trash = path
+    if not GARBAGE_RE.match(path.name):
+        trash = path.with_name(path.name + ".trash")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save(engine, root: Path, step: int, client_state: dict, keep: int, rank: int, meta: dict | None = None) -> str:
+    """Write checkpoint step_N atomically (see the module docstring); every rank calls it.
+
+    `meta` goes into COMPLETE next to the step; resume reads it before building the engine.
+    Raises CheckpointError on every rank when any rank's writes fail.
+    """
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
-    barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+    partial = root / (tag + PARTIAL)
+    previous = find_resume(root) if rank == 0 else None
+    failure = None
     if rank == 0:
-        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}))
-        tmp = root / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for d in root.iterdir():  # a save that died earlier: free its space before writing
+                if GARBAGE_RE.match(d.name):
+                    shutil.rmtree(d, ignore_errors=True)
+            partial.mkdir()
+        except OSError as e:
+            failure = f"rank 0: {_describe(e, root)}"
+    failures = _gather(failure)
+    if not any(failures):
+        try:
+            engine.save_checkpoint(str(root), tag=partial.name, client_state=client_state, save_latest=False)
+        except Exception as e:
+            failure = f"rank {rank}: {_describe(e, root)}"
+            # DeepSpeed's save ends in a barrier, where the ranks whose writes succeeded now wait;
+            # the writes come after its other collectives, so this rank joins that barrier here.
+            barrier()
+        if failure is None:
+            try:
+                torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+            except Exception as e:
+                failure = f"rank {rank}: {_describe(e, root)}"
+        failures = _gather(failure)
+    if rank == 0 and not any(failures):
+        try:
+            for f in partial.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            _write_durably(partial / COMPLETE, json.dumps({**(meta or {}), "step": step, "time": time.time()}))
+            if (root / tag).exists():  # this step was saved before, by a run resumed from an older checkpoint
+                _remove(root / tag)
+            os.rename(partial, root / tag)
+            _fsync(root)
+            _write_durably(root / "latest", tag)
+        except OSError as e:
+            failures[0] = f"rank 0: {_describe(e, root)}"
+    failures, previous = broadcast_object((failures, previous))
+    if any(failures):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = f"the previous complete checkpoint {root / previous} is intact" if previous else "no earlier complete checkpoint exists"
+        first = next(f for f in failures if f)
+        raise CheckpointError(f"checkpoint {tag} was not saved: {first}; {kept}")
+    if rank == 0:
         prune(root, keep)
-    barrier()
     return tag
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and stale partial ones."""
+    """Keep the newest `keep` complete checkpoints; drop older ones and leftovers of failed saves.
+
+    The newest complete checkpoint is always among those kept, so it is never the one deleted.
+    """
     if keep < 2:
         raise CheckpointError("checkpoint.keep must be >= 2")
     complete = complete_tags(root)
@@ -100,20 +275,147 @@ def prune(root: Path, keep: int) -> None:
     newest = complete[0][0]
     for d in root.iterdir():
         m = TAG_RE.match(d.name)
-        if not m or d.name in survivors:
-            continue
-        is_complete = (d / COMPLETE).is_file()
-        # A partial directory newer than the newest complete one may still be being written.
-        if is_complete or int(m.group(1)) < newest:
+        if GARBAGE_RE.match(d.name):
             shutil.rmtree(d, ignore_errors=True)
+        elif m and d.name not in survivors and ((d / COMPLETE).is_file() or int(m.group(1)) < newest):
+            _remove(d)  # an old complete one, or an incomplete one written by an older version
+    uni = root / UNIVERSAL
+    if uni.is_dir():
+        for d in uni.iterdir():
+            if d.name not in survivors:
+                shutil.rmtree(d, ignore_errors=True)
 
 
-def load(engine, root: Path, tag: str, rank: int) -> dict:
-    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+# ------------------------------------------------------------------ loading
+
+
+def check_data_state(saved: dict | None, now: dict, where: Path) -> None:
+    """Refuse a resume whose data position would mean something else in this run.
+
+    Steps, the learning-rate schedule and the position in the data are counted in global
+    batches of one data set read in one seeded order, so train.seed, train.global_batch_size and
+    the number of samples must match the checkpoint's. The world size and micro batch may change
+    (gradient accumulation adjusts); see `WORLD_SIZE_CHANGE` for what then holds.
+    """
+    if not saved:
+        return  # written by an older version: nothing to compare
+    fixes = {"seed": "train.seed", "global_batch_size": "train.global_batch_size", "num_samples": "the number of samples in data.train_urls"}
+    for key, name in fixes.items():
+        if key in saved and saved[key] != now[key]:
+            hint = f"; resume with --{name}={saved[key]}" if name.startswith("train.") else "; resume with the same shards, or start fresh"
+            raise CheckpointError(
+                f"resume: {name} is {now[key]} but {where} was written with {saved[key]}: the position in the data "
+                f"and the learning-rate schedule would not continue{hint}"
+            )
+
+
+WORLD_SIZE_CHANGE = """\
+Resuming on M ranks a checkpoint saved by N ranks, with the same train.global_batch_size:
+- the model, optimizer and learning-rate schedule continue from the checkpoint (ZeRO-0 loads as
+  written; ZeRO 1-3 goes through DeepSpeed's universal checkpoint), and so do the step, epoch
+  and sample counters: the run has the same length, the same learning rate at every step and
+  the same number of samples per step as an uninterrupted run;
+- a checkpoint at an epoch boundary (step a multiple of the steps per epoch) continues with
+  exact data coverage: every later epoch reads each sample once, in the order an M-rank run
+  gives that epoch (a pure function of seed, epoch and M);
+- mid-epoch, the rest of the interrupted epoch is read with the M-rank split of the shards,
+  skipping as many samples per rank as that split's first steps hold. The shards a rank reads
+  depend on the world size, so within that one epoch some samples the run already saw can
+  come again and as many unseen ones are left out; later epochs are exact again. For exact
+  coverage, change the world size at an epoch boundary (--train.stop_at_step=k * steps per epoch);
+- per-rank random streams (dropout, DataLoader worker seeds follow the data position) have no
+  counterpart on another world size: each rank reseeds torch from (seed, rank, step). The
+  result is deterministic for a given checkpoint and M, but it is not bit-identical to an
+  uninterrupted run on N or on M ranks.
+A different train.global_batch_size, train.seed or sample count is refused (check_data_state).
+"""
+
+
+@dataclass
+class ResumePlan:
+    """What a resume loads: where from, whether through DeepSpeed's universal format."""
+
+    root: Path  # the checkpoints directory holding `tag`
+    tag: str
+    meta: dict  # COMPLETE of the checkpoint
+    load_root: Path  # where DeepSpeed reads: `root`, or the universal copy's directory
+    universal: bool
+    same_world: bool
+
+
+def plan(root: Path, tag: str, own_root: Path, world_size: int, zero_stage: int) -> ResumePlan:
+    """Decide how to load checkpoint `root/tag` on `world_size` ranks; run on rank 0 only.
+
+    Same world size and stage: DeepSpeed loads its files as written. ZeRO-0 keeps whole optimizer
+    state in one file, so any world size loads it directly too. A ZeRO 1-3 checkpoint on another
+    world size (or stage) is converted once with DeepSpeed's ds_to_universal into
+    own_root/universal/<tag>/ (written as .partial, then renamed) and loaded with load_universal.
+    """
+    meta = read_meta(root / tag)
+    if meta is None:
+        raise CheckpointError(f"resume: {root / tag} is not a complete checkpoint")
+    saved_world = meta.get("world_size", world_size)
+    saved_stage = meta.get("zero_stage", zero_stage)
+    same = saved_world == world_size
+    if (saved_stage == 0) != (zero_stage == 0):
+        raise CheckpointError(
+            f"resume: {root / tag} was saved with train.zero_stage={saved_stage}; resuming with "
+            f"train.zero_stage={zero_stage} is not supported (ZeRO-0 and ZeRO 1-3 store optimizer state "
+            "differently); keep the stage, or change only between 1, 2 and 3"
+        )
+    if zero_stage == 0 or (same and saved_stage == zero_stage):
+        return ResumePlan(root, tag, meta, root, universal=False, same_world=same)
+    uni_root = own_root / UNIVERSAL
+    target = uni_root / tag
+    source = str((root / tag).resolve())
+    if (read_meta(target) or {}).get("source") != source:
+        to_universal(root / tag, target)
+        _write_durably(target / COMPLETE, json.dumps({"source": source}))
+    return ResumePlan(root, tag, meta, uni_root, universal=True, same_world=same)
+
+
+def to_universal(src: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal from checkpoint `src` into `target`, written as target.partial."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    partial = target.with_name(target.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    args = SimpleNamespace(
+        input_folder=str(src), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True,
+        # Our engines carry no universal-checkpoint info of their own (no tensor parallelism).
+        inject_missing_state=True,
+    )
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal(args)
+    except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
+        raise CheckpointError(f"resume: converting {src} to DeepSpeed's universal format failed: {type(e).__name__}: {e} ({tail})") from e
+    (partial.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's own pointer; unused
+    os.rename(partial, target)
+
+
+def load(engine, resume: ResumePlan, rank: int, reseed: int) -> dict:
+    """Load model, optimizer and scheduler; restore this rank's RNG. Returns the client state.
+
+    With the world size the checkpoint was saved with, rank r restores rank r's RNG states
+    exactly. On another world size the per-rank streams have no counterpart, so every rank
+    seeds torch from `reseed` (a value the caller derives from seed, rank and step).
+    """
+    path, client_state = engine.load_checkpoint(
+        str(resume.load_root), tag=resume.tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
-        raise CheckpointError(f"could not load checkpoint {root / tag}")
-    rng_file = root / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
+        raise CheckpointError(f"could not load checkpoint {resume.load_root / resume.tag}")
+    rng_file = resume.root / resume.tag / f"rng_rank{rank}.pt"
+    if resume.same_world and rng_file.is_file():
         # Our own file, written by this program: full unpickling is acceptable here.
         set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        torch.manual_seed(reseed)
     return client_state or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,37 @@ from .models import get_family
 from .models.base import sha256_files
 from .models.mlm import build_tiny_bert
 from .report import write_report
+
+
+class KeyLog:
+    """`data.record_keys`: the sample keys of every consumed micro-batch, one JSON line each
+    ({"step": the step it counts toward, "epoch", "micro": its index in the epoch, "keys"}), in
+    OUTPUT_DIR/keys/rank<r>.jsonl.
+
+    Lines are flushed as written, so a killed run keeps what it consumed. On start, lines past
+    the step the run starts from are dropped (rank 0 also trims the files of ranks beyond this
+    world size): after any number of resumes the files list exactly the samples that the final
+    model's steps were trained on, in order.
+    """
+
+    def __init__(self, folder: Path, rank: int, world_size: int, step: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"rank{rank}.jsonl"
+        beyond = [p for p in folder.glob("rank*.jsonl") if p.stem[4:].isdigit() and int(p.stem[4:]) >= world_size]
+        for p in [path, *(beyond if rank == 0 else [])]:
+            lines = p.read_text().splitlines(keepends=True) if p.exists() else []
+            kept = [ln for ln in lines if ln.endswith("\n") and json.loads(ln)["step"] <= step]
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, p)
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, step: int, epoch: int, micro: int, features: list) -> None:
+        keys = [f["__key__"] for f in features]
+        self.file.write(json.dumps({"step": step, "epoch": epoch, "micro": micro, "keys": keys}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class Trainer:
@@ -93,6 +125,56 @@ class Trainer:
             state[name] = cache[id(t)]  # tied entries share a tensor; export separates them
         return state if self.dist.is_main else None
 
+    # ------------------------------------------------------------------ resume
+    def _data_state(self, step: int, samples: int, steps_per_epoch: int, n_samples: int) -> dict:
+        """Where the data stands after `step` (saved with every checkpoint): a resume continues at
+        epoch `epoch`, skipping the `samples_in_epoch` samples it has seen of it."""
+        t = self.cfg.train
+        epoch, done = divmod(step, steps_per_epoch)
+        return {
+            "epoch": epoch, "samples": samples, "samples_in_epoch": done * t.global_batch_size, "seed": t.seed,
+            "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
+            "world_size": self.dist.world_size, "steps_per_epoch": steps_per_epoch, "num_samples": n_samples,
+        }
+
+    def _resume_plan(self, n_samples: int, steps_per_epoch: int) -> ckpt.ResumePlan | None:
+        """The checkpoint `resume` names, checked against this run and converted to DeepSpeed's
+        universal format if the world size changed; decided on rank 0 for every rank."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return None
+
+        def decide():
+            found = ckpt.resolve(cfg.resume, self.ckpt_root)
+            if found is None:
+                return None
+            root, tag = found
+            now = self._data_state(0, 0, steps_per_epoch, n_samples)
+            ckpt.check_data_state((ckpt.read_meta(root / tag) or {}).get("data"), now, root / tag)
+            return ckpt.plan(root, tag, self.ckpt_root, self.dist.world_size, cfg.train.zero_stage)
+
+        plan = run_on_main(decide)
+        if plan is None and self.dist.is_main:
+            print(f"resume=auto: no complete checkpoint in {self.ckpt_root}; starting fresh")
+        return plan
+
+    def _restore(self, engine, plan: ckpt.ResumePlan, steps_per_epoch: int) -> tuple[int, int]:
+        """Load `plan` into the engine; returns (step, samples) to continue from."""
+        info = self.dist
+        reseed = mix_seed(self.cfg.train.seed, 5, info.rank, plan.meta.get("step", 0))
+        state = ckpt.load(engine, plan, info.rank, reseed)
+        step, samples = state["step"], state["samples"]
+        if info.is_main:
+            print(f"resumed from {plan.root / plan.tag} at step {step}")
+            saved = plan.meta.get("world_size")
+            if not plan.same_world:
+                where = "at an epoch boundary" if step % steps_per_epoch == 0 else (
+                    f"mid-epoch: the rest of epoch {step // steps_per_epoch} is read with the {info.world_size}-rank shard split, "
+                    "so some samples of it may repeat and as many be left out (later epochs are exact)")
+                print(f"resume: checkpoint written by {saved} rank(s), continuing on {info.world_size} "
+                      f"({'universal checkpoint' if plan.universal else 'ZeRO-0, loaded as written'}) {where}")
+        return step, samples
+
     # ------------------------------------------------------------------ run
     def train(self) -> dict:
         cfg = self.cfg
@@ -120,6 +202,11 @@ class Trainer:
             raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} exceeds the {n_samples} samples in data.train_urls")
         total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
+        resume = self._resume_plan(n_samples, steps_per_epoch)
+        if resume is not None and resume.universal:
+            # Set before the engine is built: DeepSpeed reads it at init and at load.
+            ds_config["checkpoint"] = {"load_universal": True}
+
         params = [p for p in task.parameters() if p.requires_grad]
         engine, _, _, _ = deepspeed.initialize(
             model=task,
@@ -134,16 +221,8 @@ class Trainer:
         )
 
         step = samples = 0
-        if cfg.resume:
-            tag = ckpt.find_resume(self.ckpt_root) if cfg.resume == "auto" else Path(cfg.resume).name
-            root = self.ckpt_root if cfg.resume == "auto" else Path(cfg.resume).parent
-            if tag is not None:
-                state = ckpt.load(engine, root, tag, info.rank)
-                step, samples = state["step"], state["samples"]
-                if info.is_main:
-                    print(f"resumed from {root / tag} at step {step}")
-            elif info.is_main:
-                print(f"resume=auto: no complete checkpoint in {self.ckpt_root}; starting fresh")
+        if resume is not None:
+            step, samples = self._restore(engine, resume, steps_per_epoch)
 
         logger = build_logger(info.is_main, self.out / "tb", purge_step=step or None)
         encode = job.encoder(loaded.tokenizer, cfg)
@@ -155,10 +234,7 @@ class Trainer:
                                 on_corrupt=cfg.data.on_corrupt, resampled=cfg.data.resampled, options=storage_options)
 
         data_timer = WaitTimer()
-        keys_log = None
-        if cfg.data.record_keys:  # debug: which samples each micro-batch consumed (appended on resume)
-            (self.out / "keys").mkdir(parents=True, exist_ok=True)
-            keys_log = open(self.out / "keys" / f"rank{info.rank}.jsonl", "a", buffering=1)
+        keys_log = KeyLog(self.out / "keys", info.rank, info.world_size, step) if cfg.data.record_keys else None
 
         bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc=self.name, unit="step", dynamic_ncols=True)
         # Loss and its parts summed on the device since the last log: no host sync per micro-batch.
@@ -173,7 +249,7 @@ class Trainer:
             micro = done_in_epoch * gas
             for features in timed(rank_micro_batches(make_stream, epoch, quota, cfg.data.num_workers, skip=micro, seed=cfg.train.seed), data_timer):
                 if keys_log:
-                    keys_log.write(json.dumps({"step": step + 1, "epoch": epoch, "micro": micro, "keys": [f["__key__"] for f in features]}) + "\n")
+                    keys_log.write(step + 1, epoch, micro, features)
                 batch = collate(features, mix_seed(cfg.train.seed, 2, epoch, micro, info.rank))
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 out = engine(**batch)
@@ -223,8 +299,10 @@ class Trainer:
                     t_log, step_log = now, step
                 at_stop = bool(stop_at) and step >= stop_at
                 if step % cfg.checkpoint.every_steps == 0 or step == total_steps or at_stop:
-                    client = {"step": step, "samples": samples, "epoch": epoch, "micro_in_epoch": micro, "config": to_dict(cfg)}
-                    ckpt.save(engine, self.ckpt_root, step, client, cfg.checkpoint.keep, info.rank)
+                    data_state = self._data_state(step, samples, steps_per_epoch, n_samples)
+                    client = {"step": step, "samples": samples, "data": data_state, "config": to_dict(cfg)}
+                    meta = {"world_size": info.world_size, "zero_stage": cfg.train.zero_stage, "data": data_state}
+                    ckpt.save(engine, self.ckpt_root, step, client, cfg.checkpoint.keep, info.rank, meta)
                 if step >= total_steps or at_stop:
                     break
         bar.close()

@@ -1,0 +1,357 @@
+"""Checkpoints under failure, through the real CLI and launch script on 2 gloo ranks.
+
+- kill -9 of every process of a 2-rank run at several steps (one mid-interval, one at a
+  checkpoint, one inside a save), then `--resume auto`: final weights and the consumed sample
+  keys are bit-identical to an uninterrupted run;
+- a full disk during a save: one clear error, the previous checkpoint intact, and a later
+  resume finishes bit-identical;
+- a 2-rank checkpoint resumed on 1 rank (DeepSpeed universal checkpoint) holds the guarantee
+  documented in `recipe_dist.checkpoint.WORLD_SIZE_CHANGE`.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+from recipe_dist import checkpoint as ckpt
+
+TINY = REPO / "configs" / "tiny-bert.yaml"
+STEPS = 36  # 24 steps per epoch: the run crosses an epoch boundary
+COMMON = [
+    "purify", "--config", TINY, "--model.tiny.hidden_size=32", "--model.tiny.intermediate_size=64",
+    "--data.synthetic_samples=384", "--train.micro_batch_size=8", "--train.global_batch_size=16",
+    "--train.zero_stage=1", "--data.num_workers=1", "--data.record_keys=true", "--checkpoint.every_steps=2",
+    f"--train.max_steps={STEPS}", "--train.log_every=1",
+]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def keys(out: Path) -> dict[str, list[dict]]:
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted((out / "keys").glob("rank*.jsonl"))}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert x.keys() == y.keys()
+    changed = [k for k in x if not torch.equal(x[k], y[k])]
+    assert not changed, changed
+
+
+def recorded_step(out: Path) -> int:
+    """The newest step rank 0 has started consuming data for (0 if none)."""
+    try:
+        lines = (out / "keys" / "rank0.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max((json.loads(ln)["step"] for ln in lines if ln.endswith("}")), default=0)
+
+
+def _tree(pid: int) -> set[int]:
+    """`pid` and its descendants. torchrun starts each worker in a session of its own, so a
+    process-group kill would miss them: walk the parent links instead."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _signal(pids, sig) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Run:
+    """A 2-rank `launch/local.sh` run in the background that the test can freeze and kill -9."""
+
+    def __init__(self, out: Path, *extra):
+        self.out = out
+        self.log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w+")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(["bash", str(REPO / "launch" / "local.sh"), "2", *map(str, COMMON), "--output_dir", str(out), *extra],
+                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.frozen: set[int] = set()
+
+    def freeze(self) -> None:
+        """SIGSTOP the launcher and every descendant (repeated until no new process appears)."""
+        while True:
+            new = _tree(self.proc.pid) - self.frozen
+            if not new:
+                return
+            _signal(new, signal.SIGSTOP)
+            self.frozen |= new
+
+    def thaw(self) -> None:
+        _signal(self.frozen, signal.SIGCONT)
+        self.frozen = set()
+
+    def kill9(self) -> None:
+        """Every process of the job dies at once, as on a node failure."""
+        self.freeze()
+        _signal(self.frozen, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def wait_for(self, condition, timeout: float = 300) -> None:
+        t0 = time.time()
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended (rc {self.proc.returncode}) before the kill point:\n{self.output()[-4000:]}")
+            if time.time() - t0 > timeout:
+                self.kill9()
+                raise AssertionError("kill point not reached in time")
+            time.sleep(0.002)
+
+    def finish(self, timeout: float = 300) -> str:
+        self.proc.wait(timeout=timeout)
+        out = self.output()
+        assert self.proc.returncode == 0, out[-4000:]
+        return out
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+
+def resumed_from(text: str) -> int:
+    line = next(ln for ln in text.splitlines() if ln.startswith("resumed from "))
+    return int(line.rsplit(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank run; keep=100 leaves every checkpoint for the tests to start from."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_cli([*COMMON, "--output_dir", out, "--checkpoint.keep=100"], nproc=2)
+    return out
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_kill9_at_several_steps_resumes_bit_identical(straight, tmp_path):
+    out = tmp_path / "crash"
+    root = out / "checkpoints"
+    resumes = []
+
+    # 1. Mid-interval, epoch 0: killed while step 5 trains, after checkpoint 4.
+    run = Run(out)
+    run.wait_for(lambda: recorded_step(out) >= 5)
+    run.kill9()
+    newest = ckpt.complete_tags(root)[0][0]
+    assert recorded_step(out) > newest, "the kill should land after the newest checkpoint (work to roll back)"
+
+    # 2. Right after checkpoint 14 is declared complete, epoch 0.
+    run = Run(out, "--resume", "auto")
+    run.wait_for(lambda: (root / ckpt.tag_for(14) / ckpt.COMPLETE).is_file())
+    run.kill9()
+    resumes.append(resumed_from(run.output()))
+
+    # 3. Inside a save in epoch 1: frozen while a .partial directory exists, then killed.
+    run = Run(out, "--resume", "auto")
+    killed_in = None
+    while killed_in is None:
+        run.wait_for(lambda: any(d.endswith(ckpt.PARTIAL) and int(d[5:13]) >= 28 for d in os.listdir(root)))
+        run.freeze()
+        partial = [d for d in os.listdir(root) if d.endswith(ckpt.PARTIAL) and int(d[5:13]) >= 28]
+        if partial:  # still being written: DeepSpeed's files are (partly) there, COMPLETE is not
+            killed_in = int(partial[0][5:13])
+            run.kill9()
+        else:  # the save finished between poll and freeze: try the next one
+            assert int(ckpt.find_resume(root)[5:]) < STEPS - 2, "no save could be caught in progress"
+            run.thaw()
+    resumes.append(resumed_from(run.output()))
+    assert not (root / ckpt.tag_for(killed_in)).exists()
+    assert ckpt.find_resume(root) == ckpt.tag_for(killed_in - 2)
+
+    # 4. To the end; the interrupted save is ignored and cleaned up.
+    final = Run(out, "--resume", "auto").finish()
+    resumes.append(resumed_from(final))
+    assert resumes[-1] == killed_in - 2, "resume must use the complete checkpoint before the killed save"
+    assert len(set(resumes)) == 3 and resumes[0] < 24 < resumes[-1], resumes
+    assert not [d for d in os.listdir(root) if ckpt.GARBAGE_RE.match(d)]
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+    print(f"kill -9 while step {newest + 1}+ trained, right after checkpoint 14, inside save {killed_in}; resumed from {resumes}")
+    assert_same_weights(straight, out)
+    # The sample keys of every step the final model incorporates, per rank, in order.
+    assert keys(out) == keys(straight)
+
+
+def _try_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def test_full_disk_during_save_keeps_previous_checkpoint(straight, tmp_path):
+    out = tmp_path / "full"
+    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("model", "summary.json", "checkpoints"))
+    root = out / "checkpoints"
+    mounted = _try_tmpfs(root, "8m")  # a real full device where we may mount one
+    try:
+        shutil.copytree(straight / "checkpoints" / ckpt.tag_for(10), root / ckpt.tag_for(10))
+        before = {p.name: p.read_bytes() for p in (root / ckpt.tag_for(10)).iterdir()}
+        if mounted:
+            filler = root / "filler"
+            with open(filler, "wb") as f:  # leave 32 KiB: the next checkpoint (~250 KiB) cannot fit
+                f.write(b"\0" * (shutil.disk_usage(root).free - (32 << 10)))
+            cmd = ["bash", str(REPO / "launch" / "local.sh"), "2"]
+        else:  # no mount permission: torch.save fails as on a full disk, inside checkpoint .partial dirs only
+            cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(Path(__file__).with_name("fail_save_enospc.py"))]
+        proc = subprocess.run([*cmd, *map(str, COMMON), "--output_dir", str(out), "--resume", "auto"],
+                              cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("recipe-dist: error:")]
+        assert errors, proc.stderr[-4000:]
+        assert f"checkpoint {ckpt.tag_for(12)} was not saved" in errors[0] and "no space left on device" in errors[0], errors[0]
+        assert f"the previous complete checkpoint {root / ckpt.tag_for(10)} is intact" in errors[0], errors[0]
+        assert "exitcode  : 2" in proc.stderr  # every rank left through the one-line error, none hung
+        # The previous checkpoint is untouched and still the one to resume; nothing partial is left.
+        assert {p.name: p.read_bytes() for p in (root / ckpt.tag_for(10)).iterdir()} == before
+        assert ckpt.find_resume(root) == ckpt.tag_for(10)
+        assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == [ckpt.tag_for(10)]
+
+        if mounted:
+            filler.unlink()
+        final = run_cli([*COMMON, "--output_dir", out, "--resume", "auto"], nproc=2).stdout
+        assert resumed_from(final) == 10
+        assert_same_weights(straight, out)
+        assert keys(out) == keys(straight)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def test_world_size_change_2_to_1(straight, tmp_path):
+    from recipe_dist.data.pipeline import epoch_stream, shard_urls
+    from recipe_dist.metrics import read_scalars
+
+    src = straight / "checkpoints" / ckpt.tag_for(10)  # mid-epoch 0 of 24 steps
+    out = tmp_path / "one"
+    args = [*COMMON, "--output_dir", out, "--resume", src]
+
+    # A different global batch would shift the data position and schedule: refused, one line.
+    bad = run_cli([*args, "--train.global_batch_size=32"], check=False)
+    assert bad.returncode == 2
+    assert "train.global_batch_size is 32 but" in bad.stderr and "written with 16" in bad.stderr, bad.stderr[-2000:]
+
+    proc = run_cli(args)  # 1 rank: accumulation 2 keeps the global batch of 16
+    assert resumed_from(proc.stdout) == 10
+    assert "checkpoint written by 2 rank(s), continuing on 1 (universal checkpoint) mid-epoch" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["samples"] == STEPS * 16 and summary["world_size"] == 1
+    meta = ckpt.read_meta(out / "checkpoints" / ckpt.tag_for(STEPS))
+    assert meta["world_size"] == 1 and meta["data"]["epoch"] == 1 and meta["data"]["samples_in_epoch"] == 12 * 16
+
+    # Model, optimizer and schedule continue: step 11 starts from exactly the weights of step 10
+    # (its forward norms equal the 2-rank run's), and the learning rate matches at every step.
+    a, b = read_scalars(straight / "tb"), read_scalars(out / "tb")
+    norms = [t for t in a if t.startswith("reg/norm/")]
+    assert norms and all(dict(a[t])[11] == dict(b[t])[11] for t in norms)
+    assert [v for s, v in a["train/lr"] if s > 10] == pytest.approx([v for s, v in b["train/lr"] if s > 10], rel=1e-12)
+
+    # Data: every step takes 16 samples; the rest of epoch 0 is read with the 1-rank split; epoch 1
+    # is exactly what a 1-rank run reads (a pure function of seed, epoch and world size).
+    recs = keys(out)["rank0.jsonl"]
+    assert [r["step"] for r in recs] == [s for s in range(11, STEPS + 1) for _ in range(2)]
+    assert all(len(r["keys"]) == 8 for r in recs)
+    urls = shard_urls(str(out / "data" / "synthetic-{000000..000007}.tar"))
+    expected = [s["__key__"] for batch in epoch_stream(urls, 1, 42, "txt", lambda s: s, 8, 256) for s in batch]
+    got = [k for r in recs if r["epoch"] == 1 for k in r["keys"]]
+    assert got == expected[: len(got)] and len(got) == 12 * 16
+
+
+# ------------------------------------------------------------------ units (no processes)
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    d = root / ckpt.tag_for(step)
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (d / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+    return d
+
+
+def test_prune_keeps_newest_complete_and_drops_garbage(tmp_path):
+    for s in (2, 4, 6):
+        _fake_checkpoint(tmp_path, s)
+    _fake_checkpoint(tmp_path, 3, complete=False)  # an old incomplete one (older version)
+    (tmp_path / (ckpt.tag_for(8) + ckpt.PARTIAL)).mkdir()  # a save that died
+    (tmp_path / (ckpt.tag_for(2) + ".trash")).mkdir()  # a delete that died
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(os.listdir(tmp_path)) == [ckpt.tag_for(4), ckpt.tag_for(6)]
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.prune(tmp_path, keep=1)
+
+
+def test_resume_ignores_incomplete_and_explicit_incomplete_is_refused(tmp_path):
+    _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 6, complete=False)
+    (tmp_path / (ckpt.tag_for(8) + ckpt.PARTIAL)).mkdir()
+    assert ckpt.resolve("auto", tmp_path) == (tmp_path, ckpt.tag_for(4))
+    assert ckpt.resolve(str(tmp_path), tmp_path / "elsewhere") == (tmp_path, ckpt.tag_for(4))
+    assert ckpt.resolve("auto", tmp_path / "none") is None
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.resolve(str(tmp_path / ckpt.tag_for(6)), tmp_path)
+
+
+def test_data_state_mismatch_is_refused():
+    saved = {"seed": 42, "global_batch_size": 16, "num_samples": 384, "world_size": 2}
+    ckpt.check_data_state(saved, {**saved, "world_size": 1}, Path("c"))  # a world-size change is allowed
+    with pytest.raises(ckpt.CheckpointError, match="train.seed is 7 but c was written with 42"):
+        ckpt.check_data_state(saved, {**saved, "seed": 7}, Path("c"))
+    with pytest.raises(ckpt.CheckpointError, match="number of samples"):
+        ckpt.check_data_state(saved, {**saved, "num_samples": 400}, Path("c"))
+
+
+def test_full_disk_is_named_whatever_raised_it(tmp_path):
+    assert "no space left on device" in ckpt._describe(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    # torch.save's zip writer hides the errno; a plain error on a roomy disk stays what it is.
+    assert ckpt._describe(RuntimeError("unexpected pos 576 vs 534"), tmp_path).startswith("RuntimeError: unexpected pos")
+
+
+def test_key_log_drops_records_past_the_resumed_step(tmp_path):
+    from recipe_dist.trainer import KeyLog
+
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    (folder / "rank0.jsonl").write_text("".join(json.dumps({"step": s, "keys": []}) + "\n" for s in range(1, 6)) + '{"step": 6, "ke')
+    (folder / "rank1.jsonl").write_text("".join(json.dumps({"step": s, "keys": []}) + "\n" for s in range(1, 6)))
+    log = KeyLog(folder, rank=0, world_size=1, step=3)
+    log.write(4, 0, 7, [{"__key__": "k"}])
+    log.close()
+    assert [json.loads(x)["step"] for x in (folder / "rank0.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in (folder / "rank1.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
