@@ -280,3 +280,13 @@ def test_bench_step_tiny_prints_figures(tmp_path):
     assert res["device"] == "cpu" and res["gemm_peak_flops"] > 0 and 0 < res["reg_overhead_fraction"] < 1
     assert 0 < res["useful_flop_utilization"] < 1
     assert res["loss_max_abs_diff"] < 1e-4  # same weights, batches and masks: the same losses
+
+
+def test_bench_memory_tiny_zero3_halves_params_and_optimizer_state(tmp_path):
+    out = tmp_path / "memory.json"
+    proc = run_cli(["bench", "memory", "--preset", "tiny", "--json", out])
+    assert "ZeRO-3 / ZeRO-0 per rank" in proc.stdout
+    res = json.loads(out.read_text())
+    z0, z3 = res["zero0"], res["zero3"]
+    assert z0["params"] > 0 and z0["optimizer"] > 0 and z3["params"] > 0 and z3["optimizer"] > 0
+    assert res["zero3_over_zero0"] <= 0.55, res  # 2 ranks: each holds about half

