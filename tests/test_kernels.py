@@ -126,6 +126,8 @@ def test_switch_resolution(monkeypatch):
     assert use_fused("cpu", "auto") is False  # the reference off CUDA
     assert use_fused("cpu", "off") is False
     assert use_fused("cpu", "on") is True  # TRITON_INTERPRET=1 in this module
+    with pytest.raises(KernelError, match="hidden sizes"):
+        use_fused("cpu", "on", hidden_size=4096)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelError, match="TRITON_INTERPRET"):
         use_fused("cpu", "on")

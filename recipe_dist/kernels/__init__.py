@@ -18,7 +18,7 @@ import torch
 
 from ..errors import RecipeError
 from .activation_stats import activation_stats, reference_activation_stats
-from .linear_ce import DEFAULT_CHUNK, chunked_linear_cross_entropy, linear_cross_entropy
+from .linear_ce import DEFAULT_CHUNK, TRITON_MAX_HIDDEN, chunked_linear_cross_entropy, linear_cross_entropy
 
 FUSED_SETTINGS = ("auto", "on", "off")
 
@@ -31,15 +31,21 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_fused(device: torch.device | str, setting: str = "auto") -> bool:
-    """Whether the Triton kernels run for tensors on `device` under `kernels.fused=setting`."""
+def use_fused(device: torch.device | str, setting: str = "auto", hidden_size: int | None = None) -> bool:
+    """Whether the Triton linear-CE kernels run for tensors on `device` under `kernels.fused=setting`.
+
+    `hidden_size` wider than the kernels take: the reference under auto, an error under on.
+    """
     if setting not in FUSED_SETTINGS:
         raise KernelError(f"kernels.fused: must be one of {', '.join(FUSED_SETTINGS)}, got {setting!r}")
     device = torch.device(device)
     if setting == "off":
         return False
+    too_wide = hidden_size is not None and hidden_size > TRITON_MAX_HIDDEN
     if setting == "auto":
-        return device.type == "cuda" and _triton_importable()
+        return device.type == "cuda" and not too_wide and _triton_importable()
+    if too_wide:
+        raise KernelError(f"kernels.fused=on: the Triton linear-CE takes hidden sizes up to {TRITON_MAX_HIDDEN}, got {hidden_size}; use auto")
     if device.type != "cuda" and not triton_interpreted():
         raise KernelError(f"kernels.fused=on: Triton kernels need a CUDA device (got {device.type}); "
                           "use auto, or set TRITON_INTERPRET=1 to run them interpreted on CPU")
@@ -66,6 +72,6 @@ def fused_linear_cross_entropy(hidden, weight, bias, target, chunk: int = DEFAUL
 
 
 __all__ = [
-    "DEFAULT_CHUNK", "FUSED_SETTINGS", "KernelError", "activation_stats", "chunked_linear_cross_entropy",
+    "DEFAULT_CHUNK", "FUSED_SETTINGS", "TRITON_MAX_HIDDEN", "KernelError", "activation_stats", "chunked_linear_cross_entropy",
     "fused_linear_cross_entropy", "linear_cross_entropy", "reference_activation_stats", "triton_interpreted", "use_fused",
 ]

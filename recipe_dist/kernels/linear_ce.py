@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK = 4096
+#: widest hidden size the Triton kernels take (they hold a whole row of h in one tile)
+TRITON_MAX_HIDDEN = 1024
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:

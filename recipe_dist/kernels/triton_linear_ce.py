@@ -10,7 +10,7 @@ p = softmax - onehot, and accumulates p^T @ h and sum(p). Each output block is o
 program, so there are no atomics and the result does not depend on scheduling.
 
 The full hidden width sits in one tile (BLOCK_D = next power of two >= H), which fits the encoders
-this package trains (H <= 1024); wider models are refused with a message rather than tiled.
+this package trains (H <= 1024); `kernels.fused=auto` uses the reference for wider ones.
 Block sizes are heuristics and were checked for correctness only (under TRITON_INTERPRET=1);
 no GPU tuning was done here.
 
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_HIDDEN = 1024
+from .linear_ce import TRITON_MAX_HIDDEN as MAX_HIDDEN
 
 
 @triton.jit
@@ -117,13 +117,13 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
+def _blocks(d: int) -> tuple[int, int, int, int]:
     if d > MAX_HIDDEN:
         raise ValueError(f"linear_cross_entropy (triton): hidden size {d} > {MAX_HIDDEN} is not supported; set kernels.fused=off")
     block_d = max(16, triton.next_power_of_2(d))
     # Keep h, the weight block and the fp32 accumulator near the register budget as H grows.
     block_n, block_v = (64, 64) if block_d <= 256 else (32, 32) if block_d <= 512 else (16, 32)
-    return block_n, block_v, block_d
+    return block_n, block_v, block_d, 4 if block_d <= 256 else 8
 
 
 def triton_forward(hidden, weight, bias, target, chunk: int, with_grad_h: bool):
@@ -136,12 +136,12 @@ def triton_forward(hidden, weight, bias, target, chunk: int, with_grad_h: bool):
     grad_h = torch.empty(n, d, device=hidden.device, dtype=torch.float32) if with_grad_h else None
     if n == 0:
         return loss, lse, grad_h
-    block_n, block_v, block_d = _blocks(d)
+    block_n, block_v, block_d, warps = _blocks(d)
     _fwd_kernel[(triton.cdiv(n, block_n),)](
         hidden, weight, bias if bias is not None else weight, target.contiguous(), loss, lse,
         grad_h if grad_h is not None else loss, n, v, d, hidden.stride(0), weight.stride(0), d,
         HAS_BIAS=bias is not None, WITH_GRAD=with_grad_h, IEEE=_ieee(hidden),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
     )
     return loss, lse, grad_h
 
@@ -154,13 +154,13 @@ def triton_weight_grad(hidden, weight, bias, target, lse, scale, chunk: int, nee
     gw = torch.zeros(v, d, device=weight.device, dtype=torch.float32) if need_w else None
     gb = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_b else None
     if n > 0:
-        block_n, block_v, block_d = _blocks(d)
+        block_n, block_v, block_d, warps = _blocks(d)
         _wgrad_kernel[(triton.cdiv(v, block_v),)](
             hidden, weight, bias if bias is not None else weight, target.contiguous(), lse, scale.reshape(1).contiguous(),
             gw if gw is not None else lse, gb if gb is not None else lse, n, v, d,
             hidden.stride(0), weight.stride(0), d,
             HAS_BIAS=bias is not None, NEED_W=need_w, NEED_B=need_b, IEEE=_ieee(hidden),
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
         )
     return (gw.to(weight.dtype) if gw is not None else None), (gb.to(bias.dtype) if gb is not None else None)
 

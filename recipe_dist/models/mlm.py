@@ -64,7 +64,7 @@ class MaskedLMTask(nn.Module):
             logits = head(hidden)
             return F.cross_entropy(logits.float(), target, reduction="sum") / target.numel() if target.numel() else logits.sum() * 0.0
         decoder = self.model.get_output_embeddings()
-        fused = use_fused(hidden.device, self.fused)
+        fused = use_fused(hidden.device, self.fused, hidden.shape[-1])
 
         def linear_ce(x: torch.Tensor) -> torch.Tensor:
             # decoder.weight is the tied embedding Parameter: its gradient lands in the one tensor.
