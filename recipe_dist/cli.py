@@ -142,8 +142,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except RecipeError as e:
-        print(f"recipe-dist: error: {e}", file=sys.stderr)
+        _error_line(str(e))
         return 2
+
+
+def _error_line(message: str) -> None:
+    """The one-line error, written in a single write so ranks sharing stderr never splice lines.
+
+    A progress bar (or, with several ranks, another rank's output) may be mid-line on the same
+    stream; then the error starts on a fresh line.
+    """
+    from tqdm import tqdm
+
+    fresh = bool(getattr(tqdm, "_instances", None)) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    line = ("\n" if fresh else "") + f"recipe-dist: error: {message}\n"
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line.encode())
+    except (AttributeError, OSError, ValueError):  # stderr replaced by a non-file (e.g. captured in tests)
+        sys.stderr.write(line)
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":
