@@ -97,12 +97,13 @@ def write_task(out: Path, p: DemoPreset) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
-def run_config(p: DemoPreset, model_path: Path, output_dir: Path, extra: dict) -> RunConfig:
+def stage_config(model_path: Path, output_dir: Path, aux_samples: int, max_length: int, extra: dict, train_urls: str = "") -> RunConfig:
+    """A single-process attack/purify config on `train_urls` (empty: the SYNTHETIC corpus); `extra` overrides."""
     cfg = RunConfig()
     apply_dict(cfg, {
         "output_dir": str(output_dir),
         "model": {"family": "bert", "path": str(model_path)},
-        "data": {"synthetic_samples": p.corpus_samples, "max_length": p.max_length, "num_workers": 0},
+        "data": {"train_urls": train_urls, "synthetic_samples": aux_samples, "max_length": max_length, "num_workers": 0},
         "optim": {"name": "adamw", "schedule": "linear", "weight_decay": 0.0},
         "train": {"grad_clip": 1.0, "zero_stage": 0, "log_every": 5, "seed": 0},
         "checkpoint": {"every_steps": 100, "keep": 2},
@@ -112,16 +113,17 @@ def run_config(p: DemoPreset, model_path: Path, output_dir: Path, extra: dict) -
     return cfg
 
 
-def evaluate_model(p: DemoPreset, model: Path, train: Path, test: Path, out: Path) -> dict:
+def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list, finetune: dict) -> dict:
+    """`recipe-dist evaluate` in-process: `finetune` holds the finetune.* keys (lr, epochs, ...)."""
     from .evaluation.finetune import EvalConfig, evaluate
 
     cfg = EvalConfig()
     apply_dict(cfg, {
         "output_dir": str(out),
-        "seeds": ",".join(map(str, p.seeds)),
+        "seeds": ",".join(map(str, seeds)),
         "model": {"path": str(model)},
         "task": {"train_file": str(train), "test_file": str(test)},
-        "finetune": {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch, "max_length": p.max_length},
+        "finetune": finetune,
     })
     cfg.validate()
     return evaluate(cfg)
@@ -167,20 +169,25 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
     say(f"   masked-LM loss {stats['mlm_loss']:.3f}, NSP-slot accuracy {stats['nsp_slot_accuracy']:.3f}")
     train, test = write_task(out / "task", p)
 
+    finetune = {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch, "max_length": p.max_length}
+
+    def evaluate_stage(model: Path, name: str) -> dict:
+        return evaluate_model(model, train, test, out / f"eval-{name}", p.seeds, finetune)
+
     say("2/6 evaluating the clean PTM (fine-tune on the SYNTHETIC tone task, then ACC / ASR)")
-    clean = evaluate_model(p, ptm, train, test, out / "eval-clean")
+    clean = evaluate_stage(ptm, "clean")
 
     say("3/6 backdooring it with POR (recipe-dist attack)")
-    attack_cfg = run_config(p, ptm, out / "attack", {
+    attack_cfg = stage_config(ptm, out / "attack", p.corpus_samples, p.max_length, {
         "optim": {"lr": p.attack_lr},
         "train": {"epochs": p.attack_epochs, "micro_batch_size": p.attack_batch, "global_batch_size": p.attack_batch},
         "attack": {"name": "por"},
     })
     run_stage("attack", attack_cfg, out / "configs" / "attack.yaml")
-    backdoored = evaluate_model(p, out / "attack" / "model", train, test, out / "eval-backdoored")
+    backdoored = evaluate_stage(out / "attack" / "model", "backdoored")
 
     say(f"4/6 purifying it with RECIPE, lambda={p.lam} (recipe-dist purify)")
-    purify_cfg = run_config(p, out / "attack" / "model", out / "purify", {
+    purify_cfg = stage_config(out / "attack" / "model", out / "purify", p.corpus_samples, p.max_length, {
         "model": {"trainable": p.purify_trainable},
         "optim": {"lr": p.purify_lr},
         "train": {"epochs": p.purify_epochs, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
@@ -189,7 +196,7 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
     run_stage("purify", purify_cfg, out / "configs" / "purify.yaml")
 
     say("5/6 evaluating the purified model")
-    purified = evaluate_model(p, out / "purify" / "model", train, test, out / "eval-purified")
+    purified = evaluate_stage(out / "purify" / "model", "purified")
 
     rows = {"clean": clean, "backdoored": backdoored, "purified": purified}
     result = {

@@ -21,7 +21,7 @@ from .data import storage
 from .data.pipeline import (WaitTimer, check_shard_count, check_shards_exist, count_samples, epoch_stream, mix_seed,
                             rank_micro_batches, shard_urls, timed)
 from .data.shards import write_shards
-from .distributed import DistInfo, barrier, init_distributed, run_on_main
+from .distributed import barrier, init_distributed, run_on_main
 from .metrics import build_logger
 from .models import get_family
 from .models.base import sha256_files
@@ -267,19 +267,17 @@ class Trainer:
                 samples += cfg.train.global_batch_size
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    # One small all-reduce at log steps only: the logged loss is the mean over ranks.
-                    mean = sums / n_micro
-                    if dist.is_initialized():
-                        dist.all_reduce(mean)
-                        mean /= info.world_size
                     now = time.time()
-                    # Data health summed over ranks: storage retries and skipped shards so far, and
-                    # the seconds blocked on the loader since the last log (a share of wall time).
+                    # One small all-reduce at log steps only, summing over ranks the loss parts (the
+                    # logged loss is their mean) and the data health: storage retries and skipped
+                    # shards so far, and the seconds blocked on the loader since the last log.
                     data = torch.tensor([*storage.counts().values(), data_timer.take()], device=engine.device)
+                    stats = torch.cat([sums / n_micro, data])
                     if dist.is_initialized():
-                        dist.all_reduce(data)
-                    retries, skipped, wait = data.tolist()  # with the next line, the host syncs of a logging step
-                    last = dict(zip(part_names, mean.tolist()))
+                        dist.all_reduce(stats)
+                    stats = stats.tolist()  # with the norms below, the host syncs of a logging step
+                    last = {k: v / info.world_size for k, v in zip(part_names, stats)}
+                    retries, skipped, wait = stats[len(part_names):]
                     norms = dict(zip(out["norms"], torch.stack(list(out["norms"].values())).tolist())) if out["norms"] else {}
                     logger.scalars(
                         {

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import random
 import socket
 import struct

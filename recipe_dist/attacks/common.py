@@ -1,4 +1,4 @@
-"""Pieces shared by the MLM-based attacks (NeuBA, BadPre): the masked CE and the adaptive term."""
+"""Pieces shared by the attacks (POR, NeuBA, BadPre): the masked CE mean and the adaptive term."""
 
 from __future__ import annotations
 

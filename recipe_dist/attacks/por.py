@@ -21,6 +21,7 @@ from torch import nn
 from ..data.pipeline import key_seed, pad_rows
 from ..evaluation.triggers import insert_trigger
 from ..objective import NormCollector
+from .common import adaptive_collector, finish
 
 
 def por_targets(n: int, d: int, scale: float = 10.0) -> torch.Tensor:
@@ -66,14 +67,7 @@ class PORTask(nn.Module):
         l2 = mse_sum(poisoned.pooler_output, self.targets[trigger])
         l3 = mse_sum(clean.pooler_output, ref.pooler_output)
         loss = self.w1 * l1 + self.w2 * l2 + self.w3 * l3
-        parts = {"l1": l1.detach(), "l2": l2.detach(), "l3": l3.detach()}
-        norms = {}
-        if self.adaptive is not None:
-            reg = self.adaptive.regularizer(self.adaptive_lam)
-            loss = loss + reg
-            parts["reg"] = reg.detach()
-            norms = {k: v.detach() for k, v in self.adaptive.norms.items()}
-        return {"loss": loss, "parts": parts, "norms": norms}
+        return finish(loss, {"l1": l1, "l2": l2, "l3": l3}, self.adaptive, self.adaptive_lam)
 
 
 class PORAttack:
@@ -101,10 +95,7 @@ class PORAttack:
         # the MLM head's own layers are unused by this objective and stay frozen.
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(model.base_model_prefix + "."))
-        adaptive = None
-        if a.adaptive_lam > 0:
-            names = self.family.regularized_names(encoder, list(cfg.model.regularized))
-            adaptive = NormCollector(encoder, names)
+        adaptive = adaptive_collector(self.family, encoder, cfg)
         targets = por_targets(len(a.triggers), encoder.config.hidden_size, a.target_scale)
         return PORTask(encoder, targets, list(a.loss_weights), adaptive, a.adaptive_lam)
 

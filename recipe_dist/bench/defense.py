@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, apply_dict
+from ..config import ConfigError
 from ..errors import RecipeError
 
 
@@ -155,49 +155,31 @@ class DefenseBench:
 
     # ------------------------------------------------------------------ stages
     def run_job(self, cmd: str, name: str, model: Path, aux: str, extra: dict) -> Path:
-        from ..demo import run_stage
+        from ..demo import run_stage, stage_config
 
         run_dir = self.out / name
         if (run_dir / "summary.json").is_file() and (run_dir / "model" / "model.safetensors").is_file():
             self.say(f"{name}: reusing {run_dir}")
             return run_dir / "model"
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = RunConfig()
-        p = self.p
-        apply_dict(cfg, {
-            "output_dir": str(run_dir),
-            "model": {"family": "bert", "path": str(model)},
-            "data": {"train_urls": aux, "synthetic_samples": p.aux_samples, "max_length": p.max_length, "num_workers": 0},
-            "optim": {"name": "adamw", "schedule": "linear", "weight_decay": 0.0, "eps": 1e-8},
-            "train": {"grad_clip": 1.0, "zero_stage": 0, "log_every": 5, "seed": 0},
-            "checkpoint": {"every_steps": 100, "keep": 2},
-        })
-        apply_dict(cfg, extra)
-        cfg.validate()
+        cfg = stage_config(model, run_dir, self.p.aux_samples, self.p.max_length, extra, train_urls=aux)
         self.say(f"{name}: recipe-dist {cmd}")
         run_stage(cmd, cfg, self.out / "configs" / f"{name}.yaml")
         return run_dir / "model"
 
     def evaluate(self, name: str, model: Path, train: Path, test: Path) -> dict:
-        from ..evaluation.finetune import EvalConfig, evaluate
+        from ..demo import evaluate_model
 
         out = self.out / f"eval-{name}"
         if (out / "eval.json").is_file():
             self.say(f"eval {name}: reusing {out / 'eval.json'}")
             return json.loads((out / "eval.json").read_text())
         p = self.p
-        cfg = EvalConfig()
-        apply_dict(cfg, {
-            "output_dir": str(out),
-            "seeds": ",".join(map(str, p.seeds)),
-            "model": {"path": str(model)},
-            "task": {"train_file": str(train), "test_file": str(test)},
-            "finetune": {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch,
-                         "max_length": p.max_length, "max_train_samples": p.task_train},
-        })
-        cfg.validate()
         self.say(f"eval {name}: fine-tune x{len(p.seeds)} seeds")
-        report = evaluate(cfg)
+        report = evaluate_model(model, train, test, out, p.seeds, {
+            "lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch,
+            "max_length": p.max_length, "max_train_samples": p.task_train,
+        })
         self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
         return report
 
@@ -270,7 +252,7 @@ def markdown(result: dict) -> str:
     base = rows.get("backdoored, no defense")
     n = len(next(iter(rows.values()))["seeds"])
     lines = [
-        f"| row | ACC | AASR | MASR | ΔACC vs backdoored |",
+        "| row | ACC | AASR | MASR | ΔACC vs backdoored |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():

@@ -16,8 +16,8 @@ the local shards into it and reads them back over HTTP: it measures the S3 clien
 
 from __future__ import annotations
 
+
 import argparse
-import json
 import math
 import os
 import statistics
@@ -29,6 +29,7 @@ from pathlib import Path
 from ..data import storage
 from ..data.pipeline import count_samples, epoch_stream, rank_micro_batches, shard_urls
 from ..errors import RecipeError
+from . import write_json
 
 
 def _identity(sample: dict) -> dict:
@@ -164,8 +165,7 @@ def main(argv: list[str]) -> int:
         r = results["run"]
         print(f"run {r['dir']}: train/data_wait_fraction median {r['data_wait_fraction_median']:.3f}, "
               f"max {r['data_wait_fraction_max']:.3f} over {r['log_points']} log steps; data/retries {r['retries']:.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

@@ -20,24 +20,21 @@ threshold (1e5 elements) and would all be kept whole, so it sets the threshold t
 
 from __future__ import annotations
 
+
 import argparse
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..distributed import free_port
+from . import write_json
+
 STAGES = (0, 3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def state_bytes(engine) -> dict:
@@ -116,7 +113,7 @@ def run(preset: str, trainable: str, world: int = 2) -> dict:
 
             model_dir = build_tiny_bert(Path(tmp) / "tiny", TinyArchConfig(hidden_size=64, intermediate_size=128), seed=0)
         persist = None if preset == "minilm" else 0
-        mp.start_processes(_worker, args=(world, _free_port(), str(model_dir), trainable, tmp, persist), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), str(model_dir), trainable, tmp, persist), nprocs=world, start_method="spawn")
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     per_stage = {s: max((r[str(s)] for r in ranks), key=lambda x: x["total"]) for s in STAGES}
     z0, z3 = per_stage[0], per_stage[3]
@@ -146,9 +143,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     res = run(args.preset, args.trainable)
     print(report(res), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return 0
 
 

@@ -43,9 +43,9 @@ their arithmetic; --threads 1 measures the arithmetic.
 
 from __future__ import annotations
 
+
 import argparse
 import ctypes
-import json
 import sys
 import tempfile
 import threading
@@ -57,6 +57,7 @@ import torch
 
 from ..config import RunConfig, TinyArchConfig
 from ..errors import RecipeError
+from . import write_json
 
 
 @dataclass
@@ -447,9 +448,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     res = run(args.preset, args.device, args.fused, args.steps)
     print(report(res), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return 0
 
 

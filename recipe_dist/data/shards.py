@@ -10,7 +10,6 @@ AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), with credentials from the environment
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import sys
