@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Shown in TensorBoard's Text tab (tag "help/tags"): what each scalar means and when it is taken.
+TAG_HELP = {
+    "train/loss": "the objective handed to backward (pt_weight * loss_pt + reg), mean over the micro-batches and ranks since the last log",
+    "train/loss_pt": "the pre-training loss (masked LM for MLM encoders), same averaging",
+    "train/reg": "lam * sum ||W||_F over the regularized weights, same averaging",
+    "train/lr": "learning rate after the step's scheduler update",
+    "train/samples_per_second": "global samples per wall-clock second since the last log",
+    "train/data_wait_fraction": "share of wall time blocked on the data loader since the last log",
+    "reg/norm/<weight>": "||W||_F of one regularized weight at step k, taken in step k's forward, i.e. BEFORE step k's update",
+}
+
 
 class NullLogger:
     def scalar(self, tag: str, value: float, step: int) -> None:
@@ -22,6 +33,8 @@ class TensorBoardLogger(NullLogger):
 
         # purge_step: a resumed run drops events a killed run wrote past its last checkpoint.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        if purge_step is None:
+            self.writer.add_text("help/tags", "\n".join(f"- `{k}`: {v}" for k, v in TAG_HELP.items()), 0)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)

@@ -186,7 +186,7 @@ def write_report(run_dir: Path, evals: dict[str, dict] | None = None, title: str
     if norm_tags:
         _plot_norms(scalars, norm_tags, plot_dir / "norms.png")
         md += ["## Per-layer ‖W‖_F", "",
-               "First and last logged values (the trainer's first log is after `train.log_every` steps, not step 0).", "",
+               "First and last logged values. `reg/norm/*` logged at step k is the norm in step k's forward, before that step's update: the first value is after `train.log_every` - 1 updates (the input's norm when `train.log_every=1`), the last is before the final update.", "",
                "| weight | first (step) | last (step) | last / first |", "| --- | ---: | ---: | ---: |"]
         for tag in norm_tags:
             steps, values = _series(scalars[tag])

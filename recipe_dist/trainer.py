@@ -220,6 +220,9 @@ class Trainer:
             ),
         )
 
+        # Training mode on every module the engine wraps: `from_pretrained` returns models in eval
+        # mode (dropout off), and a job's task may keep frozen parts in eval through its own train().
+        engine.train()
         step = samples = 0
         if resume is not None:
             step, samples = self._restore(engine, resume, steps_per_epoch)

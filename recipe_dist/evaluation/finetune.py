@@ -175,10 +175,11 @@ def _log(msg: str) -> None:
 def _predict(model, tokenizer, texts: list[str], cfg: EvalConfig, device) -> list[int]:
     import torch
 
-    model.eval()
+    from ..models.base import eval_mode
+
     out: list[int] = []
     bs = cfg.finetune.batch_size * 2
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for i in range(0, len(texts), bs):
             enc = tokenizer(texts[i : i + bs], truncation=True, max_length=cfg.finetune.max_length, padding=True, return_tensors="pt")
             logits = model(**{k: v.to(device) for k, v in enc.items()}).logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,18 @@ def safetensors_info(files: list[Path]) -> tuple[list[str], torch.dtype]:
     floats = {names[d]: c for d, c in counts.items() if d in names}
     dtype = max(floats, key=floats.get) if floats else torch.float32
     return keys, dtype
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode (dropout off) inside the block; each module's own mode is restored after."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in saved:
+            m.training = mode
 
 
 def sha256_files(files: list[Path]) -> dict[str, str]:
