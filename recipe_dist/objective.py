@@ -106,6 +106,8 @@ class NormCollector:
         missing = [n for n in self.names if n not in self.norms]
         if missing:
             raise RuntimeError(f"regularized weights not used in this forward: {missing[:3]}")
+        if not self.names:  # nothing regularized (e.g. fitting an MLM head): a 0-dim zero adds to any device
+            return torch.zeros(())
         return lam * torch.stack([self.norms[n] for n in self.names]).sum()
 
     def remove(self) -> None:

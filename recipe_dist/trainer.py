@@ -187,11 +187,12 @@ class Trainer:
         torch.manual_seed(mix_seed(cfg.train.seed, 5, info.rank))
 
         job = self.job or get_family(cfg.model.family)
-        loaded = job.load(self._model_dir(), cfg)
+        self.model_dir = self._model_dir()
+        loaded = job.load(self.model_dir, cfg)
         task = job.build_task(loaded, cfg)
         storage_options = storage.StorageOptions.from_config(cfg.data)
         storage.configure(storage_options)
-        urls = self._shard_urls()
+        self.urls = urls = self._shard_urls()
         check_shard_count(len(urls), info.world_size, cfg.data.num_workers, cfg.data.resampled)
         n_samples = run_on_main(count_samples, urls, cfg.data.on_corrupt)
 

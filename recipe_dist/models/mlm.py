@@ -8,6 +8,8 @@ the pooler is kept: `*ForMaskedLM` drops it, and POR/NeuBA backdoors live in the
 from __future__ import annotations
 
 import json
+import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -127,8 +129,16 @@ class MaskedLMFamily(ModelFamily):
             )
         return names
 
+    def ships_head(self, loaded: LoadedModel) -> bool:
+        """Whether the input weights carry the MLM head's transform (not only a tied decoder)."""
+        return not loaded.input_keys or any(k.startswith(self.head_attr + ".") for k in loaded.input_keys)
+
     def build_task(self, loaded: LoadedModel, cfg) -> MaskedLMTask:
         model = loaded.model
+        if not self.ships_head(loaded) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"recipe-dist: warning: {loaded.path} has no masked-LM head ({self.head_attr}.*): L_PT goes through a freshly "
+                  f"initialised head. Fit one first: recipe-dist fit-head --config configs/fit-head-bert.yaml "
+                  f"--model.path {loaded.path} --output_dir DIR, then purify DIR/model", file=sys.stderr, flush=True)
         names = self.regularized_names(model, cfg.model.regularized)
         chosen = set(names)
         for n, p in model.named_parameters():

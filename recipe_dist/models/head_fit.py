@@ -1,0 +1,93 @@
+"""`recipe-dist fit-head`: fit the masked-LM head of an encoder that ships without one.
+
+Sentence-transformers exports (MiniLM, MPNet, ...) keep only the encoder. Loaded as
+`*ForMaskedLM`, such a model gets a freshly initialised head transform (dense + LayerNorm) and
+decoder bias, so RECIPE's L_PT would be measured through a random layer; under the BERT policy
+that head also stays frozen, so L_PT could never become informative. This job trains only the
+head on the auxiliary shards with the encoder frozen: the transform, its LayerNorm and the decoder
+bias. The decoder weight stays tied to the word embeddings, as in pre-training. The export is a
+complete `*ForMaskedLM` directory (pooler kept) that purify, the attacks and evaluate read.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .base import LoadedModel
+from .mlm import MaskedLMFamily, MaskedLMTask
+
+
+def head_parameter_names(model: torch.nn.Module, head_attr: str) -> list[str]:
+    """The head's own parameters: everything under `head_attr` except the tied output embedding."""
+    tied = model.get_output_embeddings().weight
+    return [n for n, p in model.named_parameters() if n.startswith(head_attr + ".") and p is not tied]
+
+
+class HeadFitJob:
+    """A Trainer job: the family's masked-LM loss, only the head's parameters trainable, no regularizer."""
+
+    def __init__(self, family: MaskedLMFamily):
+        self.family = family
+
+    def load(self, path: Path, cfg) -> LoadedModel:
+        return self.family.load(path, cfg)
+
+    def build_task(self, loaded: LoadedModel, cfg) -> MaskedLMTask:
+        model = loaded.model
+        head = set(head_parameter_names(model, self.family.head_attr))
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in head)
+        return MaskedLMTask(model, self.family.head_attr, [], 0.0, 1.0, fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
+
+    def encoder(self, tokenizer, cfg):
+        return self.family.encoder(tokenizer, cfg)
+
+    def collate(self, tokenizer, cfg):
+        return self.family.collate(tokenizer, cfg)
+
+    def export(self, loaded: LoadedModel, state, out_dir: Path) -> list[Path]:
+        return self.family.export(loaded, state, out_dir)
+
+
+def masked_lm_metrics(model_dir: Path, family: MaskedLMFamily, cfg, urls: list[str], n_samples: int, batch: int = 32) -> dict:
+    """Masked-LM loss and top-1 accuracy of `model_dir` (as *ForMaskedLM loads it) on the first
+    `n_samples` samples of `urls`, with static masks seeded by sample key, so every model is
+    scored on the same masked positions."""
+    import copy
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from ..data.pipeline import pad_rows, shard_samples
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.masking = "static"
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    encode = family.encoder(tok, cfg)
+    samples = []
+    for url in urls:
+        for s in shard_samples(url, cfg.data.on_corrupt, record=False):
+            samples.append(encode({"__key__": s["__key__"], "text": s[cfg.data.text_key].decode("utf-8")}))
+            if len(samples) == n_samples:
+                break
+        if len(samples) == n_samples:
+            break
+    torch.manual_seed(0)  # a head that is missing is initialised the same way for every call
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            chunk = samples[i : i + batch]
+            ids, attn = pad_rows([f["input_ids"] for f in chunk], tok.pad_token_id)
+            labels, _ = pad_rows([f["labels"] for f in chunk], -100)
+            logits = model(input_ids=ids, attention_mask=attn).logits
+            picked = labels != -100
+            total += torch.nn.functional.cross_entropy(logits[picked].float(), labels[picked], reduction="sum").item()
+            correct += (logits[picked].argmax(-1) == labels[picked]).sum().item()
+            count += int(picked.sum())
+    loss = total / max(count, 1)
+    return {"samples": len(samples), "masked_positions": count, "loss": loss, "accuracy": 100.0 * correct / max(count, 1),
+            "perplexity": math.exp(min(loss, 50.0))}
