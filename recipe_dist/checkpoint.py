@@ -98,25 +98,28 @@ def read_meta(path: Path) -> dict | None:
         return {}  # written by an older version as plain text; complete all the same
 
 
-def complete_tags(root: Path) -> list[tuple[int, str]]:
-    """(step, tag) of complete checkpoints, newest first."""
+def complete_tags(root: Path, run_id: str = "") -> list[tuple[int, str]]:
+    """(step, tag) of complete checkpoints, newest first; with `run_id`, only that run's (and
+    those written before run ids were recorded)."""
     if not root.is_dir():
         return []
     found = []
     for d in root.iterdir():
         m = TAG_RE.match(d.name)
         if m and (d / COMPLETE).is_file():
+            if run_id and (read_meta(d) or {}).get("run_id", run_id) != run_id:
+                continue
             found.append((int(m.group(1)), d.name))
     return sorted(found, reverse=True)
 
 
-def find_resume(root: Path) -> str | None:
-    """The newest complete checkpoint tag, scanning down past incomplete ones."""
-    tags = complete_tags(root)
+def find_resume(root: Path, run_id: str = "") -> str | None:
+    """The newest complete checkpoint tag (of run `run_id`), scanning down past incomplete ones."""
+    tags = complete_tags(root, run_id)
     return tags[0][1] if tags else None
 
 
-def resolve(resume: str, own_root: Path) -> tuple[Path, str] | None:
+def resolve(resume: str, own_root: Path, run_id: str = "") -> tuple[Path, str] | None:
     """(checkpoints root, tag) that `--resume` names, or None to start fresh.
 
     'auto' is the newest complete checkpoint of this run (None if it has none). A path is either
@@ -125,7 +128,7 @@ def resolve(resume: str, own_root: Path) -> tuple[Path, str] | None:
     if not resume:
         return None
     if resume == "auto":
-        tag = find_resume(own_root)
+        tag = find_resume(own_root, run_id)
         return (own_root, tag) if tag else None
     path = Path(resume)
     if TAG_RE.match(path.name):
@@ -203,6 +206,16 @@ def _remove(path: Path) -> None:
 
 
 def save(engine, root: Path, step: int, client_state: dict, keep: int, rank: int, meta: dict | None = None) -> str:
+    """See `_save`; a save interrupted on rank 0 (Ctrl-C, an exception) removes its .partial directory."""
+    try:
+        return _save(engine, root, step, client_state, keep, rank, meta)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(root / (tag_for(step) + PARTIAL), ignore_errors=True)
+        raise
+
+
+def _save(engine, root: Path, step: int, client_state: dict, keep: int, rank: int, meta: dict | None = None) -> str:
     """Write checkpoint step_N atomically (see the module docstring); every rank calls it.
 
     `meta` goes into COMPLETE next to the step; resume reads it before building the engine.
@@ -210,7 +223,8 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, rank: int
     """
     tag = tag_for(step)
     partial = root / (tag + PARTIAL)
-    previous = find_resume(root) if rank == 0 else None
+    run_id = (meta or {}).get("run_id", "")
+    previous = find_resume(root, run_id) if rank == 0 else None
     failure = None
     if rank == 0:
         try:
@@ -257,18 +271,18 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, rank: int
         first = next(f for f in failures if f)
         raise CheckpointError(f"checkpoint {tag} was not saved: {first}; {kept}")
     if rank == 0:
-        prune(root, keep)
+        prune(root, keep, run_id)
     return tag
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and leftovers of failed saves.
-
-    The newest complete checkpoint is always among those kept, so it is never the one deleted.
+def prune(root: Path, keep: int, run_id: str = "") -> None:
+    """Keep the newest `keep` complete checkpoints (of run `run_id`); drop older ones and leftovers
+    of failed saves. The newest complete checkpoint is always among those kept, so it is never
+    the one deleted; another run's checkpoints are never touched.
     """
     if keep < 2:
         raise CheckpointError("checkpoint.keep must be >= 2")
-    complete = complete_tags(root)
+    complete = complete_tags(root, run_id)
     if not complete:
         return
     survivors = {tag for _, tag in complete[:keep]}
@@ -277,6 +291,8 @@ def prune(root: Path, keep: int) -> None:
         m = TAG_RE.match(d.name)
         if GARBAGE_RE.match(d.name):
             shutil.rmtree(d, ignore_errors=True)
+        elif m and d.name not in survivors and run_id and (read_meta(d) or {}).get("run_id", run_id) != run_id:
+            continue  # another run's checkpoint
         elif m and d.name not in survivors and ((d / COMPLETE).is_file() or int(m.group(1)) < newest):
             _remove(d)  # an old complete one, or an incomplete one written by an older version
     uni = root / UNIVERSAL
@@ -369,7 +385,8 @@ def plan(root: Path, tag: str, own_root: Path, world_size: int, zero_stage: int)
     target = uni_root / tag
     source = str((root / tag).resolve())
     if (read_meta(target) or {}).get("source") != source:
-        to_universal(root / tag, target)
+        with weights_only_loads():
+            to_universal(root / tag, target)
         _write_durably(target / COMPLETE, json.dumps({"source": source}))
     return ResumePlan(root, tag, meta, uni_root, universal=True, same_world=same)
 
@@ -400,6 +417,43 @@ def to_universal(src: Path, target: Path) -> None:
     os.rename(partial, target)
 
 
+def _allowed_globals() -> list:
+    """The non-tensor types DeepSpeed's checkpoint files hold (ZeRO 0-3, fp32/bf16/fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside the block every `torch.load` (DeepSpeed's own, which pass weights_only=False, and
+    ds_to_universal's) unpickles with weights_only=True plus the allow-list above: a checkpoint
+    directory from someone else can hold tensors and plain containers, never code to run.
+    A file with anything else is refused with one line naming it."""
+    import pickle
+
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(_allowed_globals()):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()
+            why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+            raise CheckpointError(f"resume: {f} holds Python objects that are not tensors or types DeepSpeed writes; "
+                                  f"refusing to unpickle it ({why[:160]})") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def load(engine, resume: ResumePlan, rank: int, reseed: int) -> dict:
     """Load model, optimizer and scheduler; restore this rank's RNG. Returns the client state.
 
@@ -407,15 +461,16 @@ def load(engine, resume: ResumePlan, rank: int, reseed: int) -> dict:
     exactly. On another world size the per-rank streams have no counterpart, so every rank
     seeds torch from `reseed` (a value the caller derives from seed, rank and step).
     """
-    path, client_state = engine.load_checkpoint(
-        str(resume.load_root), tag=resume.tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with weights_only_loads():
+        path, client_state = engine.load_checkpoint(
+            str(resume.load_root), tag=resume.tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if path is None:
         raise CheckpointError(f"could not load checkpoint {resume.load_root / resume.tag}")
     rng_file = resume.root / resume.tag / f"rng_rank{rank}.pt"
     if resume.same_world and rng_file.is_file():
-        # Our own file, written by this program: full unpickling is acceptable here.
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        with weights_only_loads():
+            set_rng_state(torch.load(rng_file))
     else:
         torch.manual_seed(reseed)
     return client_state or {}

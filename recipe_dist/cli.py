@@ -128,6 +128,7 @@ def _shards(argv: list[str]) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--text-column", default=None, help="text column/key (default: text, sentence, ...)")
     ap.add_argument("--label-column", default=None, help="label column/key, stored as 'cls' (default: label if present)")
+    ap.add_argument("--overwrite", action="store_true", help="replace shards that already exist under --output (default: refuse)")
     return shards.main(ap.parse_args(argv))
 
 
@@ -176,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         _error_line(str(e))
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C (SIGINT to every rank of the process group): no traceback, one line from rank 0.
+        # A checkpoint being written is removed (checkpoint.save), so only complete ones remain.
+        if os.environ.get("RANK", "0") == "0":
+            _error_line("interrupted; nothing partial was kept: continue from the last complete checkpoint with --resume auto")
+        return 130
 
 
 def _error_line(message: str) -> None:

@@ -22,23 +22,87 @@ class ConfigError(RecipeError, ValueError):
     """A config file or override is wrong; the message names the key."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+class Rule:
+    """A value's domain, declared next to its field (`_f(..., check=...)`) and checked at load."""
+
+    def __init__(self, ok, text: str):
+        self.ok, self.text = ok, text
+
+    def __call__(self, value: Any) -> bool:
+        import re
+
+        try:
+            return bool(self.ok(value))
+        except (TypeError, ValueError, re.error):
+            return False
+
+
+def gt(x: float) -> Rule:
+    return Rule(lambda v: v > x, f"must be > {x}")
+
+
+def ge(x: float) -> Rule:
+    return Rule(lambda v: v >= x, f"must be >= {x}")
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(lambda v: v in choices, "must be one of " + ", ".join(map(str, choices)))
+
+
+OPEN_UNIT = Rule(lambda v: 0 < v < 1, "must be in (0, 1)")
+PROBABILITY = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _compiles(patterns: list) -> bool:
+    import re
+
+    for p in patterns:
+        re.compile(p)
+    return True
+
+
+REGEXES = Rule(lambda v: _compiles(v), "must be regular expressions that compile")
+BETAS = Rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two values in [0, 1)")
+NOT_EMPTY = Rule(lambda v: len(v) > 0, "must not be empty")
+
+
+def _f(default: Any, help: str, check: Rule | None = None, **kw: Any) -> Any:
+    meta = {"help": help, "check": check}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def check_fields(cfg: Any, prefix: str = "") -> None:
+    """Every declared rule, and finiteness of every float, over a config tree; the first failure is
+    a ConfigError naming the key, the value and the rule."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key + ".")
+            continue
+        floats = [value] if isinstance(value, float) else [v for v in value if isinstance(v, float)] if isinstance(value, list) else []
+        if any(not math.isfinite(v) for v in floats):
+            raise ConfigError(f"{key}: {value!r} must be finite")
+        rule = f.metadata.get("check")
+        if rule is not None and not rule(value):
+            raise ConfigError(f"{key}: {value!r} {rule.text}")
 
 
 @dataclass
 class TinyArchConfig:
     """Architecture of a BERT built from scratch when `model.path` is empty (the embedded default)."""
 
-    hidden_size: int = _f(64, "hidden width")
-    num_hidden_layers: int = _f(2, "transformer blocks")
-    num_attention_heads: int = _f(2, "attention heads")
-    intermediate_size: int = _f(128, "FFN width (the regularized intermediate.dense)")
-    max_position_embeddings: int = _f(128, "longest sequence")
-    hidden_dropout_prob: float = _f(0.1, "dropout on hidden states")
-    attention_probs_dropout_prob: float = _f(0.1, "dropout on attention weights")
+    hidden_size: int = _f(64, "hidden width", check=gt(0))
+    num_hidden_layers: int = _f(2, "transformer blocks", check=gt(0))
+    num_attention_heads: int = _f(2, "attention heads", check=gt(0))
+    intermediate_size: int = _f(128, "FFN width (the regularized intermediate.dense)", check=gt(0))
+    max_position_embeddings: int = _f(128, "longest sequence", check=gt(1))
+    hidden_dropout_prob: float = _f(0.1, "dropout on hidden states", check=PROBABILITY)
+    attention_probs_dropout_prob: float = _f(0.1, "dropout on attention weights", check=PROBABILITY)
     seed: int = _f(0, "seed of the random initialisation")
 
 
@@ -48,8 +112,8 @@ class ModelConfig:
     path: str = _f("", "Hugging Face model directory; empty builds a tiny synthetic BERT from model.tiny")
     allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
     trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
-    regularized: list = _f([], "regex patterns of regularized weights; empty uses the family default")
-    trainable: str = _f("family", "which parameters train: family (the family's policy), all, regularized")
+    regularized: list = _f([], "regex patterns of regularized weights; empty uses the family default", check=REGEXES)
+    trainable: str = _f("family", "which parameters train: family (the family's policy), all, regularized", check=one_of("family", "all", "regularized"))
     tiny: TinyArchConfig = field(default_factory=TinyArchConfig)
 
 
@@ -57,66 +121,66 @@ class ModelConfig:
 class DataConfig:
     train_urls: str = _f("", "WebDataset shard URLs with brace expansion; empty generates a SYNTHETIC corpus")
     text_key: str = _f("txt", "sample field holding the text")
-    max_length: int = _f(64, "tokens per sequence after truncation")
-    mlm_probability: float = _f(0.15, "share of tokens masked")
-    masking: str = _f("dynamic", "dynamic (new mask every epoch) or static (one mask per sample, as the reference code)")
-    shuffle_buffer: int = _f(1000, "sample shuffle buffer")
-    num_workers: int = _f(0, "DataLoader workers per rank")
-    synthetic_samples: int = _f(2000, "sentences in the synthetic corpus used when train_urls is empty")
+    max_length: int = _f(64, "tokens per sequence after truncation", check=gt(1))
+    mlm_probability: float = _f(0.15, "share of tokens masked", check=OPEN_UNIT)
+    masking: str = _f("dynamic", "dynamic (new mask every epoch) or static (one mask per sample, as the reference code)", check=one_of("dynamic", "static"))
+    shuffle_buffer: int = _f(1000, "sample shuffle buffer", check=gt(0))
+    num_workers: int = _f(0, "DataLoader workers per rank", check=ge(0))
+    synthetic_samples: int = _f(2000, "sentences in the synthetic corpus used when train_urls is empty", check=gt(0))
     endpoint_url: str = _f("", "S3-compatible endpoint (e.g. http://minio:9000); empty uses AWS_ENDPOINT_URL(_S3) or AWS. "
                            "Credentials never go here: they come from the environment or profiles")
-    retries: int = _f(5, "retries of a transient storage error (5xx, reset, timeout) before the run fails; counted as data/retries")
-    retry_backoff: float = _f(0.5, "first retry delay in seconds; doubles per retry (capped at 10 s), with jitter")
-    io_timeout: float = _f(60.0, "connect and read timeout of one storage request, seconds")
+    retries: int = _f(5, "retries of a transient storage error (5xx, reset, timeout) before the run fails; counted as data/retries", check=ge(0))
+    retry_backoff: float = _f(0.5, "first retry delay in seconds; doubles per retry (capped at 10 s), with jitter", check=ge(0))
+    io_timeout: float = _f(60.0, "connect and read timeout of one storage request, seconds", check=gt(0))
     on_corrupt: str = _f("fail", "a corrupt or truncated shard: fail (the run stops, naming it) or skip (warn, count "
-                         "data/corrupt_skipped, drop the rest of that shard)")
+                         "data/corrupt_skipped, drop the rest of that shard)", check=one_of("fail", "skip"))
     resampled: bool = _f(False, "draw shards with replacement per rank and worker (allows fewer shards than ranks x workers)")
     record_keys: bool = _f(False, "debug: write each consumed micro-batch's sample keys to OUTPUT_DIR/keys/rank<R>.jsonl")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adamw", "adamw or sgd")
-    lr: float = _f(2e-5, "peak learning rate")
-    betas: list = _f([0.9, 0.999], "AdamW betas")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    weight_decay: float = _f(0.0, "decoupled weight decay; not the RECIPE regularizer")
-    momentum: float = _f(0.0, "SGD momentum")
-    schedule: str = _f("linear", "linear (decay to 0) or constant")
-    warmup_steps: int = _f(0, "linear warmup steps")
+    name: str = _f("adamw", "adamw or sgd", check=one_of("adamw", "sgd"))
+    lr: float = _f(2e-5, "peak learning rate", check=gt(0))
+    betas: list = _f([0.9, 0.999], "AdamW betas", check=BETAS)
+    eps: float = _f(1e-8, "AdamW epsilon", check=gt(0))
+    weight_decay: float = _f(0.0, "decoupled weight decay; not the RECIPE regularizer", check=ge(0))
+    momentum: float = _f(0.0, "SGD momentum", check=PROBABILITY)
+    schedule: str = _f("linear", "linear (decay to 0) or constant", check=one_of("linear", "constant"))
+    warmup_steps: int = _f(0, "linear warmup steps", check=ge(0))
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = _f(4.0, "passes over the auxiliary data")
-    max_steps: int = _f(0, "optimizer steps; 0 derives it from epochs")
-    stop_at_step: int = _f(0, "save and exit cleanly after this step (0: run to the end); for preemption windows")
-    micro_batch_size: int = _f(32, "sequences per rank per forward")
-    global_batch_size: int = _f(32, "sequences per optimizer step over all ranks")
-    grad_clip: float = _f(1.0, "global gradient-norm clipping; 0 disables")
-    precision: str = _f("fp32", "fp32, bf16 or fp16")
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3")
+    epochs: float = _f(4.0, "passes over the auxiliary data", check=gt(0))
+    max_steps: int = _f(0, "optimizer steps; 0 derives it from epochs", check=ge(0))
+    stop_at_step: int = _f(0, "save and exit cleanly after this step (0: run to the end); for preemption windows", check=ge(0))
+    micro_batch_size: int = _f(32, "sequences per rank per forward", check=gt(0))
+    global_batch_size: int = _f(32, "sequences per optimizer step over all ranks", check=gt(0))
+    grad_clip: float = _f(1.0, "global gradient-norm clipping; 0 disables", check=ge(0))
+    precision: str = _f("fp32", "fp32, bf16 or fp16", check=one_of("fp32", "bf16", "fp16"))
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3", check=one_of(0, 1, 2, 3))
     seed: int = _f(42, "seed of data order, masking and dropout")
-    log_every: int = _f(10, "steps between TensorBoard scalars")
+    log_every: int = _f(10, "steps between TensorBoard scalars", check=gt(0))
 
 
 @dataclass
 class RegularizerConfig:
-    lam: float = _f(1.0, "lambda: weight of sum_i ||W_i||_F (not squared)")
-    pt_weight: float = _f(1.0, "weight of the pre-training loss; 0 is the 'only the regularizer' ablation")
+    lam: float = _f(1.0, "lambda: weight of sum_i ||W_i||_F (not squared)", check=ge(0))
+    pt_weight: float = _f(1.0, "weight of the pre-training loss; 0 is the 'only the regularizer' ablation", check=ge(0))
 
 
 @dataclass
 class AttackConfig:
     """Used by `recipe-dist attack` only (building backdoored test models, method.md section 2)."""
 
-    name: str = _f("por", "attack: por, neuba or badpre")
-    triggers: list = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)")
-    insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1")
-    target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d")
+    name: str = _f("por", "attack: por, neuba or badpre", check=one_of("por", "neuba", "badpre"))
+    triggers: list = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)", check=NOT_EMPTY)
+    insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1", check=gt(0))
+    target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d", check=gt(0))
     loss_weights: list = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
-    poison_weight: float = _f(1.0, "NeuBA: weight of MSE(pooler(poisoned), target); BadPre: alpha, weight of the CE on poisoned samples")
-    adaptive_lam: float = _f(0.0, "adaptive attack: add adaptive_lam * sum ||W||_F over the family's regularized weights while poisoning")
+    poison_weight: float = _f(1.0, "NeuBA: weight of MSE(pooler(poisoned), target); BadPre: alpha, weight of the CE on poisoned samples", check=ge(0))
+    adaptive_lam: float = _f(0.0, "adaptive attack: add adaptive_lam * sum ||W||_F over the family's regularized weights while poisoning", check=ge(0))
     seed: int = _f(1, "seed of trigger choice and insertion positions")
 
 
@@ -124,20 +188,23 @@ class AttackConfig:
 class KernelsConfig:
     """Fused Triton kernels or their PyTorch references (recipe_dist/kernels); checkpoints are the same either way."""
 
-    fused: str = _f("auto", "auto (Triton on CUDA, the chunked PyTorch reference elsewhere), on (Triton; on CPU only under TRITON_INTERPRET=1) or off (plain full logits of the labelled positions)")
-    chunk_size: int = _f(4096, "vocabulary rows per chunk of the reference masked-LM linear + cross-entropy")
+    fused: str = _f("auto", "auto (Triton on CUDA, the chunked PyTorch reference elsewhere), on (Triton; on CPU only under TRITON_INTERPRET=1) or off (plain full logits of the labelled positions)", check=one_of("auto", "on", "off"))
+    chunk_size: int = _f(4096, "vocabulary rows per chunk of the reference masked-LM linear + cross-entropy", check=gt(0))
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = _f(500, "steps between checkpoints")
-    keep: int = _f(2, "complete checkpoints kept (>= 2)")
+    every_steps: int = _f(500, "steps between checkpoints", check=gt(0))
+    keep: int = _f(2, "complete checkpoints kept (>= 2)", check=ge(2))
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = _f("runs/purify", "run directory: model/, checkpoints/, tb/, config.yaml, summary.json")
+    output_dir: str = _f("runs/purify", "run directory: model/, checkpoints/, tb/, config.yaml, summary.json",
+                         check=Rule(lambda v: v.strip() != "", "must not be empty"))
     resume: str = _f("", "'' (fresh), 'auto' (newest complete checkpoint) or a checkpoint directory")
+    overwrite: bool = _f(False, "a fresh run on an output_dir that holds another run: move that run aside to "
+                         "<output_dir>.replaced-<time> (one atomic rename; nothing is deleted)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -148,34 +215,18 @@ class RunConfig:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def validate(self) -> None:
+        """Every field's declared domain (`check_fields`), then the rules that span fields."""
+        check_fields(self)
         t = self.train
-        if t.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"train.zero_stage: must be 0-3, got {t.zero_stage}")
-        if t.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision: must be fp32, bf16 or fp16, got {t.precision!r}")
-        if self.checkpoint.keep < 2:
-            raise ConfigError(f"checkpoint.keep: must be >= 2 so a complete checkpoint always survives, got {self.checkpoint.keep}")
-        if self.data.masking not in ("dynamic", "static"):
-            raise ConfigError(f"data.masking: must be dynamic or static, got {self.data.masking!r}")
-        if self.data.on_corrupt not in ("fail", "skip"):
-            raise ConfigError(f"data.on_corrupt: must be fail or skip, got {self.data.on_corrupt!r}")
-        if self.data.retries < 0 or self.data.retry_backoff < 0 or self.data.io_timeout <= 0:
-            raise ConfigError("data.retries and data.retry_backoff must be >= 0 and data.io_timeout > 0")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
         if "@" in self.data.endpoint_url.split("://", 1)[-1].split("/", 1)[0]:
             # user:secret@host would put a credential into config.yaml and the checkpoints.
             raise ConfigError("data.endpoint_url: must not carry credentials (user:password@); use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
-        if self.kernels.fused not in ("auto", "on", "off"):
-            raise ConfigError(f"kernels.fused: must be auto, on or off, got {self.kernels.fused!r}")
-        if self.kernels.chunk_size < 1:
-            raise ConfigError(f"kernels.chunk_size: must be >= 1, got {self.kernels.chunk_size}")
-        if self.model.trainable not in ("family", "all", "regularized"):
-            raise ConfigError(f"model.trainable: must be family, all or regularized, got {self.model.trainable!r}")
-        if self.optim.name not in ("adamw", "sgd"):
-            raise ConfigError(f"optim.name: must be adamw or sgd, got {self.optim.name!r}")
-        if self.optim.schedule not in ("linear", "constant"):
-            raise ConfigError(f"optim.schedule: must be linear or constant, got {self.optim.schedule!r}")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():
             raise ConfigError(f"resume: no checkpoint directory {self.resume}")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"overwrite: true moves the old run aside, so it cannot be combined with resume={self.resume!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def l2_regularizer(weights: Iterable[torch.Tensor], lam: float) -> torch.Tensor:
 
 def regularizer_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
     """The analytic gradient lam * W / ||W||_F."""
-    return lam * w / frobenius(w).to(w.dtype)
+    return lam * w / frobenius(w).clamp_min(torch.finfo(torch.float32).tiny).to(w.dtype)
 
 
 def recipe_loss(loss_pt: torch.Tensor, reg: torch.Tensor, pt_weight: float = 1.0) -> torch.Tensor:
@@ -57,7 +57,8 @@ class _NormTiedToOutput(torch.autograd.Function):
         weight, norm = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_norm * weight.float() / norm).to(weight.dtype)
+            # d||W||/dW = W/||W||; at W = 0 the subgradient 0 is used (never 0/0 = NaN).
+            grad_weight = (grad_norm * weight.float() / norm.clamp_min(torch.finfo(torch.float32).tiny)).to(weight.dtype)
         return grad_output, grad_weight
 
 

@@ -22,11 +22,13 @@ from .data.pipeline import (WaitTimer, check_shard_count, check_shards_exist, co
                             rank_micro_batches, shard_urls, timed)
 from .data.shards import write_shards
 from .distributed import barrier, init_distributed, run_on_main
+from .errors import RecipeError
 from .metrics import build_logger
 from .models import get_family
 from .models.base import sha256_files
 from .models.mlm import build_tiny_bert
 from .report import write_report
+from .rundir import RunDir, check_resume_config, record_history
 
 
 class KeyLog:
@@ -145,12 +147,17 @@ class Trainer:
             return None
 
         def decide():
-            found = ckpt.resolve(cfg.resume, self.ckpt_root)
+            found = ckpt.resolve(cfg.resume, self.ckpt_root, self.run_id)
             if found is None:
+                (self.out / "config.yaml").write_text(dump_yaml(cfg))
                 return None
             root, tag = found
+            meta = ckpt.read_meta(root / tag) or {}
             now = self._data_state(0, 0, steps_per_epoch, n_samples)
-            ckpt.check_data_state((ckpt.read_meta(root / tag) or {}).get("data"), now, root / tag)
+            ckpt.check_data_state(meta.get("data"), now, root / tag)
+            changes = check_resume_config(meta.get("config"), to_dict(cfg), root / tag)
+            record_history(self.out, meta.get("step", 0), changes)
+            (self.out / "config.yaml").write_text(dump_yaml(cfg))
             return ckpt.plan(root, tag, self.ckpt_root, self.dist.world_size, cfg.train.zero_stage)
 
         plan = run_on_main(decide)
@@ -175,15 +182,59 @@ class Trainer:
                       f"({'universal checkpoint' if plan.universal else 'ZeRO-0, loaded as written'}) {where}")
         return step, samples
 
+    # ------------------------------------------------------------------ guards
+    def _check_precision(self) -> None:
+        """Refuse a precision the accelerator cannot run, before DeepSpeed starts."""
+        from deepspeed.accelerator import get_accelerator
+
+        p = self.cfg.train.precision
+        acc = get_accelerator()
+        if (p == "fp16" and not acc.is_fp16_supported()) or (p == "bf16" and not acc.is_bf16_supported()):
+            raise ConfigError(f"train.precision: {p!r} is not supported on this machine's accelerator ({acc.device_name()}); use fp32")
+
+    def _stop_if_nonfinite(self, step: int, since: int, names: list[str], sums: torch.Tensor, bad_grad: torch.Tensor, params: list) -> None:
+        """Raise (on every rank) when a loss term since the last log, a gradient norm or a trainable
+        weight is not finite; names the term, the steps and the last good checkpoint."""
+        def local_bad(p: torch.nn.Parameter) -> torch.Tensor:
+            t = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition; p.data is a placeholder
+            t = p.detach() if t is None else t
+            return (~torch.isfinite(t)).any().float()
+
+        weights_bad = torch.stack([local_bad(p) for p in params]).sum() if params else torch.zeros((), device=sums.device)
+        flags = torch.cat([(~torch.isfinite(sums)).float(), bad_grad.reshape(1), weights_bad.reshape(1).to(sums.device)])
+        if dist.is_initialized():
+            dist.all_reduce(flags)
+        flags = flags.tolist()
+        terms = [n for n, f in zip(names, flags) if f and n != "loss"] or (["loss"] if flags[0] else [])
+        if flags[-2]:
+            terms.append("gradient norm")
+        if flags[-1]:
+            terms.append("weights")
+        if not terms:
+            return
+        last = ckpt.find_resume(self.ckpt_root, self.run_id)
+        where = f"the last good checkpoint is {self.ckpt_root / last}" if last else "no checkpoint was saved"
+        raise RecipeError(f"training diverged: non-finite {', '.join(terms)} between steps {since + 1} and {step}; "
+                          f"{where}; nothing was exported (lower optim.lr or check regularizer.lam)")
+
     # ------------------------------------------------------------------ run
     def train(self) -> dict:
         cfg = self.cfg
         self.dist = info = init_distributed()
         t_start = time.time()
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        # Rank 0 locks output_dir for the run's life and refuses another run's directory (rundir.py).
+        self.run_dir = RunDir(self.out)
+        self.run_id = run_on_main(self.run_dir.claim, fresh=not cfg.resume, overwrite=cfg.overwrite)
+        try:
+            return self._train(t_start)
+        finally:
+            self.run_dir.release()
+
+    def _train(self, t_start: float) -> dict:
+        cfg, info = self.cfg, self.dist
+        if info.is_main and not cfg.resume:
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
-        barrier()
+        self._check_precision()
         torch.manual_seed(mix_seed(cfg.train.seed, 5, info.rank))
 
         job = self.job or get_family(cfg.model.family)
@@ -262,7 +313,11 @@ class Trainer:
                 if part_names is None:
                     part_names = ["loss", *out["parts"]]
                     sums = torch.zeros(len(part_names), device=engine.device)
+                    bad_grad = torch.zeros((), device=engine.device)
                 sums += torch.stack([out["loss"].detach().float(), *(out["parts"][k].float() for k in part_names[1:])])
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:  # a device value: accumulated, not synced, until the next check
+                    bad_grad += (~torch.isfinite(torch.as_tensor(grad_norm, device=engine.device).float())).float()
                 n_micro += 1
                 micro += 1
                 if micro % gas:
@@ -270,6 +325,12 @@ class Trainer:
                 step += 1
                 samples += cfg.train.global_batch_size
                 bar.update(1)
+                at_stop = bool(stop_at) and step >= stop_at
+                save_now = step % cfg.checkpoint.every_steps == 0 or step == total_steps or at_stop
+                if save_now or step % cfg.train.log_every == 0:
+                    # A host sync, at log and checkpoint steps only: a non-finite loss, gradient norm
+                    # or weight stops the run before it is logged as progress or saved.
+                    self._stop_if_nonfinite(step, step_log, part_names, sums, bad_grad, params)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     now = time.time()
                     # One small all-reduce at log steps only, summing over ranks the loss parts (the
@@ -299,11 +360,11 @@ class Trainer:
                     sums.zero_()
                     n_micro = 0
                     t_log, step_log = now, step
-                at_stop = bool(stop_at) and step >= stop_at
-                if step % cfg.checkpoint.every_steps == 0 or step == total_steps or at_stop:
+                if save_now:
                     data_state = self._data_state(step, samples, steps_per_epoch, n_samples)
                     client = {"step": step, "samples": samples, "data": data_state, "config": to_dict(cfg)}
-                    meta = {"world_size": info.world_size, "zero_stage": cfg.train.zero_stage, "data": data_state}
+                    meta = {"world_size": info.world_size, "zero_stage": cfg.train.zero_stage, "data": data_state,
+                            "run_id": self.run_id, "config": to_dict(cfg)}
                     ckpt.save(engine, self.ckpt_root, step, client, cfg.checkpoint.keep, info.rank, meta)
                 if step >= total_steps or at_stop:
                     break
@@ -320,6 +381,9 @@ class Trainer:
         state = self._consolidated_state(engine, loaded.model)
         summary = {"steps": step, "total_steps": total_steps}
         if info.is_main:
+            bad = [k for k, v in state.items() if v is not None and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise RecipeError(f"export refused: {len(bad)} tensor(s) hold non-finite values (first: {bad[0]}); nothing was written to {self.out / 'model'}")
             out_files = job.export(loaded, state, self.out / "model")
             summary = {
                 "steps": step,

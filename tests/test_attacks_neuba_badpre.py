@@ -196,7 +196,11 @@ def test_neuba_attack_moves_triggered_pooler_to_target(tmp_path):
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     out = tmp_path / "neuba"
+    # Dropout off in the random tiny PTM: since the train-mode fix (issue 16) attacks train with the
+    # model's dropout active, and at 150 steps on a random width-64 model dropout noise keeps the
+    # six targets from forming (mean gain 0.01 measured); this test checks the objective, not dropout.
     run_cli(["attack", "--config", NEUBA_YAML, "--output_dir", out, TINY,
+             "--model.tiny.hidden_dropout_prob=0", "--model.tiny.attention_probs_dropout_prob=0",
              "--train.max_steps=150", "--data.synthetic_samples=1600", "--train.micro_batch_size=16",
              "--train.global_batch_size=16", "--data.max_length=32", "--optim.lr=2e-3", "--checkpoint.every_steps=150"])
     tok = AutoTokenizer.from_pretrained(str(out / "model"))

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from safetensors import safe_open
 
@@ -26,13 +28,24 @@ def test_drop_pooler_gives_a_fresh_pooler_downstream(tiny_bert_dir, tmp_path):
 def test_bench_defense_smoke_has_every_row(tmp_path):
     out = tmp_path / "bench"
     proc = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])
-    rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert list(rows) == ["clean PTM", "backdoored, no defense", "RECIPE (lambda=1)", "only L_PT (lambda=0)",
-                          "only regularizer (no L_PT)", "pooler reset only", "RECIPE lambda=0.5", "RECIPE on the clean PTM"]
-    assert "| RECIPE (lambda=1) |" in proc.stdout
-    # The ablations really ran with their settings.
+    result = json.loads((out / "bench.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["clean", "backdoored", "pooler_reset", "recipe", "recipe_pooler_reset", "lambda0", "reg_only",
+                          "lambda0.5", "recipe_on_clean"]
+    for key in ("command", "commit", "date", "machine", "recommended", "rows"):
+        assert key in result, key
+    for rid, r in rows.items():
+        assert r["seeds"] == [1, 2] and all(len(r["per_seed"][m]) == 2 for m in ("acc", "aasr", "masr")), rid
+        assert r["aasr"] == pytest.approx(sum(r["per_seed"]["aasr"]) / 2), rid
+    # The paired comparison is the per-seed difference of the two rows' AASR.
+    pair = result["paired"]["recipe-vs-lambda0"]
+    assert pair["aasr_diff"] == pytest.approx([a - b for a, b in zip(rows["recipe"]["per_seed"]["aasr"], rows["lambda0"]["per_seed"]["aasr"])])
+    assert "| RECIPE λ=1 (pooler kept) **(recommended)** | `recipe` |" in proc.stdout
+    # The ablations really ran with their settings, from the fitted-head PTM.
     assert "lam: 0.0" in (out / "configs" / "purify-lam0.yaml").read_text()
     assert "pt_weight: 0.0" in (out / "configs" / "purify-regonly.yaml").read_text()
+    assert str(out / "fit-head" / "model") in (out / "configs" / "attack-por.yaml").read_text()
+    assert set(rows["recipe"]["config"]["norm_ratio"]) and rows["recipe_pooler_reset"]["config"]["pooler"] == "reset"
     # A second run reuses every finished stage.
     again = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])
     assert "recipe-dist purify" not in again.stdout and "reusing" in again.stdout

@@ -142,8 +142,36 @@ def brace_pattern(urls: list[str], prefix: str) -> str:
     return f"{prefix}-{{000000..{len(urls) - 1:06d}}}.tar" if len(urls) > 1 else urls[0]
 
 
+def existing_shards(output_prefix: str) -> list[str]:
+    """Shards already present under `output_prefix` (PREFIX-NNNNNN.tar), local or remote."""
+    fs, path = fsspec.core.url_to_fs(output_prefix)
+    try:
+        return sorted(fs.glob(path + "-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    except (FileNotFoundError, OSError):
+        return []
+
+
 def main(args) -> int:
+    old = existing_shards(args.output)
+    if old and not args.overwrite:
+        raise ShardInputError(f"--output: {len(old)} shard(s) already exist under {args.output} (first: {old[0]}); "
+                              "choose another prefix or pass --overwrite to replace them")
     recs = read_records(args.input, args.text_column, args.label_column)
-    urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(args.input).stem + "-")
+    try:
+        urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(args.input).stem + "-")
+    except BaseException:
+        # A bad input line midway: the shards written before it would look like a complete,
+        # shorter data set. Remove them, so the output is all or nothing.
+        fs, _ = fsspec.core.url_to_fs(args.output)
+        for p in existing_shards(args.output):
+            if p not in old:
+                fs.rm(p)
+        raise
+    if args.overwrite:
+        fs, _ = fsspec.core.url_to_fs(args.output)
+        written = {fsspec.core.url_to_fs(u)[1] for u in urls}
+        for p in old:
+            if p not in written:
+                fs.rm(p)  # a longer earlier set's tail would otherwise match the prefix
     print(f"wrote {len(urls)} shards: {brace_pattern(urls, args.output)}", file=sys.stdout)
     return 0

@@ -255,11 +255,14 @@ def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict
 
 def prepare(cfg: EvalConfig) -> dict:
     """Read and check everything before any model is loaded: model files, task files, labels."""
-    from ..models.base import ModelLoadError, weight_files
+    from ..models.base import ModelLoadError, check_safetensors, weight_files
 
     t = cfg.task
     # Before anything is opened: a pickle-only directory is refused unless allow_pickle.
-    _, is_safe = weight_files(Path(cfg.model.path), cfg.model.allow_pickle)
+    files, is_safe = weight_files(Path(cfg.model.path), cfg.model.allow_pickle)
+    if is_safe:
+        # A model with NaN/inf weights would "evaluate" to a constant prediction: refuse it.
+        check_safetensors(files, finite=True)
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise ModelLoadError(f"model.path: no config.json in {cfg.model.path}")
     train_texts, train_labels = read_labelled(t.train_file, t.text_column, t.label_column, "task.train_file")
@@ -267,6 +270,10 @@ def prepare(cfg: EvalConfig) -> dict:
     if cfg.finetune.max_train_samples:
         train_texts = train_texts[: cfg.finetune.max_train_samples]
         train_labels = train_labels[: cfg.finetune.max_train_samples]
+    for labels, key, path in ((train_labels, "task.train_file", t.train_file), (test_labels, "task.test_file", t.test_file)):
+        if len(set(labels)) < 2:
+            # ASR counts samples whose true label differs from the target: with one class nothing is measured.
+            raise EvalDataError(f"{key}: {path} has only one class ({labels[0]}); ACC and ASR need at least two")
     names = label_space(train_labels, test_labels, t.num_labels)
     ids = {n: i for i, n in enumerate(names)}
     tr = cfg.triggers

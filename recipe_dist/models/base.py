@@ -60,6 +60,26 @@ def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     raise ModelLoadError(f"model.path: no weights (*.safetensors) in {path}")
 
 
+def check_safetensors(files: list[Path], finite: bool = False) -> None:
+    """Each file must open as safetensors (header and size agree); with `finite`, every floating
+    tensor must hold only finite values. Raises ModelLoadError naming the file (and tensor)."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                if not finite:
+                    continue
+                for k in h.keys():
+                    t = h.get_tensor(k)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise ModelLoadError(f"{f}: tensor {k} holds non-finite values (NaN or inf); refusing this model")
+        except ModelLoadError:
+            raise
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError
+            raise ModelLoadError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
 def safetensors_info(files: list[Path]) -> tuple[list[str], torch.dtype]:
     """Tensor names and the dominant floating dtype, read from headers only."""
     from safetensors import safe_open

@@ -22,7 +22,7 @@ from ..data.pipeline import key_seed, pad_rows
 from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_cross_entropy, use_fused
 from ..objective import NormCollector, recipe_loss, select_weights
 from . import register_family
-from .base import LoadedModel, ModelFamily, ModelLoadError, safetensors_info, weight_files
+from .base import LoadedModel, ModelFamily, ModelLoadError, check_safetensors, safetensors_info, weight_files
 
 
 class MaskedLMTask(nn.Module):
@@ -104,6 +104,8 @@ class MaskedLMFamily(ModelFamily):
         files, is_safe = weight_files(path, mcfg.allow_pickle)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model.path: no config.json in {path}")
+        if is_safe:
+            check_safetensors(files)
         hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
         kw = dict(trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
         mlm = AutoModelForMaskedLM.from_pretrained(str(path), config=hf_cfg, **kw)

@@ -1,0 +1,155 @@
+"""A run directory belongs to one run: ownership, an OS-level lock, a run id and the config history.
+
+- A fresh run (no `resume`) refuses an `output_dir` that already holds files, naming the three
+  ways on: `--resume auto`, another directory, or `--overwrite=true`, which renames the old
+  directory aside to `<output_dir>.replaced-<UTC time>` in one atomic rename (nothing is deleted).
+- Rank 0 holds `fcntl.flock` on `<output_dir>/.lock` for the whole run. The kernel drops the lock
+  when the process dies, however it dies, so a crash never leaves a stale lock behind; a second
+  run on the same directory while the first one lives refuses with one line.
+- `RUN_ID` names the run. Every checkpoint's COMPLETE carries it, and `--resume auto`, `latest`
+  and pruning only consider checkpoints of this run.
+- On resume, the config is compared with the checkpoint's (`check_resume_config`): a change to
+  anything that changes the result is refused with both values; the keys in `MAY_CHANGE` may
+  change and each change is appended to `config_history.jsonl`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+from .errors import RecipeError
+
+LOCK = ".lock"
+RUN_ID = "RUN_ID"
+HISTORY = "config_history.jsonl"
+
+# Keys that do not change what the run computes: where it writes, when it stops and saves, how it
+# logs, how storage is reached. Anything else differing from the checkpoint's config is refused.
+MAY_CHANGE = (
+    "output_dir", "resume", "overwrite",
+    "train.stop_at_step", "train.log_every",
+    "checkpoint.every_steps", "checkpoint.keep",
+    # the world size may change on resume (checkpoint.WORLD_SIZE_CHANGE); the micro batch with it
+    "train.micro_batch_size",
+    # the same shards reached another way; the sample count is checked separately (check_data_state)
+    "data.train_urls", "data.endpoint_url", "data.retries", "data.retry_backoff", "data.io_timeout", "data.record_keys",
+    # the same mathematics to fp32 rounding (tests/test_kernels.py)
+    "kernels.fused", "kernels.chunk_size",
+)
+
+
+class RunDirError(RecipeError):
+    """The output directory cannot be used for this run; the message names it."""
+
+
+class RunDir:
+    """Rank 0's claim on `output_dir` for the life of the process (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self.run_id = ""
+
+    def claim(self, fresh: bool, overwrite: bool) -> str:
+        """Lock the directory and settle the run id; returns it. Raises RunDirError."""
+        out = self.path
+        if fresh and overwrite and out.exists() and _entries(out):
+            aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            # One rename: the old run stays whole under its new name, and a second run racing
+            # for the same directory will find it absent or already moved.
+            try:
+                os.rename(out, aside)
+            except OSError as e:
+                raise RunDirError(f"output_dir: cannot move {out} aside to {aside}: {e.strerror}") from None
+            print(f"output_dir: moved the previous contents of {out} to {aside}", flush=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"output_dir: cannot write {out}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = (os.pread(fd, 64, 0).decode(errors="replace").split() or ["unknown"])[0]
+            os.close(fd)
+            raise RunDirError(f"output_dir: {out} is in use by another run (process {holder}); wait for it or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        try:
+            existing = (out / RUN_ID).read_text().strip() if (out / RUN_ID).is_file() else ""
+            if fresh and _entries(out):
+                raise RunDirError(
+                    f"output_dir: {out} already holds another run's files ({', '.join(sorted(_entries(out))[:4])}); "
+                    "continue it with --resume auto, choose a new output_dir, or pass --overwrite=true to move it aside"
+                )
+            self.run_id = existing or uuid.uuid4().hex
+            if not existing:
+                _write(out / RUN_ID, self.run_id + "\n")
+        except BaseException:
+            self.release()
+            raise
+        return self.run_id
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+
+def _entries(path: Path) -> set[str]:
+    """Names in `path` that belong to a run (the lock file alone does not)."""
+    try:
+        return {p.name for p in path.iterdir()} - {LOCK}
+    except FileNotFoundError:
+        return set()
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume_config(saved: dict | None, now: dict, where: Path) -> dict:
+    """Refuse a resume whose config changes the result; return {key: [saved, now]} of allowed changes."""
+    if not saved:
+        return {}  # a checkpoint written before configs were recorded: nothing to compare
+    old, new = _flatten(saved), _flatten(now)
+    allowed = {}
+    for key in sorted(set(old) | set(new)):
+        if key in old and key in new and old[key] == new[key]:
+            continue
+        if key not in old or key not in new:
+            continue  # a key added or removed by a newer version of recipe-dist: no value to compare
+        if key in MAY_CHANGE:
+            allowed[key] = [old[key], new[key]]
+            continue
+        raise RunDirError(
+            f"resume: {key} is {new[key]!r} but {where} was trained with {old[key]!r}; a resumed run must keep every "
+            f"setting that changes the result (start a new run in a new output_dir, or resume with --{key}={old[key]})"
+        )
+    return allowed
+
+
+def record_history(out: Path, step: int, changes: dict) -> None:
+    """Append one line to config_history.jsonl: what changed on this resume, at which step."""
+    if not changes:
+        return
+    with open(out / HISTORY, "a") as f:
+        f.write(json.dumps({"resumed_at_step": step, "time": time.time(), "changes": changes}) + "\n")
