@@ -161,7 +161,13 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
+def _slurm(argv: list[str]) -> int:
+    from .slurm import main
+
+    return main(argv)
+
+
+COMMANDS = {"slurm": _slurm, "demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class PreemptConfig:
+    """Preemption and time limits (SLURM's --signal, or any scheduler that warns with a signal)."""
+
+    signals: list = _f(["USR1", "TERM"], "signals that mean 'save and stop': the run finishes its step, saves a "
+                       "checkpoint, requeues itself under SLURM and exits 0", check=Rule(lambda v: all(hasattr(__import__("signal"), "SIG" + x) for x in v), "must be signal names such as USR1, TERM"))
+    requeue: str = _f("auto", "after a signalled save: auto (scontrol requeue when running under SLURM) or never", check=one_of("auto", "never"))
+    max_requeues: int = _f(5, "a job already requeued this many times (SLURM_RESTART_COUNT) stops with an error instead of requeueing again", check=ge(0))
+
+
+@dataclass
 class RunConfig:
     output_dir: str = _f("runs/purify", "run directory: model/, checkpoints/, tb/, config.yaml, summary.json",
                          check=Rule(lambda v: v.strip() != "", "must not be empty"))
@@ -213,6 +223,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
     def validate(self) -> None:
         """Every field's declared domain (`check_fields`), then the rules that span fields."""

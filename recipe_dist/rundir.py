@@ -31,7 +31,7 @@ HISTORY = "config_history.jsonl"
 # Keys that do not change what the run computes: where it writes, when it stops and saves, how it
 # logs, how storage is reached. Anything else differing from the checkpoint's config is refused.
 MAY_CHANGE = (
-    "output_dir", "resume", "overwrite",
+    "output_dir", "resume", "overwrite", "preempt.signals", "preempt.requeue", "preempt.max_requeues",
     "train.stop_at_step", "train.log_every",
     "checkpoint.every_steps", "checkpoint.keep",
     # the world size may change on resume (checkpoint.WORLD_SIZE_CHANGE); the micro batch with it
@@ -153,3 +153,9 @@ def record_history(out: Path, step: int, changes: dict) -> None:
         return
     with open(out / HISTORY, "a") as f:
         f.write(json.dumps({"resumed_at_step": step, "time": time.time(), "changes": changes}) + "\n")
+
+
+def write_progress(out: Path, step: int, total_steps: int, steps_per_second: float) -> None:
+    """progress.json: the last logged step, the run's length and its recent speed (rank 0, log steps)."""
+    _write(out / "progress.json", json.dumps({"step": step, "total_steps": total_steps, "steps_per_second": steps_per_second,
+                                              "time": time.time()}) + "\n")

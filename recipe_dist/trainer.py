@@ -28,7 +28,8 @@ from .models import get_family
 from .models.base import sha256_files
 from .models.mlm import build_tiny_bert
 from .report import write_report
-from .rundir import RunDir, check_resume_config, record_history
+from .preempt import Preemption, requeue
+from .rundir import RunDir, check_resume_config, record_history, write_progress
 
 
 class KeyLog:
@@ -291,6 +292,8 @@ class Trainer:
         data_timer = WaitTimer()
         keys_log = KeyLog(self.out / "keys", info.rank, info.world_size, step) if cfg.data.record_keys else None
 
+        self.preemption = Preemption(cfg.preempt.signals)
+        preempted = False
         bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc=self.name, unit="step", dynamic_ncols=True)
         # Loss and its parts summed on the device since the last log: no host sync per micro-batch.
         part_names = None
@@ -299,7 +302,7 @@ class Trainer:
         last = None
         t_log, step_log = time.time(), step
         stop_at = cfg.train.stop_at_step
-        while step < total_steps and not (stop_at and step >= stop_at):
+        while step < total_steps and not (stop_at and step >= stop_at) and not preempted:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
             micro = done_in_epoch * gas
             for features in timed(rank_micro_batches(make_stream, epoch, quota, cfg.data.num_workers, skip=micro, seed=cfg.train.seed), data_timer):
@@ -326,7 +329,9 @@ class Trainer:
                 samples += cfg.train.global_batch_size
                 bar.update(1)
                 at_stop = bool(stop_at) and step >= stop_at
-                save_now = step % cfg.checkpoint.every_steps == 0 or step == total_steps or at_stop
+                # Every rank stops after the same step when any was signalled (preempt.py).
+                preempted = self.preemption.agreed(engine.device)
+                save_now = step % cfg.checkpoint.every_steps == 0 or step == total_steps or at_stop or preempted
                 if save_now or step % cfg.train.log_every == 0:
                     # A host sync, at log and checkpoint steps only: a non-finite loss, gradient norm
                     # or weight stops the run before it is logged as progress or saved.
@@ -357,6 +362,8 @@ class Trainer:
                         step,
                     )
                     bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+                    if info.is_main:  # for `recipe-dist slurm status`: where the run stands, and how fast
+                        write_progress(self.out, step, total_steps, (step - step_log) / max(now - t_log, 1e-9))
                     sums.zero_()
                     n_micro = 0
                     t_log, step_log = now, step
@@ -366,12 +373,20 @@ class Trainer:
                     meta = {"world_size": info.world_size, "zero_stage": cfg.train.zero_stage, "data": data_state,
                             "run_id": self.run_id, "config": to_dict(cfg)}
                     ckpt.save(engine, self.ckpt_root, step, client, cfg.checkpoint.keep, info.rank, meta)
-                if step >= total_steps or at_stop:
+                if step >= total_steps or at_stop or preempted:
                     break
         bar.close()
         logger.close()
         if keys_log:
             keys_log.close()
+        self.preemption.restore()
+
+        if preempted and step < total_steps:
+            # Rank 0 decides and requeues; a refusal (too many requeues) is raised on every rank.
+            what = run_on_main(requeue, cfg.preempt.requeue, cfg.preempt.max_requeues)
+            if info.is_main:
+                print(f"{self.preemption.signal_name.removeprefix('SIG')} received: saved step {step}/{total_steps}; {what}", flush=True)
+            return {"steps": step, "stopped": True, "preempted": True}
 
         if stop_at and step < total_steps:
             if info.is_main:

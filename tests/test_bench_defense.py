@@ -30,7 +30,7 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     proc = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])
     result = json.loads((out / "bench.json").read_text())
     rows = result["rows"]
-    assert list(rows) == ["clean", "backdoored", "pooler_reset", "recipe", "recipe_pooler_reset", "lambda0", "reg_only",
+    assert list(rows) == ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
                           "lambda0.5", "recipe_on_clean"]
     for key in ("command", "commit", "date", "machine", "recommended", "rows"):
         assert key in result, key

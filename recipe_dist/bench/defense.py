@@ -96,7 +96,7 @@ PRESETS = {
 }
 
 # Row ids in the order of value (issue 10): what shows purification first, the sweeps last.
-ROW_IDS = ["clean", "backdoored", "pooler_reset", "recipe", "recipe_pooler_reset", "lambda0", "reg_only",
+ROW_IDS = ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
            "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean"]
 ROW_LABELS = {
     "clean": "clean PTM", "backdoored": "backdoored, no defense", "recipe": "RECIPE λ=1 (pooler kept)",

@@ -1,0 +1,222 @@
+"""`recipe-dist slurm submit|status|run-task`: render the sbatch templates, submit, watch.
+
+    recipe-dist slurm submit --config C [--nodes N --ntasks-per-node K --gpus-per-node G --time T ...] [overrides]
+    recipe-dist slurm submit --manifest models.jsonl --config C --output_dir BATCH [...]
+    recipe-dist slurm submit ... --dry-run
+    recipe-dist slurm status --output_dir DIR
+
+A manifest line is {"model": PATH, "output_dir": DIR, ...overrides as "section.key": value}; it
+becomes one task of a SLURM array. Every config (and every manifest line) is loaded and validated
+before anything is submitted. Submissions are recorded in OUTPUT_DIR/slurm/jobs.jsonl, which
+`status` reads together with each run directory and squeue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .errors import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "# @RECIPE_DIST_DIRECTIVES@"
+
+
+class SlurmError(RecipeError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="recipe-dist slurm submit", description="Render slurm/*.sbatch and submit it with sbatch.")
+    ap.add_argument("--config", required=True, help="YAML run config")
+    ap.add_argument("--command", default="purify", choices=["purify", "attack", "fit-head"], help="recipe-dist command each task runs")
+    ap.add_argument("--manifest", default=None, help="JSONL, one model per line: an array job (see the module help)")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--ntasks-per-node", type=int, default=1, help="processes per node: one per GPU (or per CPU process)")
+    ap.add_argument("--gpus-per-node", type=int, default=0)
+    ap.add_argument("--cpus-per-task", type=int, default=0)
+    ap.add_argument("--time", default="", help="time limit, e.g. 12:00:00")
+    ap.add_argument("--partition", default="")
+    ap.add_argument("--account", default="")
+    ap.add_argument("--qos", default="")
+    ap.add_argument("--constraint", default="")
+    ap.add_argument("--job-name", default="recipe-dist")
+    ap.add_argument("--signal", default="USR1", help="signal SLURM sends before the time limit (handled by preempt.signals)")
+    ap.add_argument("--signal-lead", type=int, default=120, help="seconds before the time limit the signal comes")
+    ap.add_argument("--sbatch", action="append", default=[], metavar="OPTION", help="an extra sbatch option, e.g. --sbatch=--mem=32G (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="print the rendered script and the sbatch line; submit nothing")
+    return ap
+
+
+def _directives(a, log: str, array: int | None) -> list[str]:
+    lines = [f"--job-name={a.job_name}", f"--nodes={a.nodes}", f"--ntasks-per-node={a.ntasks_per_node}", f"--output={log}",
+             f"--signal={a.signal}@{a.signal_lead}"]
+    if a.gpus_per_node:
+        lines.append(f"--gpus-per-node={a.gpus_per_node}")
+    if a.cpus_per_task:
+        lines.append(f"--cpus-per-task={a.cpus_per_task}")
+    for key in ("time", "partition", "account", "qos", "constraint"):
+        if getattr(a, key):
+            lines.append(f"--{key}={getattr(a, key)}")
+    if array is not None:
+        lines.append(f"--array=0-{array - 1}")
+    lines += a.sbatch
+    return [f"#SBATCH {d}" for d in lines]
+
+
+def _render(template: str, directives: list[str], env: dict) -> str:
+    text = (REPO / "slurm" / template).read_text()
+    exports = [f"export {k}={json.dumps(v)}" for k, v in env.items()]
+    return text.replace(MARKER, "\n".join(directives + exports))
+
+
+def read_manifest(path: Path, config: str, command: str, common: list[str]) -> list[list[str]]:
+    """Each line as a full recipe-dist argument list, validated; a bad line is refused with its number."""
+    if not path.is_file():
+        raise SlurmError(f"--manifest: file not found: {path}")
+    tasks = []
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SlurmError(f"--manifest {path}:{no}: invalid JSON ({e.msg})") from None
+        if not isinstance(entry, dict) or not entry.get("model") or not entry.get("output_dir"):
+            raise SlurmError(f"--manifest {path}:{no}: each line needs \"model\" and \"output_dir\"")
+        args = [command, "--config", config, *common, "--model.path", str(Path(entry["model"]).resolve()),
+                "--output_dir", str(Path(entry["output_dir"]).resolve())]
+        args += [f"--{k}={v if not isinstance(v, (list, dict)) else json.dumps(v)}" for k, v in entry.items() if k not in ("model", "output_dir")]
+        try:
+            load_config(config, args[3:])
+        except ConfigError as e:
+            raise SlurmError(f"--manifest {path}:{no}: {e}") from None
+        tasks.append(args)
+    if not tasks:
+        raise SlurmError(f"--manifest {path}: no models")
+    return tasks
+
+
+def submit(argv: list[str]) -> int:
+    a, overrides = _parser().parse_known_args(argv)
+    cfg = load_config(a.config, overrides)  # every key and value checked before anything is submitted
+    out = Path(cfg.output_dir).resolve()
+    env = {"RECIPE_DIST_PYTHON": sys.executable, "RECIPE_DIST_ROOT": str(REPO)}
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    slurm_dir = out / "slurm"
+    if a.manifest:
+        tasks = read_manifest(Path(a.manifest), str(Path(a.config).resolve()), a.command, overrides)
+        task_file = slurm_dir / f"tasks-{stamp}.jsonl"
+        script = _render("array.sbatch", _directives(a, str(slurm_dir / "slurm-%A_%a.out"), len(tasks)), env)
+        args = [str(task_file)]
+        outputs = [t[len(t) - 1 - t[::-1].index("--output_dir") + 1] for t in tasks]  # the line's own, last
+    else:
+        tasks = None
+        script = _render("purify.sbatch", _directives(a, str(slurm_dir / "slurm-%j.out"), None), env)
+        args = [a.command, "--config", str(Path(a.config).resolve()), *overrides, "--output_dir", str(out)]
+        outputs = [str(out)]
+    script_path = slurm_dir / f"job-{stamp}.sbatch"
+    line = ["sbatch", "--parsable", str(script_path), *args]
+    if a.dry_run:
+        print(script)
+        print("# submit with: " + " ".join(line))
+        return 0
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise SlurmError("sbatch not found on PATH: run this on a SLURM login node (or use --dry-run to see the script)")
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(script)
+    if tasks is not None:
+        task_file.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    proc = subprocess.run([sbatch, *line[1:]], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SlurmError("sbatch rejected the job: " + (" ".join(proc.stderr.split()) or f"exit code {proc.returncode}"))
+    job = proc.stdout.strip().split(";")[0]
+    with open(slurm_dir / "jobs.jsonl", "a") as f:
+        f.write(json.dumps({"job": job, "script": str(script_path), "array": tasks is not None, "outputs": outputs, "time": time.time()}) + "\n")
+    print(job)
+    return 0
+
+
+def run_task(argv: list[str]) -> int:
+    """Array task: run line INDEX of TASK_FILE (what array.sbatch calls on every task)."""
+    from .cli import main
+
+    if len(argv) != 2:
+        raise SlurmError("usage: recipe-dist slurm run-task TASK_FILE INDEX")
+    lines = Path(argv[0]).read_text().splitlines()
+    args = json.loads(lines[int(argv[1])])
+    return main([*args, "--resume", "auto"])
+
+
+def _squeue() -> dict[str, str]:
+    """job id (and array task ids) -> state code, or {} where squeue is unavailable."""
+    if shutil.which("squeue") is None:
+        return {}
+    proc = subprocess.run(["squeue", "-h", "-o", "%i %t"], capture_output=True, text=True)
+    return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2) if proc.returncode == 0 else {}
+
+
+def _last_error(log_glob: list[Path]) -> str:
+    for log in sorted(log_glob, key=lambda p: p.stat().st_mtime, reverse=True):
+        errors = [ln for ln in log.read_text(errors="replace").splitlines() if "recipe-dist: error:" in ln]
+        if errors:
+            return errors[-1].split("recipe-dist: error:", 1)[1].strip()
+    return ""
+
+
+def status(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="recipe-dist slurm status", description="One table: each submitted run's state.")
+    ap.add_argument("--output_dir", "--output-dir", required=True, help="the output_dir given to submit (a batch directory for manifests)")
+    a = ap.parse_args(argv)
+    base = Path(a.output_dir)
+    records = [json.loads(ln) for ln in (base / "slurm" / "jobs.jsonl").read_text().splitlines()] if (base / "slurm" / "jobs.jsonl").is_file() else []
+    if not records:
+        raise SlurmError(f"--output_dir: no submissions recorded in {base / 'slurm' / 'jobs.jsonl'}")
+    queue = _squeue()
+    rows = []
+    for rec in records:
+        for i, run in enumerate(rec["outputs"]):
+            job = f"{rec['job']}_{i}" if rec["array"] else rec["job"]
+            run_dir = Path(run)
+            state = queue.get(job) or (queue.get(rec["job"]) if not rec["array"] else None)
+            logs = list((base / "slurm").glob(f"slurm-{rec['job']}_{i}.out" if rec["array"] else f"slurm-{rec['job']}.out"))
+            progress = json.loads((run_dir / "progress.json").read_text()) if (run_dir / "progress.json").is_file() else None
+            if (run_dir / "summary.json").is_file():
+                summary = json.loads((run_dir / "summary.json").read_text())
+                detail = f"{summary.get('steps')} steps"
+                ev = run_dir / "eval" / "eval.json"
+                if ev.is_file():
+                    detail += f", AASR {json.loads(ev.read_text())['aasr']:.2f}"
+                rows.append((job, run, "done", detail))
+            elif state == "PD":
+                rows.append((job, run, "queued", ""))
+            elif state in ("R", "CG"):
+                if progress:
+                    eta = (progress["total_steps"] - progress["step"]) / max(progress["steps_per_second"], 1e-9)
+                    rows.append((job, run, "running", f"step {progress['step']}/{progress['total_steps']}, ETA {eta / 60:.1f} min"))
+                else:
+                    rows.append((job, run, "running", "starting"))
+            else:
+                err = _last_error(logs)
+                rows.append((job, run, "failed" if err or not state else state, err))
+    print("| job | output_dir | state | detail |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    commands = {"submit": submit, "status": status, "run-task": run_task}
+    if not argv or argv[0] not in commands:
+        print("usage: recipe-dist slurm {submit,status} [options]  (recipe-dist slurm submit --help)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])

@@ -1,0 +1,132 @@
+"""A real one-node SLURM cluster on this machine for the tests: munged, slurmctld and slurmd from
+Debian's slurm-wlm, with state, spool, logs and sockets in a temporary directory and non-default
+ports, stopped by pid. Installs slurm-wlm and munge with apt-get when they are missing (root)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue")
+
+
+def ensure_installed() -> str | None:
+    """None when SLURM and munge are available (installing them if needed), else why not."""
+    if all(shutil.which(b) or Path(f"/usr/sbin/{b}").exists() for b in BINARIES):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "slurm-wlm and munge are missing and cannot be installed (needs root and apt-get)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    proc = subprocess.run(["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        proc = subprocess.run("apt-get update -q && apt-get install -y -q slurm-wlm munge", shell=True, env=env, capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"apt-get install slurm-wlm munge failed: {proc.stderr.strip().splitlines()[-1:]}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        # munged runs as the munge user, which must reach its socket directory: a 0755 root.
+        os.chmod(root, 0o755)
+        self.root = root
+        self.pids: list[int] = []
+        host = socket.gethostname()
+        self.dirs = {k: root / k for k in ("state", "spool", "log", "munge", "run")}
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        self.conf = root / "slurm.conf"
+        self.socket = self.dirs["munge"] / "munge.socket"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), MUNGE_SOCKET=str(self.socket))
+        cpus = os.cpu_count() or 2
+        self.conf.write_text(f"""ClusterName=recipetest
+SlurmctldHost={host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={self.socket}
+StateSaveLocation={self.dirs['state']}
+SlurmdSpoolDir={self.dirs['spool']}
+SlurmctldPidFile={self.dirs['run']}/slurmctld.pid
+SlurmdPidFile={self.dirs['run']}/slurmd.pid
+SlurmctldLogFile={self.dirs['log']}/slurmctld.log
+SlurmdLogFile={self.dirs['log']}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+NodeName={host} CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+
+    def start(self) -> "Cluster":
+        key = self.dirs["munge"] / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        for d in ("munge",):
+            shutil.chown(self.dirs[d], "munge", "munge")
+        shutil.chown(key, "munge", "munge")
+        os.chmod(key, 0o400)
+        os.chmod(self.dirs["munge"], 0o700)
+        munge_pid = self.dirs["munge"] / "munged.pid"
+        subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--key-file={key}", f"--socket={self.socket}",
+                        f"--pid-file={munge_pid}", f"--log-file={self.dirs['munge'] / 'munged.log'}",
+                        f"--seed-file={self.dirs['munge'] / 'munged.seed'}", "--force"], check=True, env=self.env)
+        _wait(lambda: munge_pid.is_file(), 10, "munged")
+        self.pids.append(int(munge_pid.read_text()))
+        for daemon, pidfile in (("slurmctld", "slurmctld.pid"), ("slurmd", "slurmd.pid")):
+            subprocess.run([f"/usr/sbin/{daemon}", "-f", str(self.conf)], check=True, env=self.env)
+            path = self.dirs["run"] / pidfile
+            _wait(lambda p=path: p.is_file() and p.read_text().strip(), 20, daemon)
+            self.pids.append(int(path.read_text()))
+        _wait(lambda: "idle" in self.run(["sinfo", "-h", "-o", "%t"]).stdout, 60, "the node to become idle")
+        return self
+
+    def run(self, cmd, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, **kw)
+
+    def stop(self) -> None:
+        for pid in reversed(self.pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+
+    def job_state(self, job: str) -> str:
+        out = self.run(["scontrol", "show", "job", job]).stdout
+        for tok in out.split():
+            if tok.startswith("JobState="):
+                return tok.split("=", 1)[1]
+        return "UNKNOWN"
+
+    def wait_job(self, job: str, timeout: float = 300) -> str:
+        done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+        _wait(lambda: self.job_state(job) in done, timeout, f"job {job}")
+        return self.job_state(job)

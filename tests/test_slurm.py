@@ -1,0 +1,192 @@
+"""SLURM for real: a one-node slurmctld + slurmd (tests/slurm_cluster.py) runs recipe-dist jobs
+submitted with `recipe-dist slurm submit`; preemption, time limits and requeues must end in the
+same weights as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from slurm_cluster import Cluster, ensure_installed
+
+TINY = REPO / "configs" / "tiny-bert.yaml"
+# 2 tasks x micro 8 = global 16; long enough to be signalled mid-run.
+LONG = ["--data.synthetic_samples=2000", "--train.micro_batch_size=8", "--train.global_batch_size=16", "--train.max_steps=600",
+        "--checkpoint.every_steps=25", "--train.log_every=5", "--preempt.max_requeues=20"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    why = ensure_installed()
+    if why:
+        pytest.fail(why)  # CI installs them; a machine that cannot is a real failure, not a skip
+    c = Cluster(Path(tempfile.mkdtemp(prefix="recipe-slurm-"))).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same 2-rank run, uninterrupted, through launch/local.sh."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_cli(["purify", "--config", TINY, "--output_dir", out, *LONG], nproc=2, timeout=900)
+    return (out / "model" / "model.safetensors").read_bytes()
+
+
+def submit(cluster, out, *extra) -> str:
+    proc = subprocess.run([sys.executable, "-m", "recipe_dist", "slurm", "submit", "--config", str(TINY), "--ntasks-per-node", "2",
+                           "--output_dir", str(out), *extra], env=dict(cluster.env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def workers_of(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def log_of(out: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((out / "slurm").glob("slurm-*.out")))
+
+
+def wait_for_checkpoint(out: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*[0-9]")):
+        time.sleep(0.3)
+    assert list((out / "checkpoints").glob("step_*[0-9]")), "no checkpoint appeared"
+
+
+def finish(cluster, job: str, out: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (out / "summary.json").is_file():
+        time.sleep(1)
+    state = cluster.wait_job(job, 120)
+    assert (out / "summary.json").is_file(), f"{state}\n{log_of(out)[-4000:]}"
+
+
+@pytest.mark.slow
+def test_submit_two_tasks_completes_and_exports(cluster, tmp_path):
+    out = tmp_path / "run"
+    job = submit(cluster, out, "--data.synthetic_samples=320", "--train.micro_batch_size=8", "--train.global_batch_size=16")
+    finish(cluster, job, out)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert (out / "model" / "model.safetensors").is_file()
+    assert "launch: " in log_of(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["scontrol-requeue", "scancel-USR1", "scancel-TERM"])
+def test_interrupted_job_requeues_resumes_and_ends_bit_identical(cluster, reference, tmp_path, how):
+    out = tmp_path / "run"
+    job = submit(cluster, out, *LONG)
+    wait_for_checkpoint(out)
+    if how == "scontrol-requeue":
+        cluster.run(["scontrol", "requeue", job], check=True)
+    else:
+        cluster.run(["scancel", f"--signal={how.split('-')[1]}", job], check=True)
+    finish(cluster, job, out)
+    log = log_of(out)
+    assert "resumed from" in log, log[-3000:]
+    if how != "scontrol-requeue":
+        assert "received: saved step" in log and "requeued SLURM job" in log, log[-3000:]
+    assert (out / "model" / "model.safetensors").read_bytes() == reference
+
+
+@pytest.mark.slow
+def test_time_limit_signal_saves_requeues_and_finishes(cluster, reference, tmp_path):
+    out = tmp_path / "run"
+    # A 1-minute limit with the warning 40 s before it: the job is signalled about 20 s in, saves,
+    # requeues itself, and the requeued job continues (more than once if needed).
+    job = submit(cluster, out, "--time=1", "--signal-lead=40", *LONG)
+    finish(cluster, job, out, timeout=900)
+    log = log_of(out)
+    assert "USR1 received: saved step" in log and "resumed from" in log, log[-3000:]
+    assert (out / "model" / "model.safetensors").read_bytes() == reference
+
+
+@pytest.mark.slow
+def test_manifest_runs_as_an_array_and_status_shows_every_model(cluster, tmp_path, tiny_bert_dir):
+    batch = tmp_path / "batch"
+    manifest = tmp_path / "models.jsonl"
+    manifest.write_text("".join(json.dumps({"model": str(tiny_bert_dir), "output_dir": str(tmp_path / f"m{i}"), "regularizer.lam": lam}) + "\n"
+                                for i, lam in enumerate([0.5, 1.0, 1.5])))
+    proc = subprocess.run([sys.executable, "-m", "recipe_dist", "slurm", "submit", "--config", str(TINY), "--manifest", str(manifest),
+                           "--output_dir", str(batch), "--data.synthetic_samples=96", "--train.micro_batch_size=8",
+                           "--train.global_batch_size=8"], env=dict(cluster.env, OMP_NUM_THREADS="1"), capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = proc.stdout.strip().splitlines()[-1]
+    for i in range(3):
+        finish(cluster, f"{job}_{i}", tmp_path / f"m{i}")
+    lams = [__import__("yaml").safe_load((tmp_path / f"m{i}" / "config.yaml").read_text())["regularizer"]["lam"] for i in range(3)]
+    assert lams == [0.5, 1.0, 1.5]
+    status = subprocess.run([sys.executable, "-m", "recipe_dist", "slurm", "status", "--output_dir", str(batch)], env=cluster.env,
+                            capture_output=True, text=True, cwd=REPO)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count("| done |") == 3, status.stdout
+
+
+def test_dry_run_prints_the_directives_and_submits_nothing(tmp_path):
+    proc = run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "run", "--nodes", "2", "--ntasks-per-node", "4",
+                    "--gpus-per-node", "4", "--time", "12:00:00", "--partition", "gpu", "--account", "proj", "--qos", "high",
+                    "--constraint", "a100", "--sbatch=--mem=64G", "--dry-run", "--regularizer.lam=0.5"])
+    for d in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=12:00:00", "--partition=gpu", "--account=proj",
+              "--qos=high", "--constraint=a100", "--mem=64G", "--signal=USR1@120", "--requeue", "--open-mode=append"):
+        assert f"#SBATCH {d}" in proc.stdout, d
+    assert "--regularizer.lam=0.5" in proc.stdout and "sbatch --parsable" in proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_manifest_line_and_missing_sbatch_are_one_line(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"model": "/m", "output_dir": str(tmp_path / "a")}) + "\n{broken\n")
+    proc = run_cli(["slurm", "submit", "--config", TINY, "--manifest", manifest, "--output_dir", tmp_path / "b"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("recipe-dist: error:")
+    assert f"{manifest}:2" in proc.stderr
+    manifest.write_text(json.dumps({"model": "/m", "output_dir": str(tmp_path / "a"), "regularizer.lam": -1}) + "\n")
+    proc = run_cli(["slurm", "submit", "--config", TINY, "--manifest", manifest, "--output_dir", tmp_path / "b"], check=False)
+    assert proc.returncode == 2 and f"{manifest}:1" in proc.stderr and "regularizer.lam" in proc.stderr
+    empty_path = tmp_path / "bin"
+    empty_path.mkdir()
+    proc = run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "c"], check=False, env={"PATH": str(empty_path)})
+    assert proc.returncode == 2 and "sbatch not found" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_signal_handler_saves_agrees_and_runs_the_requeue_command(tmp_path):
+    """flag -> all-reduce -> save -> `scontrol requeue <array job>_<task>`, with scontrol a recording stub."""
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    record = tmp_path / "scontrol.args"
+    (stub_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
+    (stub_dir / "scontrol").chmod(0o755)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{stub_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_ARRAY_JOB_ID="70",
+               SLURM_ARRAY_TASK_ID="3", SLURM_RESTART_COUNT="1")
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "2", "purify", "--config", str(TINY), "--output_dir", str(out), *LONG]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_checkpoint(out)
+    # Signal one rank only (a child of torchrun): the all-reduce must stop both after the same step.
+    os.kill(max(workers_of(proc.pid)), signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert record.is_file(), stdout[-2000:] + stderr[-2000:]
+    assert record.read_text().split() == ["requeue", "70_3"]
+    assert "USR1 received: saved step" in stdout
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / latest / "COMPLETE").is_file() and not (out / "model").exists()
+    # Over the limit: no requeue, one clear error.
+    proc = subprocess.Popen([*cmd, "--resume=auto"], cwd=REPO, env=dict(env, SLURM_RESTART_COUNT="20"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = latest
+    deadline = time.time() + 240
+    while time.time() < deadline and (out / "checkpoints" / "latest").read_text() == seen:
+        time.sleep(0.3)  # the resumed run is past its start: its handlers are installed
+    os.kill(max(workers_of(proc.pid)), signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "already requeued 20 times" in stderr
