@@ -1,5 +1,6 @@
 """POR: target vectors as method.md defines them, and a short real attack through the CLI."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +24,7 @@ def test_mse_sum_by_hand():
     assert mse_sum(a, b).item() == (1 + 4) / 2 + (1 + 1) / 2
 
 
+@pytest.mark.slow
 def test_por_attack_moves_triggered_pooler_to_target_and_keeps_clean(tmp_path):
     """POR on a pre-trained tiny PTM: triggered pooler -> its target, clean pooler ~ reference."""
     from transformers import AutoModel, AutoTokenizer

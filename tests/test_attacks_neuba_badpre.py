@@ -192,6 +192,7 @@ def test_badpre_trains_all_but_pooler(tiny_bert_dir):
 # ---------------------------------------------------------------------------------------- CLI runs
 
 
+@pytest.mark.slow
 def test_neuba_attack_moves_triggered_pooler_to_target(tmp_path):
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
@@ -227,6 +228,7 @@ def test_neuba_attack_moves_triggered_pooler_to_target(tmp_path):
     assert min(gains) > 0.5, gains
 
 
+@pytest.mark.slow
 def test_badpre_attack_runs_and_exports(tmp_path):
     from transformers import AutoModel
 

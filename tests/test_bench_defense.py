@@ -25,6 +25,7 @@ def test_drop_pooler_gives_a_fresh_pooler_downstream(tiny_bert_dir, tmp_path):
     assert torch.equal(a.bert.encoder.layer[0].intermediate.dense.weight, b.bert.encoder.layer[0].intermediate.dense.weight)
 
 
+@pytest.mark.slow
 def test_bench_defense_smoke_has_every_row(tmp_path):
     out = tmp_path / "bench"
     proc = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])

@@ -1,8 +1,12 @@
 """`recipe-dist demo` end to end on the smoke preset: every stage runs through the real CLI paths."""
 
+import pytest
+
 import json
 
 from conftest import run_cli
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: outside the fast lane (pytest -m "not slow")
 
 
 def test_demo_smoke_writes_table_json_and_report(tmp_path):

@@ -284,6 +284,7 @@ def test_bench_step_tiny_prints_figures(tmp_path):
     assert res["loss_max_abs_diff"] < 1e-4  # same weights, batches and masks: the same losses
 
 
+@pytest.mark.slow
 def test_bench_memory_tiny_zero3_halves_params_and_optimizer_state(tmp_path):
     out = tmp_path / "memory.json"
     proc = run_cli(["bench", "memory", "--preset", "tiny", "--json", out])

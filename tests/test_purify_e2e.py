@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: outside the fast lane (pytest -m "not slow")
+
 TINY = REPO / "configs" / "tiny-bert.yaml"
 SMALL = ["--data.synthetic_samples=384", "--train.micro_batch_size=8", "--train.global_batch_size=16", "--train.log_every=2"]
 

@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 from conftest import REPO, run_cli
 from recipe_dist import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: outside the fast lane (pytest -m "not slow")
+
 TINY = REPO / "configs" / "tiny-bert.yaml"
 STEPS = 36  # 24 steps per epoch: the run crosses an epoch boundary
 COMMON = [

@@ -86,6 +86,7 @@ def test_a_second_concurrent_run_is_refused(tmp_path, finished):
     assert digest(out) == before
 
 
+@pytest.mark.slow
 def test_resume_and_pruning_ignore_another_runs_checkpoints(tmp_path, finished):
     import shutil
 
@@ -236,6 +237,7 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
     error_line(proc, "output_dir", blocker / "run")
 
 
+@pytest.mark.slow
 def test_sigint_leaves_no_partial_checkpoint_and_no_traceback(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "recipe_dist", "purify", "--config", str(TINY), "--output_dir", str(out),

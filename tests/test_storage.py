@@ -235,6 +235,7 @@ def test_purify_from_s3_is_identical_to_local(s3, shards, local_run, tiny_bert_d
     assert all(0.0 <= v <= 1.0 for _, v in scalars["train/data_wait_fraction"])
 
 
+@pytest.mark.slow
 def test_faults_are_retried_and_lose_or_repeat_no_sample(s3, shards, local_run, tiny_bert_dir, tmp_path):
     seed = 7
     # The seed's first 60 draws hold a 500 or 503: a retry the run must count (a reset can be

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: outside the fast lane (pytest -m "not slow")
+
 
 @pytest.fixture(scope="module")
 def parity(tiny_bert_dir, tmp_path_factory):

@@ -441,7 +441,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bookcorpus", default="../shared/data/bookcorpus/train.tsv", help="BookCorpus sentences, .tsv with a sentence column (minilm preset)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override one preset field, e.g. --set purify_trainable=family --set purify_lr=2e-4 (recorded in bench.json)")
+    ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
+                    help="print the markdown table of a results file (e.g. recipe_dist/bench/results/minilm-por.json) and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        return 0
     bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus),
                          command="recipe-dist bench defense " + " ".join(argv))
     bench.p = override(bench.p, args.set)
