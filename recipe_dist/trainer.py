@@ -221,6 +221,9 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def train(self) -> dict:
         cfg = self.cfg
+        # First of all: a scheduler's warning that arrives while the model loads must not kill
+        # the process (SIGUSR1's default action); the flag is acted on at the first step boundary.
+        self.preemption = Preemption(cfg.preempt.signals)
         self.dist = info = init_distributed()
         t_start = time.time()
         # Rank 0 locks output_dir for the run's life and refuses another run's directory (rundir.py).
@@ -230,6 +233,7 @@ class Trainer:
             return self._train(t_start)
         finally:
             self.run_dir.release()
+            self.preemption.restore()
 
     def _train(self, t_start: float) -> dict:
         cfg, info = self.cfg, self.dist
@@ -292,7 +296,6 @@ class Trainer:
         data_timer = WaitTimer()
         keys_log = KeyLog(self.out / "keys", info.rank, info.world_size, step) if cfg.data.record_keys else None
 
-        self.preemption = Preemption(cfg.preempt.signals)
         preempted = False
         bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc=self.name, unit="step", dynamic_ncols=True)
         # Loss and its parts summed on the device since the last log: no host sync per micro-batch.
@@ -379,7 +382,6 @@ class Trainer:
         logger.close()
         if keys_log:
             keys_log.close()
-        self.preemption.restore()
 
         if preempted and step < total_steps:
             # Rank 0 decides and requeues; a refusal (too many requeues) is raised on every rank.

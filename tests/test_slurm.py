@@ -66,6 +66,12 @@ def wait_for_checkpoint(out: Path, timeout: float = 240) -> None:
 def finish(cluster, job: str, out: Path, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and not (out / "summary.json").is_file():
+        state = cluster.job_state(job)
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break  # ended without the model: fail now, with its log
+        if state == "PENDING":
+            # SLURM makes a requeued job eligible only ~2 minutes later (EligibleTime); skip the wait.
+            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
         time.sleep(1)
     state = cluster.wait_job(job, 120)
     assert (out / "summary.json").is_file(), f"{state}\n{log_of(out)[-4000:]}"
@@ -101,15 +107,15 @@ def test_interrupted_job_requeues_resumes_and_ends_bit_identical(cluster, refere
 
 @pytest.mark.slow
 def test_time_limit_signal_saves_requeues_and_finishes(cluster, tmp_path):
-    # A 1-minute limit with the warning 30 s before it: the job is signalled about 30 s in (mid-run:
-    # 3,000 steps take longer than that even on an idle machine), saves, requeues itself, and the
+    # A 2-minute limit with the warning 60 s before it: the job is signalled about 60 s in (mid-run:
+    # 6,000 steps take longer than that even on an idle machine), saves, requeues itself, and the
     # requeued job continues (more than once on a slow machine) to the end.
-    steps = [a if not a.startswith("--train.max_steps") else "--train.max_steps=3000" for a in LONG]
+    steps = [a if not a.startswith("--train.max_steps") else "--train.max_steps=6000" for a in LONG]
     out = tmp_path / "run"
-    job = submit(cluster, out, "--time=1", "--signal-lead=30", *steps)
+    job = submit(cluster, out, "--time=2", "--signal-lead=60", *steps)
     reference = tmp_path / "reference"
-    run_cli(["purify", "--config", TINY, "--output_dir", reference, *steps], nproc=2, timeout=1500)
-    finish(cluster, job, out, timeout=1500)
+    run_cli(["purify", "--config", TINY, "--output_dir", reference, *steps], nproc=2, timeout=2400)
+    finish(cluster, job, out, timeout=2400)
     log = log_of(out)
     assert "USR1 received: saved step" in log and "resumed from" in log, log[-3000:]
     assert (out / "model" / "model.safetensors").read_bytes() == (reference / "model" / "model.safetensors").read_bytes()
