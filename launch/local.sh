@@ -12,4 +12,5 @@ nproc="$1"; shift
 # --standalone picks a free rendezvous port, so several local jobs can run side by side.
 # OMP_NUM_THREADS: torchrun sets 1 when unset; keep the caller's value, else share the cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
+echo "launch: torchrun --standalone --nproc_per_node=$nproc -m recipe_dist $* (OMP_NUM_THREADS=$OMP_NUM_THREADS)" >&2
 exec torchrun --standalone --nproc_per_node="$nproc" -m recipe_dist "$@"
