@@ -224,7 +224,7 @@ class Trainer:
         # First of all: a scheduler's warning that arrives while the model loads must not kill
         # the process (SIGUSR1's default action); the flag is acted on at the first step boundary.
         self.preemption = Preemption(cfg.preempt.signals)
-        self.dist = info = init_distributed()
+        self.dist = init_distributed()
         t_start = time.time()
         # Rank 0 locks output_dir for the run's life and refuses another run's directory (rundir.py).
         self.run_dir = RunDir(self.out)
