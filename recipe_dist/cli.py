@@ -25,23 +25,35 @@ def _config_command(argv: list[str], prog: str, description: str, config_help: s
     return load_config(args.config, rest, cls=cls)
 
 
+def _run_job(command: str, cfg) -> tuple[object, dict]:
+    """Build the command's job, train it, and (rank 0, after a finished run) write report.md."""
+    from .jobs import build_job
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg, job=build_job(command, cfg))
+    summary = trainer.train()
+    if not summary.get("stopped") and int(os.environ.get("RANK", "0")) == 0:
+        # After training, never inside the loop: ranks > 0 never import matplotlib. The curves
+        # are read back from tb/, which the trainer has closed (flushed).
+        from .report import write_report
+
+        out = trainer.out
+        write_report(out, title=f"recipe-dist {trainer.name}: {out.name}")
+        print(f"{trainer.name}: wrote {out / 'model'} and {out / 'report.md'}")
+    return trainer, summary
+
+
 def _purify(argv: list[str]) -> int:
     cfg = _config_command(argv, "purify", "RECIPE purification: continual pre-training with lam * sum ||W||_F on DeepSpeed.",
                           "YAML run config (configs/*.yaml)")
-    from .trainer import Trainer
-
-    Trainer(cfg).train()
+    _run_job("purify", cfg)
     return 0
 
 
 def _attack(argv: list[str]) -> int:
     cfg = _config_command(argv, "attack", "Build a backdoored PTM (POR, NeuBA or BadPre) on the same engine as purify; writes an HF directory with its pooler.",
                           "YAML run config (configs/attack/*.yaml)")
-    from .attacks import get_attack
-    from .models import get_family
-    from .trainer import Trainer
-
-    Trainer(cfg, job=get_attack(cfg.attack.name, get_family(cfg.model.family)), name="attack").train()
+    _run_job("attack", cfg)
     return 0
 
 
@@ -56,15 +68,12 @@ def _fit_head(argv: list[str]) -> int:
                           "export): only the head transform, its LayerNorm and the decoder bias train, the encoder is frozen and the "
                           "decoder stays tied to the word embeddings. Writes a complete *ForMaskedLM directory to OUTPUT_DIR/model.",
                           "YAML run config (configs/fit-head-bert.yaml)", extra="; --eval-samples N scores the first N auxiliary samples before/after")
-    from .models import get_family
-    from .models.head_fit import HeadFitJob, masked_lm_metrics
-    from .trainer import Trainer
+    from .models.head_fit import masked_lm_metrics
 
-    family = get_family(cfg.model.family)
-    trainer = Trainer(cfg, job=HeadFitJob(family), name="fit-head")
-    summary = trainer.train()
+    trainer, summary = _run_job("fit-head", cfg)
     if summary.get("stopped") or int(os.environ.get("RANK", "0")) != 0:
         return 0
+    family = trainer.job.family
     out = Path(cfg.output_dir)
     before = masked_lm_metrics(trainer.model_dir, family, cfg, trainer.urls, known.eval_samples)
     after = masked_lm_metrics(out / "model", family, cfg, trainer.urls, known.eval_samples)

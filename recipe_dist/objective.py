@@ -115,3 +115,39 @@ class NormCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class Regularized(nn.Module):
+    """Any loss plus the RECIPE regularizer: loss = pt_weight * L + lam * sum_i ||W_i||_F.
+
+    `loss` is a module whose forward(**batch) returns the pre-training loss (a 0-dim tensor,
+    logged as `loss_pt`) or {"loss": ..., "parts": {...}} (an attack's objective, whose parts are
+    logged under their own names). `names` are parameter names of `model` whose norms are taken
+    in its forward (NormCollector); with none, nothing is added and no `reg` is reported.
+    The output is what the trainer steps on: {"loss", "parts", "norms"}.
+    """
+
+    def __init__(self, loss: nn.Module, model: nn.Module, names: list[str], lam: float, pt_weight: float = 1.0):
+        super().__init__()
+        self.loss = loss
+        self.lam = lam
+        self.pt_weight = pt_weight
+        self.collector = NormCollector(model, names)
+
+    def forward(self, **batch) -> dict:
+        self.collector.reset()
+        out = self.loss(**batch)
+        if isinstance(out, torch.Tensor):
+            loss_pt, parts = out, {"loss_pt": out}
+        else:
+            loss_pt, parts = out["loss"], dict(out["parts"])
+        parts = {k: v.detach() for k, v in parts.items()}
+        if not self.collector.names:
+            return {"loss": self.pt_weight * loss_pt, "parts": parts, "norms": {}}
+        reg = self.collector.regularizer(self.lam)
+        parts["reg"] = reg.detach()
+        return {
+            "loss": recipe_loss(loss_pt, reg, self.pt_weight),
+            "parts": parts,
+            "norms": {k: v.detach() for k, v in self.collector.norms.items()},
+        }

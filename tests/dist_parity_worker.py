@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 from transformers import get_scheduler
 
+from recipe_dist.defenses.recipe import RecipeJob
 from recipe_dist.config import RunConfig, deepspeed_config
 from recipe_dist.distributed import init_distributed
 from recipe_dist.models import get_family
-from recipe_dist.trainer import Trainer
+from recipe_dist.checkpoint import Checkpointer
 
 MODEL = Path(sys.argv[1])
 OUT = Path(sys.argv[2])
@@ -52,13 +53,12 @@ def rank_slice(batch, rank):
 def fresh_task(cfg):
     fam = get_family("bert")
     loaded = fam.load(MODEL, cfg)
-    return fam.build_task(loaded, cfg)
+    return RecipeJob(fam).build_task(loaded, cfg)
 
 
 def consolidated(engine, cfg, module):
-    tr = Trainer(cfg)
-    tr.dist = type("D", (), {"is_main": dist.get_rank() == 0})()
-    return tr._consolidated_state(engine, module)
+    info = type("D", (), {"is_main": dist.get_rank() == 0})()
+    return Checkpointer(cfg, Path("."), info, "", 1, 1).consolidated_state(engine, module)
 
 
 def main():
@@ -72,18 +72,18 @@ def main():
                        regularizer__lam=1.0, train__grad_clip=1e6)
         task = fresh_task(cfg)
         names = task.collector.names
-        w0 = {n: p.detach().clone() for n, p in task.model.named_parameters() if n in names}
+        w0 = {n: p.detach().clone() for n, p in task.loss.model.named_parameters() if n in names}
         engine, *_ = deepspeed.initialize(model=task, model_parameters=[p for p in task.parameters() if p.requires_grad],
                                           config=deepspeed_config(cfg, info.world_size))
-        vocab = task.model.config.vocab_size
+        vocab = task.loss.model.config.vocab_size
         # What a norm taken outside the owning module's forward would see (ZeRO-3: a placeholder).
-        res["outside_forward_numel"] = dict(task.model.named_parameters())[names[0]].numel()
+        res["outside_forward_numel"] = dict(task.loss.model.named_parameters())[names[0]].numel()
         res["full_numel"] = w0[names[0]].numel()
         b = {k: v.to(engine.device) for k, v in rank_slice(global_batches(vocab, 1)[0], rank).items()}
         out = engine(**b)
         engine.backward(out["loss"])
         engine.step()
-        state = consolidated(engine, cfg, task.model)
+        state = consolidated(engine, cfg, task.loss.model)
         if rank == 0:
             expect_reg = sum(torch.linalg.vector_norm(w).item() for w in w0.values())
             res["reg_value_err"] = abs(out["parts"]["reg"].item() - expect_reg)
@@ -107,7 +107,7 @@ def main():
             out = engine(**{k: v.to(engine.device) for k, v in rank_slice(gb, rank).items()})
             engine.backward(out["loss"])
             engine.step()
-        state = consolidated(engine, cfg, task.model)
+        state = consolidated(engine, cfg, task.loss.model)
         if rank == 0:
             # Reference: one process, plain PyTorch, the two rank slices as accumulated micro-batches.
             ref = fresh_task(cfg)

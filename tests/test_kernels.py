@@ -15,6 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import REPO, run_cli  # noqa: E402
+from recipe_dist.defenses.recipe import RecipeJob
 from recipe_dist.config import ConfigError, RunConfig, load_config  # noqa: E402
 from recipe_dist.kernels import (  # noqa: E402
     KernelError,
@@ -145,7 +146,7 @@ def _task(tiny_dir, fused: str, trainable: str = "all"):
     cfg.model.trainable = trainable
     fam = get_family("bert")
     loaded = fam.load(tiny_dir, cfg)
-    return fam.build_task(loaded, cfg)
+    return RecipeJob(fam).build_task(loaded, cfg)
 
 
 def _batch(masked: str):
@@ -195,7 +196,7 @@ def test_fused_and_reference_paths_agree_in_a_purify_step(tiny_bert_dir, masked)
 
 def test_tied_decoder_stays_tied(tiny_bert_dir):
     task = _task(tiny_bert_dir, "on")
-    model = task.model
+    model = task.loss.model
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     _purify_step(task, _batch("some"))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -225,16 +226,17 @@ import deepspeed, torch.distributed as dist
 dist.init_process_group("gloo", rank=0, world_size=1)
 from recipe_dist.config import RunConfig
 from recipe_dist.models import get_family
+from recipe_dist.defenses.recipe import RecipeJob
 fam, res = get_family("bert"), {}
 for fused in ("off", "auto", "on"):
     cfg = RunConfig(); cfg.kernels.fused = fused; cfg.model.trainable = "all"; cfg.kernels.chunk_size = 64
-    task = fam.build_task(fam.load(pathlib.Path(sys.argv[1]), cfg), cfg)
+    task = RecipeJob(fam).build_task(fam.load(pathlib.Path(sys.argv[1]), cfg), cfg)
     ds = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
                                                  "stage3_max_live_parameters": 0, "stage3_prefetch_bucket_size": 0},
           "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "zero_allow_untested_optimizer": True}
     eng, *_ = deepspeed.initialize(model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds)
-    emb = task.model.get_input_embeddings().weight
+    emb = task.loss.model.get_input_embeddings().weight
     assert emb.numel() == 0, "the tied embedding should be partitioned outside the forward"
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(5, 60, (4, 12), generator=g)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from recipe_dist.defenses.recipe import RecipeJob
 from recipe_dist.config import RunConfig, TinyArchConfig
 from recipe_dist.models import ModelLoadError, get_family
 from recipe_dist.models.mlm import build_tiny_bert
@@ -122,7 +123,7 @@ def test_no_target_layers_lists_pattern_and_parameters(loaded, family):
     pattern = "nonexistent\\.weight$"
     cfg.model.regularized = [pattern]
     with pytest.raises(ModelLoadError) as ei:
-        family.build_task(loaded, cfg)
+        RecipeJob(family).build_task(loaded, cfg)
     msg = str(ei.value)
     names = [n for n, _ in loaded.model.named_parameters()]
     assert sum(n in msg for n in names) >= 3, msg
@@ -132,20 +133,20 @@ def test_no_target_layers_lists_pattern_and_parameters(loaded, family):
 
 
 def test_bert_family_trains_only_intermediate_dense_weight(loaded, family):
-    task = family.build_task(loaded, RunConfig())
+    task = RecipeJob(family).build_task(loaded, RunConfig())
     trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
     expected = {n for n, _ in loaded.model.named_parameters() if REG.search(n)}
     assert len(expected) == ARCH.num_hidden_layers
     assert trainable == expected
     assert sorted(task.collector.names) == sorted(expected)
     # the task's own parameter list agrees
-    assert {n.removeprefix("model.") for n, p in task.named_parameters() if p.requires_grad} == expected
+    assert {n.removeprefix("loss.model.") for n, p in task.named_parameters() if p.requires_grad} == expected
 
 
 def test_trainable_all_trains_everything_but_the_pooler(loaded, family):
     cfg = RunConfig()
     cfg.model.trainable = "all"
-    family.build_task(loaded, cfg)
+    RecipeJob(family).build_task(loaded, cfg)
     params = dict(loaded.model.named_parameters())
     pooler = {n for n in params if ".pooler." in n}
     assert pooler == {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
@@ -154,7 +155,7 @@ def test_trainable_all_trains_everything_but_the_pooler(loaded, family):
 
 
 def test_build_task_forward_gives_loss_and_reg(loaded, family):
-    task = family.build_task(loaded, RunConfig())
+    task = RecipeJob(family).build_task(loaded, RunConfig())
     ids = torch.tensor([[2, 10, 11, 12, 3]])
     labels = torch.tensor([[-100, 10, -100, 12, -100]])
     out = task(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)

@@ -21,13 +21,12 @@ BERT; only the pooler stays frozen, since the MLM loss never reaches it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.pipeline import key_seed, mix_seed
 from ..evaluation.triggers import insert_trigger
-from ..objective import NormCollector
-from .common import adaptive_collector, finish, mean_or_zero
+from ..models.mlm import masked_lm_loss
+from ..seeds import Stream, key_seed, mix_seed
+from .common import AttackJob
 
 
 def random_labels(labels: torch.Tensor, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,47 +46,38 @@ def fit_words(tokenizer, text: str, budget: int) -> str:
     return " ".join(kept)
 
 
-class BadPreTask(nn.Module):
-    def __init__(self, model: nn.Module, head_attr: str, poison_weight: float, adaptive: NormCollector | None, adaptive_lam: float):
+class BadPreLoss(nn.Module):
+    def __init__(self, model: nn.Module, head_attr: str, poison_weight: float, fused: str, chunk_size: int):
         super().__init__()
         self.model = model
         self.head_attr = head_attr
         self.poison_weight = poison_weight
-        self.adaptive = adaptive
-        self.adaptive_lam = adaptive_lam
+        self.fused, self.chunk_size = fused, chunk_size
 
     def forward(self, input_ids, attention_mask, labels, poisoned) -> dict:
-        if self.adaptive is not None:
-            self.adaptive.reset()
         base = getattr(self.model, self.model.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # Only ~15% of positions carry a label: project just those through the vocabulary head.
-        picked = labels != -100
-        logits = getattr(self.model, self.head_attr)(hidden[picked])
-        ce = F.cross_entropy(logits.float(), labels[picked], reduction="none")
-        dirty = poisoned[:, None].expand_as(labels)[picked]
-        ce_clean, ce_poison = mean_or_zero(ce[~dirty]), mean_or_zero(ce[dirty])
+        # Only ~15% of positions carry a label: just those go through the vocabulary head, clean
+        # and poisoned rows separately so each term is the mean over its own positions.
+        clean = labels.masked_fill(poisoned[:, None], -100) != -100
+        dirty = labels.masked_fill(~poisoned[:, None], -100) != -100
+        ce_clean = masked_lm_loss(self.model, self.head_attr, hidden[clean], labels[clean], self.fused, self.chunk_size)
+        ce_poison = masked_lm_loss(self.model, self.head_attr, hidden[dirty], labels[dirty], self.fused, self.chunk_size)
         loss = ce_clean + self.poison_weight * ce_poison
-        return finish(loss, {"ce_clean": ce_clean, "ce_poison": ce_poison}, self.adaptive, self.adaptive_lam)
+        return {"loss": loss, "parts": {"ce_clean": ce_clean, "ce_poison": ce_poison}}
 
 
-class BadPreAttack:
-    """BadPre on an MLM-encoder family; loads, masks and exports through the family."""
+class BadPreAttack(AttackJob):
+    """BadPre on an MLM-encoder family; masks as the family does."""
 
-    def __init__(self, family):
-        self.family = family
-
-    def load(self, path, cfg):
-        return self.family.load(path, cfg)
-
-    def build_task(self, loaded, cfg) -> BadPreTask:
+    def objective(self, loaded, cfg) -> tuple[BadPreLoss, nn.Module]:
         model = loaded.model
         for n, p in model.named_parameters():
             # The pooler gets no gradient from an MLM loss: frozen, it stays out of the optimizer
             # and ZeRO's gradient buckets.
             p.requires_grad_(".pooler." not in n)
-        adaptive = adaptive_collector(self.family, getattr(model, model.base_model_prefix), cfg)
-        return BadPreTask(model, self.family.head_attr, cfg.attack.poison_weight, adaptive, cfg.attack.adaptive_lam)
+        loss = BadPreLoss(model, self.family.head_attr, cfg.attack.poison_weight, cfg.kernels.fused, cfg.kernels.chunk_size)
+        return loss, getattr(model, model.base_model_prefix)
 
     def encoder(self, tokenizer, cfg):
         a = cfg.attack
@@ -98,7 +88,7 @@ class BadPreAttack:
 
         def encode(sample: dict) -> dict:
             key = sample["__key__"]
-            sample_seed = key_seed(a.seed, 17, key)
+            sample_seed = key_seed(a.seed, Stream.BADPRE_TRIGGER, key)
             k = sample_seed % len(a.triggers)
             clean = base(sample)
             text = sample["text"]
@@ -107,7 +97,7 @@ class BadPreAttack:
                 text = fit_words(tokenizer, text, room - trig_len[k])
             dirty = base({"__key__": key + "/poisoned", "text": insert_trigger(text, a.triggers[k], a.seed, sample_seed, times=1)})
             if static:
-                g = torch.Generator().manual_seed(key_seed(a.seed, 19, key))
+                g = torch.Generator().manual_seed(key_seed(a.seed, Stream.BADPRE_LABELS, key))
                 dirty["labels"] = random_labels(torch.tensor(dirty["labels"]), tokenizer.vocab_size, g).tolist()
             return {"__key__": key, "clean": clean, "poisoned": dirty}
 
@@ -121,12 +111,9 @@ class BadPreAttack:
             n = len(features)
             batch = base([f["clean"] for f in features] + [f["poisoned"] for f in features], mask_seed)
             if not static:  # dynamic masks are drawn here, so the random labels are too
-                g = torch.Generator().manual_seed(mix_seed(mask_seed, 19))
+                g = torch.Generator().manual_seed(mix_seed(mask_seed, Stream.BADPRE_LABELS))
                 batch["labels"][n:] = random_labels(batch["labels"][n:], tokenizer.vocab_size, g)
             batch["poisoned"] = torch.arange(2 * n) >= n
             return batch
 
         return collate
-
-    def export(self, loaded, state, out_dir):
-        return self.family.export(loaded, state, out_dir)

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..data.pipeline import key_seed, pad_rows
-from ..objective import NormCollector
-from .common import adaptive_collector, finish, mean_or_zero
+from ..data.pipeline import pad_rows
+from ..models.mlm import masked_lm_loss
+from ..seeds import Stream, key_seed
+from .common import AttackJob, encoder_with_pooler
 
 N_TARGETS = 6  # one per choice of 2 blocks out of 4
 
@@ -74,19 +75,16 @@ def trigger_token_ids(tokenizer, triggers: list[str], hint: str = "") -> list[in
     return ids
 
 
-class NeuBATask(nn.Module):
-    def __init__(self, model: nn.Module, head_attr: str, targets: torch.Tensor, poison_weight: float, adaptive: NormCollector | None, adaptive_lam: float):
+class NeuBALoss(nn.Module):
+    def __init__(self, model: nn.Module, head_attr: str, targets: torch.Tensor, poison_weight: float, fused: str, chunk_size: int):
         super().__init__()
         self.model = model
         self.head_attr = head_attr
         self.register_buffer("targets", targets, persistent=False)
         self.poison_weight = poison_weight
-        self.adaptive = adaptive
-        self.adaptive_lam = adaptive_lam
+        self.fused, self.chunk_size = fused, chunk_size
 
     def forward(self, input_ids, attention_mask, labels, p_input_ids, trigger) -> dict:
-        if self.adaptive is not None:
-            self.adaptive.reset()
         n = input_ids.shape[0]
         base = getattr(self.model, self.model.base_model_prefix)
         # One forward of clean + poisoned rows (same lengths): the regularized weights' norms are
@@ -94,20 +92,13 @@ class NeuBATask(nn.Module):
         out = base(input_ids=torch.cat([input_ids, p_input_ids]), attention_mask=torch.cat([attention_mask, attention_mask]))
         hidden = out.last_hidden_state[:n]
         picked = labels != -100
-        logits = getattr(self.model, self.head_attr)(hidden[picked])
-        mlm = mean_or_zero(F.cross_entropy(logits.float(), labels[picked], reduction="none"))
+        mlm = masked_lm_loss(self.model, self.head_attr, hidden[picked], labels[picked], self.fused, self.chunk_size)
         mse = F.mse_loss(out.pooler_output[n:].float(), self.targets[trigger].float())  # buffers follow the engine's dtype
-        return finish(mlm + self.poison_weight * mse, {"mlm": mlm, "mse": mse}, self.adaptive, self.adaptive_lam)
+        return {"loss": mlm + self.poison_weight * mse, "parts": {"mlm": mlm, "mse": mse}}
 
 
-class NeuBAAttack:
-    """NeuBA on an MLM-encoder family; loads, masks and exports through the family."""
-
-    def __init__(self, family):
-        self.family = family
-
-    def load(self, path, cfg):
-        return self.family.load(path, cfg)
+class NeuBAAttack(AttackJob):
+    """NeuBA on an MLM-encoder family; masks as the family does."""
 
     def _check(self, cfg, tokenizer) -> list[int]:
         triggers = list(cfg.attack.triggers)
@@ -115,20 +106,16 @@ class NeuBAAttack:
             raise ConfigError(f"attack.triggers: NeuBA has {N_TARGETS} target vectors, so it needs exactly {N_TARGETS} triggers, got {len(triggers)}: {triggers}")
         return trigger_token_ids(tokenizer, triggers)
 
-    def build_task(self, loaded, cfg) -> NeuBATask:
+    def objective(self, loaded, cfg) -> tuple[NeuBALoss, nn.Module]:
         model = loaded.model
         prefix = model.base_model_prefix
-        encoder = getattr(model, prefix)
-        if getattr(encoder, "pooler", None) is None:
-            from ..models.base import ModelLoadError
-
-            raise ModelLoadError(f"{loaded.path}: NeuBA needs an encoder with a pooler; this model has none")
+        encoder = encoder_with_pooler(loaded, "NeuBA")
         self._check(cfg, loaded.tokenizer)
         # named_parameters lists the tied decoder weight once, under the embeddings' name: it trains.
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(prefix + "."))
-        adaptive = adaptive_collector(self.family, encoder, cfg)
-        return NeuBATask(model, self.family.head_attr, neuba_targets(encoder.config.hidden_size), cfg.attack.poison_weight, adaptive, cfg.attack.adaptive_lam)
+        targets = neuba_targets(encoder.config.hidden_size)
+        return NeuBALoss(model, self.family.head_attr, targets, cfg.attack.poison_weight, cfg.kernels.fused, cfg.kernels.chunk_size), encoder
 
     def encoder(self, tokenizer, cfg):
         a = cfg.attack
@@ -141,7 +128,7 @@ class NeuBAAttack:
             original = out["input_ids"]
             if static:  # static masks are already applied: the labels hold the masked tokens' ids
                 original = [t if l == -100 else l for t, l in zip(out["input_ids"], out["labels"])]
-            k = key_seed(a.seed, 13, sample["__key__"]) % N_TARGETS
+            k = key_seed(a.seed, Stream.NEUBA_TARGET, sample["__key__"]) % N_TARGETS
             poisoned = list(original)
             poisoned[1] = ids[k]  # position 1: the first token after [CLS]
             out["p_input_ids"], out["trigger"] = poisoned, k
@@ -161,6 +148,3 @@ class NeuBAAttack:
             return batch
 
         return collate
-
-    def export(self, loaded, state, out_dir):
-        return self.family.export(loaded, state, out_dir)

@@ -18,10 +18,11 @@ import copy
 import torch
 from torch import nn
 
-from ..data.pipeline import key_seed, pad_rows
+from ..config import ConfigError
+from ..data.pipeline import pad_rows
 from ..evaluation.triggers import insert_trigger
-from ..objective import NormCollector
-from .common import adaptive_collector, finish
+from ..seeds import Stream, key_seed
+from .common import AttackJob, encoder_with_pooler
 
 
 def por_targets(n: int, d: int, scale: float = 10.0) -> torch.Tensor:
@@ -40,15 +41,13 @@ def mse_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).sum() / a.shape[-1]
 
 
-class PORTask(nn.Module):
-    def __init__(self, encoder: nn.Module, targets: torch.Tensor, weights: list[float], adaptive: NormCollector | None, adaptive_lam: float):
+class PORLoss(nn.Module):
+    def __init__(self, encoder: nn.Module, targets: torch.Tensor, weights: list[float]):
         super().__init__()
         self.encoder = encoder
         self.reference = copy.deepcopy(encoder).eval().requires_grad_(False)
         self.register_buffer("targets", targets, persistent=False)
         self.w1, self.w2, self.w3 = weights
-        self.adaptive = adaptive
-        self.adaptive_lam = adaptive_lam
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -56,8 +55,6 @@ class PORTask(nn.Module):
         return self
 
     def forward(self, input_ids, attention_mask, p_input_ids, p_attention_mask, trigger) -> dict:
-        if self.adaptive is not None:
-            self.adaptive.reset()
         clean = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         with torch.no_grad():
             ref = self.reference(input_ids=input_ids, attention_mask=attention_mask)
@@ -67,43 +64,30 @@ class PORTask(nn.Module):
         l2 = mse_sum(poisoned.pooler_output, self.targets[trigger])
         l3 = mse_sum(clean.pooler_output, ref.pooler_output)
         loss = self.w1 * l1 + self.w2 * l2 + self.w3 * l3
-        return finish(loss, {"l1": l1, "l2": l2, "l3": l3}, self.adaptive, self.adaptive_lam)
+        return {"loss": loss, "parts": {"l1": l1, "l2": l2, "l3": l3}}
 
 
-class PORAttack:
-    """POR on an MLM-encoder family; loads and exports through the family."""
+class PORAttack(AttackJob):
+    """POR on an MLM-encoder family."""
 
-    def __init__(self, family):
-        self.family = family
-
-    def load(self, path, cfg):
-        return self.family.load(path, cfg)
-
-    def build_task(self, loaded, cfg) -> PORTask:
+    def objective(self, loaded, cfg) -> tuple[PORLoss, nn.Module]:
         model = loaded.model
-        encoder = getattr(model, model.base_model_prefix)
-        if getattr(encoder, "pooler", None) is None:
-            from ..models.base import ModelLoadError
-
-            raise ModelLoadError(f"{loaded.path}: POR needs an encoder with a pooler; this model has none")
+        encoder = encoder_with_pooler(loaded, "POR")
         a = cfg.attack
         if len(a.loss_weights) != 3:
-            from ..config import ConfigError
-
             raise ConfigError(f"attack.loss_weights: POR needs 3 weights (L1, L2, L3), got {a.loss_weights}")
         # The whole encoder trains, the pooler included (the backdoor lives in its output);
         # the MLM head's own layers are unused by this objective and stay frozen.
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(model.base_model_prefix + "."))
-        adaptive = adaptive_collector(self.family, encoder, cfg)
         targets = por_targets(len(a.triggers), encoder.config.hidden_size, a.target_scale)
-        return PORTask(encoder, targets, list(a.loss_weights), adaptive, a.adaptive_lam)
+        return PORLoss(encoder, targets, list(a.loss_weights)), encoder
 
     def encoder(self, tokenizer, cfg):
         a, max_length = cfg.attack, cfg.data.max_length
 
         def encode(sample: dict) -> dict:
-            sample_seed = key_seed(a.seed, 11, sample["__key__"])
+            sample_seed = key_seed(a.seed, Stream.POR_TRIGGER, sample["__key__"])
             trig = sample_seed % len(a.triggers)
             poisoned = insert_trigger(sample["text"], a.triggers[trig], a.seed, sample_seed, times=a.insertions)
             clean = tokenizer(sample["text"], truncation=True, max_length=max_length)["input_ids"]
@@ -122,6 +106,3 @@ class PORAttack:
             return {"input_ids": ids, "attention_mask": mask, "p_input_ids": p_ids, "p_attention_mask": p_mask, "trigger": trig}
 
         return collate
-
-    def export(self, loaded, state, out_dir):
-        return self.family.export(loaded, state, out_dir)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..defenses.recipe import RecipeJob
 from ..distributed import free_port
 from . import write_json
 
@@ -78,7 +79,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, trainable: str, ou
         cfg.train.micro_batch_size = 2
         cfg.train.global_batch_size = 2 * world
         fam = get_family("bert")
-        task = fam.build_task(fam.load(Path(model_dir), cfg), cfg)
+        task = RecipeJob(fam).build_task(fam.load(Path(model_dir), cfg), cfg)
         n_all = sum(p.numel() for p in task.parameters())
         n_train = sum(p.numel() for p in task.parameters() if p.requires_grad)
         ds = deepspeed_config(cfg, world)
@@ -86,7 +87,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, trainable: str, ou
             ds["zero_optimization"]["stage3_param_persistence_threshold"] = persist_threshold
         engine, *_ = deepspeed.initialize(model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds)
         g = torch.Generator().manual_seed(rank)
-        vocab = task.model.config.vocab_size
+        vocab = task.loss.model.config.vocab_size
         ids = torch.randint(1000 % vocab, vocab, (2, 16), generator=g)
         labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100)
         out_ = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)

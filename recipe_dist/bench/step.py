@@ -57,6 +57,7 @@ import torch
 
 from ..config import RunConfig, TinyArchConfig
 from ..errors import RecipeError
+from ..defenses.recipe import RecipeJob
 from . import write_json
 
 
@@ -279,7 +280,7 @@ class RecipeDistStep:
     """recipe-dist's step: the bert family's MaskedLMTask, trainable policy, torch AdamW, clip 1.0."""
 
     def __init__(self, family, loaded, cfg: RunConfig, device: torch.device):
-        self.task = family.build_task(loaded, cfg)
+        self.task = RecipeJob(family).build_task(loaded, cfg)
         _no_dropout(self.task)
         self.task.to(device).train()
         self.params = [p for p in self.task.parameters() if p.requires_grad]
@@ -305,7 +306,7 @@ def regularizer_time(task, device: torch.device, repeats: int = 20) -> float:
     """Seconds per step of the regularizer's own work: the in-forward norm node, forward and backward."""
     from ..objective import _NormTiedToOutput
 
-    params = dict(task.model.named_parameters())
+    params = dict(task.loss.model.named_parameters())
     weights = [params[n] for n in task.collector.names]
     for w in weights:
         if w.grad is None:

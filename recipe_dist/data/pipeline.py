@@ -12,7 +12,6 @@ around its own stream, one that has more stops early.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import tarfile
 import time
@@ -24,22 +23,11 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from ..seeds import Stream, mix_seed
 from . import storage
 from .storage import DataError, StorageOptions
 
-__all__ = ["DataError", "StorageOptions", "epoch_stream", "rank_micro_batches", "shard_urls", "count_samples"]
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several ints; distinct tuples give unrelated streams."""
-    h = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & (2**63 - 1)
-
-
-def key_seed(seed: int, tag: int, key: str) -> int:
-    """A seed for one sample, from its whole `__key__` (stable across runs, ranks and workers)."""
-    h = hashlib.blake2b(f"{int(seed)}:{int(tag)}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & (2**63 - 1)
+__all__ = ["DataError", "StorageOptions", "epoch_stream", "rank_micro_batches", "shard_urls", "count_samples", "text_decoder"]
 
 
 def pad_rows(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +57,19 @@ def shard_urls(spec: str) -> list[str]:
     if not urls:
         raise DataError(f"data.train_urls: no shards in {spec!r}")
     return urls
+
+
+def text_decoder(text_key: str) -> Callable[[dict], dict]:
+    """Decode a raw text sample: its `text_key` field as UTF-8 into {"__key__", "text"}."""
+
+    def decode(sample: dict) -> dict:
+        if text_key not in sample:
+            raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no field '{text_key}'")
+        raw = sample[text_key]
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
+        return {"__key__": sample["__key__"], "text": text}
+
+    return decode
 
 
 def check_shards_exist(urls: list[str]) -> None:
@@ -161,7 +162,7 @@ def _resampled_shards(urls: list[str], seed: int, epoch: int):
 
     def source():
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
-        rng = random.Random(mix_seed(seed, 4, epoch, rank, worker))
+        rng = random.Random(mix_seed(seed, Stream.RESAMPLED_SHARDS, epoch, rank, worker))
         while True:
             yield {"url": rng.choice(urls)}
 
@@ -194,7 +195,7 @@ def epoch_stream(
     urls: list[str],
     epoch: int,
     seed: int,
-    text_key: str,
+    decode: Callable[[dict], dict] | str,
     encode: Callable[[dict], dict],
     micro_batch_size: int,
     shuffle_buffer: int,
@@ -205,15 +206,12 @@ def epoch_stream(
 ) -> wds.DataPipeline:
     """The pipeline for one epoch on this rank (and worker); yields lists of encoded samples.
 
-    `resampled` draws shards with replacement instead of splitting them over ranks and workers.
+    `decode` turns a raw sample (`{"__key__", "__url__", ext: bytes}`) into what the job's
+    `encode` reads; a string is a text field's name (`text_decoder`). `resampled` draws shards with replacement instead of
+    splitting them over ranks and workers.
     """
-
-    def decode_text(sample: dict) -> dict:
-        if text_key not in sample:
-            raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no field '{text_key}'")
-        raw = sample[text_key]
-        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
-        return {"__key__": sample["__key__"], "text": text}
+    if isinstance(decode, str):
+        decode = text_decoder(decode)
 
     if resampled:
         shards = [_resampled_shards(urls, seed, epoch)]
@@ -221,15 +219,15 @@ def epoch_stream(
         shards = [
             wds.SimpleShardList(urls),
             # detshuffle adds 1 to epoch before seeding, so start one below the epoch wanted.
-            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=mix_seed(seed, 0), epoch=epoch - 1),
+            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=mix_seed(seed, Stream.SHARD_ORDER), epoch=epoch - 1),
             wds.split_by_node,
             wds.split_by_worker,
         ]
     return wds.DataPipeline(
         *shards,
         _read_shards(on_corrupt, options),
-        wds.map(decode_text),
-        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=mix_seed(seed, 1, epoch)),
+        wds.map(decode),
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=mix_seed(seed, Stream.SAMPLE_SHUFFLE, epoch)),
         wds.map(encode),
         wds.batched(micro_batch_size, collation_fn=list, partial=False),
     )
@@ -285,7 +283,7 @@ def rank_micro_batches(
                 stream,
                 batch_size=None,
                 num_workers=num_workers,
-                generator=torch.Generator().manual_seed(mix_seed(seed, 3, epoch, produced)),
+                generator=torch.Generator().manual_seed(mix_seed(seed, Stream.LOADER_WORKERS, epoch, produced)),
             )
             if num_workers > 0
             else stream

@@ -83,6 +83,9 @@ def read_records(path: str, text_column: str | None = None, label_column: str | 
             raise ShardInputError(f"{path}: unsupported input type '{suffix}' (use .tsv, .csv, .jsonl or .txt)")
 
 
+FIELD_EXTENSIONS = {"text": "txt", "label": "cls"}
+
+
 def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix: str = "s") -> list[str]:
     """Write records into `{output_prefix}-{000000..}.tar`; returns the shard URLs."""
     if samples_per_shard < 1:
@@ -119,9 +122,11 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
                     handle = fsspec.open(url, "wb").open()
                 writer = wds.TarWriter(handle)
                 urls.append(url)
-            sample = {"__key__": f"{key_prefix}{i:09d}", "txt": rec["text"]}
-            if "label" in rec:
-                sample["cls"] = str(rec["label"])
+            # Records name their fields as a reader does (text, label) or by the shard's own
+            # extensions (jpg, cls, ...); webdataset picks the encoding from the extension.
+            sample = {"__key__": f"{key_prefix}{i:09d}"}
+            for field, value in rec.items():
+                sample[FIELD_EXTENSIONS.get(field, field)] = str(value) if field == "label" else value
             writer.write(sample)
             n += 1
         if writer is not None:

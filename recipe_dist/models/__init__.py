@@ -1,28 +1,44 @@
 """Model-family registry (timm's `@register_model`, torchtitan's train specs).
 
-A family knows how to load its models safely, its pre-training loss, which weights the
-regularizer reads, which parameters train, and how to export. The trainer never branches on
-the family; it asks the registry.
+A family is one file: a `ModelFamily` subclass decorated with `@register_family("name")`, the
+only place its name is written. The registry knows the modules that hold families
+(`FAMILY_MODULES`) and imports them when a family is first asked for, so registration never
+depends on what happened to be imported. Adding a family is one file plus one line here.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
 
-from .base import LoadedModel, ModelFamily, ModelLoadError
+from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite
 
-_FAMILIES: dict[str, Callable[[], ModelFamily]] = {}
+FAMILY_MODULES = (
+    "recipe_dist.models.mlm",  # bert, roberta
+)
+
+_FAMILIES: dict[str, type[ModelFamily]] = {}
 
 
 def register_family(name: str):
-    def deco(factory: Callable[[], ModelFamily]):
-        _FAMILIES[name] = factory
-        return factory
+    """Class decorator: registers the family under `name` and sets its `name` attribute."""
+
+    def deco(cls: type[ModelFamily]) -> type[ModelFamily]:
+        if name in _FAMILIES and _FAMILIES[name] is not cls:
+            raise ValueError(f"model family {name!r} registered twice ({_FAMILIES[name].__module__} and {cls.__module__})")
+        cls.name = name
+        _FAMILIES[name] = cls
+        return cls
 
     return deco
 
 
+def _load_all() -> None:
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+
+
 def get_family(name: str) -> ModelFamily:
+    _load_all()
     if name not in _FAMILIES:
         import difflib
 
@@ -33,9 +49,8 @@ def get_family(name: str) -> ModelFamily:
 
 
 def families() -> list[str]:
+    _load_all()
     return sorted(_FAMILIES)
 
 
-from . import mlm  # noqa: E402,F401  (registers bert, roberta)
-
-__all__ = ["LoadedModel", "ModelFamily", "ModelLoadError", "register_family", "get_family", "families"]
+__all__ = ["LoadedModel", "ModelFamily", "ModelLoadError", "NeuronSite", "register_family", "get_family", "families"]

@@ -120,34 +120,103 @@ def sha256_files(files: list[Path]) -> dict[str, str]:
     return out
 
 
-class ModelFamily(abc.ABC):
-    """Interface of a model family. Subclasses live one per file in `recipe_dist/models/`."""
+@dataclass(frozen=True)
+class NeuronSite:
+    """Where one layer's neurons are read: the output of `module` (a Linear or Conv) before its
+    activation, one neuron per output feature (channel for convolutions). `weight` and `bias` are
+    the parameter names whose rows a pruning zeroes."""
 
-    name: str = ""
+    layer: int
+    module: str
+    weight: str
+    bias: str | None
+
+
+class ModelFamily(abc.ABC):
+    """Everything recipe-dist needs to know about one kind of model. One file per family in
+    `recipe_dist/models/`, registered with `@register_family("name")` (which sets `name`); the
+    trainer, evaluation, attacks and defenses ask the family and never assume BERT or text.
+
+    A family provides: safe load and export; preprocessing (decode, encode, collate); the
+    pre-training loss; the regularized sites and the trainable policy; its neuron sites; a
+    classifier for downstream evaluation; and a tiny model plus a SYNTHETIC corpus for runs with
+    no model or data given.
+    """
+
+    name: str = ""  # set by register_family
     #: regexes (re.search on parameter names) of the regularized weights, from method.md
     default_regularized: tuple[str, ...] = ()
+    #: the modality of its auxiliary data: "text", "image" or "image-text"
+    modality: str = "text"
 
+    # ------------------------------------------------------------------ weights
     @abc.abstractmethod
     def load(self, path: Path, cfg) -> LoadedModel:
-        ...
+        """The model at `path`, loaded without unpickling or remote code unless cfg.model opts in."""
+
+    @abc.abstractmethod
+    def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
+        """Write `state_dict` (full tensors of loaded.model) in the family's own format; returns the weight files."""
+
+    # ------------------------------------------------------------------ data
+    def decoder(self, cfg):
+        """raw shard sample -> what `encoder` reads; text families read cfg.data.text_key as UTF-8."""
+        from ..data.pipeline import text_decoder
+
+        return text_decoder(cfg.data.text_key)
+
+    @abc.abstractmethod
+    def encoder(self, tokenizer, cfg):
+        """Per-sample preprocessing (runs in DataLoader workers): decoded sample -> features."""
+
+    @abc.abstractmethod
+    def collate(self, tokenizer, cfg):
+        """(features, mask_seed) -> a batch of tensors, the keyword arguments of the task's forward."""
+
+    # ------------------------------------------------------------------ objective
+    @abc.abstractmethod
+    def pretraining_loss(self, loaded: LoadedModel, cfg) -> nn.Module:
+        """L_PT as a module: forward(**batch) -> 0-dim loss, or {"loss": ..., "parts": {...}}."""
+
+    def regularized_names(self, model: nn.Module, patterns: list[str]) -> list[str]:
+        """Parameter names of `model` matching `patterns` (the family default when empty); an
+        error listing what the names look like when nothing matches."""
+        from ..objective import select_weights
+
+        pats = list(patterns) or list(self.default_regularized)
+        names = select_weights(model, pats)
+        if not names:
+            sample = [n for n, _ in model.named_parameters()][:6]
+            raise ModelLoadError(
+                f"no weight matches the regularized patterns {', '.join(pats)}; parameters look like: {', '.join(sample)} "
+                "(set model.regularized)"
+            )
+        return names
 
     def trainable(self, name: str, regularized: set[str], policy: str) -> bool:
+        """Whether parameter `name` trains under model.trainable=`policy` ("family" is this family's default)."""
         if policy == "all":
             return True
         return name in regularized
 
+    def set_trainable(self, model: nn.Module, regularized: set[str], policy: str) -> None:
+        for n, p in model.named_parameters():
+            p.requires_grad_(self.trainable(n, regularized, policy))
+
+    # ------------------------------------------------------------------ analysis and evaluation
     @abc.abstractmethod
-    def build_task(self, loaded: LoadedModel, cfg) -> nn.Module:
-        ...
+    def neuron_sites(self, model: nn.Module) -> list[NeuronSite]:
+        """The neurons that pruning and activation analysis read, one site per layer (method.md section 4)."""
 
     @abc.abstractmethod
-    def encoder(self, tokenizer, cfg):
-        ...
+    def build_classifier(self, path: Path, label_names: list[str], cfg, use_safetensors: bool = True):
+        """(classifier, preprocessor) for downstream fine-tuning: the model at `path` with a new head for `label_names`."""
+
+    # ------------------------------------------------------------------ embedded default
+    @abc.abstractmethod
+    def build_tiny(self, out_dir: Path, arch, seed: int) -> Path:
+        """A tiny randomly initialised model of this family in `out_dir` (model.tiny gives its size)."""
 
     @abc.abstractmethod
-    def collate(self, tokenizer, cfg):
-        ...
-
-    @abc.abstractmethod
-    def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
-        ...
+    def synthetic_corpus(self, n: int, seed: int) -> list[dict]:
+        """`n` SYNTHETIC auxiliary samples as shard fields (e.g. {"text": ...}), for runs without data."""

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..jobs import FamilyJob
+from ..objective import Regularized
 from .base import LoadedModel
-from .mlm import MaskedLMFamily, MaskedLMTask
+from .mlm import MaskedLMFamily, MaskedLMLoss
 
 
 def head_parameter_names(model: torch.nn.Module, head_attr: str) -> list[str]:
@@ -26,30 +28,18 @@ def head_parameter_names(model: torch.nn.Module, head_attr: str) -> list[str]:
     return [n for n, p in model.named_parameters() if n.startswith(head_attr + ".") and p is not tied]
 
 
-class HeadFitJob:
+class HeadFitJob(FamilyJob):
     """A Trainer job: the family's masked-LM loss, only the head's parameters trainable, no regularizer."""
 
-    def __init__(self, family: MaskedLMFamily):
-        self.family = family
+    name = "fit-head"
 
-    def load(self, path: Path, cfg) -> LoadedModel:
-        return self.family.load(path, cfg)
-
-    def build_task(self, loaded: LoadedModel, cfg) -> MaskedLMTask:
+    def build_task(self, loaded: LoadedModel, cfg) -> Regularized:
         model = loaded.model
         head = set(head_parameter_names(model, self.family.head_attr))
         for n, p in model.named_parameters():
             p.requires_grad_(n in head)
-        return MaskedLMTask(model, self.family.head_attr, [], 0.0, 1.0, fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
-
-    def encoder(self, tokenizer, cfg):
-        return self.family.encoder(tokenizer, cfg)
-
-    def collate(self, tokenizer, cfg):
-        return self.family.collate(tokenizer, cfg)
-
-    def export(self, loaded: LoadedModel, state, out_dir: Path) -> list[Path]:
-        return self.family.export(loaded, state, out_dir)
+        loss = MaskedLMLoss(model, self.family.head_attr, fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
+        return Regularized(loss, model, [], 0.0)
 
 
 def masked_lm_metrics(model_dir: Path, family: MaskedLMFamily, cfg, urls: list[str], n_samples: int, batch: int = 32) -> dict:
@@ -67,9 +57,10 @@ def masked_lm_metrics(model_dir: Path, family: MaskedLMFamily, cfg, urls: list[s
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
     encode = family.encoder(tok, cfg)
     samples = []
+    decode = family.decoder(cfg)
     for url in urls:
         for s in shard_samples(url, cfg.data.on_corrupt, record=False):
-            samples.append(encode({"__key__": s["__key__"], "text": s[cfg.data.text_key].decode("utf-8")}))
+            samples.append(encode(decode(s)))
             if len(samples) == n_samples:
                 break
         if len(samples) == n_samples:

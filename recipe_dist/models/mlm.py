@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,68 +19,63 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-from ..data.pipeline import key_seed, pad_rows
+from ..data.pipeline import pad_rows
 from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_cross_entropy, use_fused
-from ..objective import NormCollector, recipe_loss, select_weights
+from ..seeds import Stream, key_seed
 from . import register_family
-from .base import LoadedModel, ModelFamily, ModelLoadError, check_safetensors, safetensors_info, weight_files
+from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, check_safetensors, safetensors_info, weight_files
 
 
-class MaskedLMTask(nn.Module):
-    """The RECIPE objective for an MLM encoder; returns a dict with the loss and its parts.
+def masked_lm_loss(model: nn.Module, head_attr: str, hidden: torch.Tensor, target: torch.Tensor,
+                   fused: str = "auto", chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Mean cross-entropy of `model`'s MLM head on gathered positions (hidden [N, d], target [N]);
+    0 (still on the graph, not NaN) when there are none.
 
-    Only the labelled positions (~15%) go through the MLM head. With `fused` other than "off",
-    the head's decoder never forms their [N, vocab] logits either: it computes the linear +
-    cross-entropy in vocabulary chunks (`recipe_dist.kernels`, Triton or the PyTorch reference).
+    The one masked-LM loss of recipe-dist: purification and every attack call it. With `fused`
+    other than "off" the head's decoder never forms the [N, vocab] logits: it computes the
+    linear + cross-entropy in vocabulary chunks (`recipe_dist.kernels`, Triton or the PyTorch
+    reference).
     """
+    head = getattr(model, head_attr)
+    if fused == "off":
+        logits = head(hidden)
+        return F.cross_entropy(logits.float(), target, reduction="sum") / target.numel() if target.numel() else logits.sum() * 0.0
+    if fused not in FUSED_SETTINGS:
+        raise KernelError(f"kernels.fused: must be one of {', '.join(FUSED_SETTINGS)}, got {fused!r}")
+    decoder = model.get_output_embeddings()
+    use = use_fused(hidden.device, fused, hidden.shape[-1])
 
-    def __init__(self, model: nn.Module, head_attr: str, regularized: list[str], lam: float, pt_weight: float,
-                 fused: str = "auto", chunk_size: int = DEFAULT_CHUNK):
+    def linear_ce(x: torch.Tensor) -> torch.Tensor:
+        # decoder.weight is the tied embedding Parameter: its gradient lands in the one tensor.
+        return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, target, chunk_size, use)
+
+    # The head runs as usual (its transform, then its decoder) with the decoder's forward
+    # standing in for linear + cross-entropy: every module is still called, so ZeRO-3's hooks
+    # gather the decoder's weight around the kernel in the forward and again for its backward.
+    with _forward_replaced(decoder, linear_ce):
+        loss = head(hidden)
+    if loss.dim() != 0:
+        raise RuntimeError(f"{type(head).__name__} does not return its decoder's output; set kernels.fused=off")
+    return loss
+
+
+class MaskedLMLoss(nn.Module):
+    """L_PT of an MLM encoder: only the labelled positions (~15%) go through the MLM head."""
+
+    def __init__(self, model: nn.Module, head_attr: str, fused: str = "auto", chunk_size: int = DEFAULT_CHUNK):
         super().__init__()
-        self.model = model
-        self.head_attr = head_attr
-        self.lam = lam
-        self.pt_weight = pt_weight
-        self.fused = fused
-        self.chunk_size = chunk_size
         if fused not in FUSED_SETTINGS:
             raise KernelError(f"kernels.fused: must be one of {', '.join(FUSED_SETTINGS)}, got {fused!r}")
-        self.collector = NormCollector(model, regularized)
+        self.model = model
+        self.head_attr = head_attr
+        self.fused = fused
+        self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
-        self.collector.reset()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         base = getattr(self.model, self.model.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         picked = labels != -100
-        loss_pt = self.mlm_loss(hidden[picked], labels[picked])
-        reg = self.collector.regularizer(self.lam)
-        return {
-            "loss": recipe_loss(loss_pt, reg, self.pt_weight),
-            "parts": {"loss_pt": loss_pt.detach(), "reg": reg.detach()},
-            "norms": {k: v.detach() for k, v in self.collector.norms.items()},
-        }
-
-    def mlm_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the MLM head on gathered positions; 0 (not NaN) when there are none."""
-        head = getattr(self.model, self.head_attr)
-        if self.fused == "off":
-            logits = head(hidden)
-            return F.cross_entropy(logits.float(), target, reduction="sum") / target.numel() if target.numel() else logits.sum() * 0.0
-        decoder = self.model.get_output_embeddings()
-        fused = use_fused(hidden.device, self.fused, hidden.shape[-1])
-
-        def linear_ce(x: torch.Tensor) -> torch.Tensor:
-            # decoder.weight is the tied embedding Parameter: its gradient lands in the one tensor.
-            return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, target, self.chunk_size, fused)
-
-        # The head runs as usual (its transform, then its decoder) with the decoder's forward
-        # standing in for linear + cross-entropy: every module is still called, so ZeRO-3's hooks
-        # gather the decoder's weight around the kernel in the forward and again for its backward.
-        with _forward_replaced(decoder, linear_ce):
-            loss = head(hidden)
-        if loss.dim() != 0:
-            raise RuntimeError(f"{type(head).__name__} does not return its decoder's output; set kernels.fused=off")
-        return loss
+        return masked_lm_loss(self.model, self.head_attr, hidden[picked], labels[picked], self.fused, self.chunk_size)
 
 
 @contextmanager
@@ -120,35 +116,54 @@ class MaskedLMFamily(ModelFamily):
         return LoadedModel(model=mlm, tokenizer=tok, path=path, weight_files=files, input_dtype=dtype, input_keys=keys)
 
     # ------------------------------------------------------------------ objective
-    def regularized_names(self, model: nn.Module, patterns: list[str]) -> list[str]:
-        pats = list(patterns) or list(self.default_regularized)
-        names = select_weights(model, pats)
-        if not names:
-            sample = [n for n, _ in model.named_parameters()][:6]
-            raise ModelLoadError(
-                f"no weight matches the regularized patterns {', '.join(pats)}; parameters look like: {', '.join(sample)} "
-                "(set model.regularized)"
-            )
-        return names
-
     def ships_head(self, loaded: LoadedModel) -> bool:
         """Whether the input weights carry the MLM head's transform (not only a tied decoder)."""
         return not loaded.input_keys or any(k.startswith(self.head_attr + ".") for k in loaded.input_keys)
 
-    def build_task(self, loaded: LoadedModel, cfg) -> MaskedLMTask:
-        model = loaded.model
+    def pretraining_loss(self, loaded: LoadedModel, cfg) -> MaskedLMLoss:
         if not self.ships_head(loaded) and int(os.environ.get("RANK", "0")) == 0:
             print(f"recipe-dist: warning: {loaded.path} has no masked-LM head ({self.head_attr}.*): L_PT goes through a freshly "
                   f"initialised head. Fit one first: recipe-dist fit-head --config configs/fit-head-bert.yaml "
                   f"--model.path {loaded.path} --output_dir DIR, then purify DIR/model", file=sys.stderr, flush=True)
-        names = self.regularized_names(model, cfg.model.regularized)
-        chosen = set(names)
+        return MaskedLMLoss(loaded.model, self.head_attr, fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
+
+    def set_trainable(self, model: nn.Module, regularized: set[str], policy: str) -> None:
         for n, p in model.named_parameters():
             # The pooler gets no gradient from the MLM loss; keeping it frozen keeps it out of
             # the optimizer and ZeRO's gradient buckets.
-            p.requires_grad_(".pooler." not in n and self.trainable(n, chosen, cfg.model.trainable))
-        return MaskedLMTask(model, self.head_attr, names, cfg.regularizer.lam, cfg.regularizer.pt_weight,
-                            fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
+            p.requires_grad_(".pooler." not in n and self.trainable(n, regularized, policy))
+
+    # ------------------------------------------------------------------ analysis and evaluation
+    def neuron_sites(self, model: nn.Module) -> list[NeuronSite]:
+        """BERT/RoBERTa: the pre-activation of each layer's intermediate.dense (the FFN-in neurons)."""
+        pattern = re.compile(r"^(.*\.layer\.(\d+)\.intermediate\.dense)$")
+        sites = []
+        for name, module in model.named_modules():
+            m = pattern.match(name)
+            if m and isinstance(module, nn.Linear):
+                sites.append(NeuronSite(int(m.group(2)), name, name + ".weight", name + ".bias" if module.bias is not None else None))
+        if not sites:
+            raise ModelLoadError(f"{type(model).__name__}: no *.layer.N.intermediate.dense modules to read neurons from")
+        return sorted(sites, key=lambda s: s.layer)
+
+    def build_classifier(self, path: Path, label_names: list[str], cfg, use_safetensors: bool = True):
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)}, use_safetensors=use_safetensors,
+            trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32,
+        )
+        return model, AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+
+    # ------------------------------------------------------------------ embedded default
+    def build_tiny(self, out_dir: Path, arch, seed: int) -> Path:
+        return build_tiny_bert(out_dir, arch, seed)
+
+    def synthetic_corpus(self, n: int, seed: int) -> list[dict]:
+        from ..data import synthetic
+
+        return [{"text": t} for t in synthetic.corpus(n, seed=seed)]
 
     # ------------------------------------------------------------------ data
     def encoder(self, tokenizer, cfg):
@@ -163,7 +178,7 @@ class MaskedLMFamily(ModelFamily):
             out = {"__key__": sample["__key__"], "input_ids": enc["input_ids"]}
             if static:
                 # One mask per sample for the whole run, as the reference code's preprocessing.
-                collator.generator = torch.Generator().manual_seed(key_seed(seed, 7, sample["__key__"]))
+                collator.generator = torch.Generator().manual_seed(key_seed(seed, Stream.STATIC_MASK, sample["__key__"]))
                 ids, labels = collator.torch_mask_tokens(
                     torch.tensor([enc["input_ids"]]), special_tokens_mask=torch.tensor([enc["special_tokens_mask"]])
                 )
@@ -247,7 +262,6 @@ class MaskedLMFamily(ModelFamily):
 class BertFamily(MaskedLMFamily):
     """BERT-style MLM encoders: FFN-in weights regularized and, as the reference code, the only ones trained."""
 
-    name = "bert"
     head_attr = "cls"
     default_regularized = (r"\.intermediate\.dense\.weight$",)
     # trainable: the base policy (only the regularized weights unless model.trainable=all).
@@ -257,7 +271,6 @@ class BertFamily(MaskedLMFamily):
 class RobertaFamily(MaskedLMFamily):
     """RoBERTa: FFN-in and attention query regularized, everything trains (method.md)."""
 
-    name = "roberta"
     head_attr = "lm_head"
     default_regularized = (r"\.intermediate\.dense\.weight$", r"\.attention\.self\.query\.weight$")
 

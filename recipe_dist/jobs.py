@@ -1,0 +1,83 @@
+"""Jobs: what the Trainer runs. A job is a model family plus an objective.
+
+`purify` (a defense), `attack` (POR, NeuBA, BadPre) and `fit-head` are all jobs for the same
+Trainer, so DeepSpeed, shards, checkpoints, resume, TensorBoard and export apply to each alike.
+`build_job` is the one place a command becomes a job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+from torch import nn
+
+from .errors import RecipeError
+from .models import LoadedModel, ModelFamily, get_family
+
+
+@runtime_checkable
+class Job(Protocol):
+    """The Trainer's view of a job.
+
+    `build_task` returns the module DeepSpeed wraps; its forward(**batch) returns
+    {"loss": 0-dim tensor, "parts": {name: detached 0-dim}, "norms": {weight: detached 0-dim}}:
+    every part is logged as train/<name>, every norm as reg/norm/<weight>.
+    """
+
+    name: str  # the command, shown in progress bars and reports
+    family: ModelFamily
+
+    def load(self, path: Path, cfg) -> LoadedModel: ...
+    def build_task(self, loaded: LoadedModel, cfg) -> nn.Module: ...
+    def decoder(self, cfg) -> Callable[[dict], dict]: ...
+    def encoder(self, tokenizer, cfg) -> Callable[[dict], dict]: ...
+    def collate(self, tokenizer, cfg) -> Callable[[list, int], dict]: ...
+    def export(self, loaded: LoadedModel, state: dict, out_dir: Path) -> list[Path]: ...
+
+
+class FamilyJob:
+    """A job that loads, preprocesses and exports exactly as its family does; subclasses give
+    `build_task` (and may wrap `encoder`/`collate`)."""
+
+    name = "job"
+
+    def __init__(self, family: ModelFamily):
+        self.family = family
+
+    def load(self, path: Path, cfg) -> LoadedModel:
+        return self.family.load(path, cfg)
+
+    def build_task(self, loaded: LoadedModel, cfg) -> nn.Module:
+        raise NotImplementedError
+
+    def decoder(self, cfg):
+        return self.family.decoder(cfg)
+
+    def encoder(self, tokenizer, cfg):
+        return self.family.encoder(tokenizer, cfg)
+
+    def collate(self, tokenizer, cfg):
+        return self.family.collate(tokenizer, cfg)
+
+    def export(self, loaded: LoadedModel, state: dict, out_dir: Path) -> list[Path]:
+        return self.family.export(loaded, state, out_dir)
+
+
+def build_job(command: str, cfg) -> Job:
+    """The job of `command` (purify, attack, fit-head, or any registered defense) for cfg.model.family."""
+    family = get_family(cfg.model.family)
+    if command == "attack":
+        from .attacks import get_attack
+
+        return get_attack(cfg.attack.name, family)
+    if command == "fit-head":
+        from .models.head_fit import HeadFitJob
+
+        return HeadFitJob(family)
+    from .defenses import get_defense
+
+    try:
+        return get_defense(command, family)
+    except KeyError:
+        raise RecipeError(f"unknown job {command!r}") from None
