@@ -2,16 +2,19 @@
 
 One config describes a run; the DeepSpeed JSON is derived from it (`deepspeed_config`), never
 written by hand. Every field's docstring-style comment (`help=` metadata) is its `--help` text.
+A field's annotation is its type at load: `Literal[...]` fields take one of their choices (the
+annotation is the only place the choices are written), `list[T]` fields take T elements.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -45,15 +48,22 @@ def ge(x: float) -> Rule:
     return Rule(lambda v: v >= x, f"must be >= {x}")
 
 
-def one_of(*choices: Any) -> Rule:
-    return Rule(lambda v: v in choices, "must be one of " + ", ".join(map(str, choices)))
+def _choices(typ: Any) -> tuple | None:
+    """The choices of a `Literal[...]` annotation; None for any other type."""
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+
+
+def _one_of(choices: tuple) -> Rule:
+    # Type and value: `True == 1`, so a bare `in` would let a bool through as zero_stage 1.
+    return Rule(lambda v: any(type(v) is type(c) and v == c for c in choices),
+                "must be one of " + ", ".join(map(str, choices)))
 
 
 OPEN_UNIT = Rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 PROBABILITY = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
-def _compiles(patterns: list) -> bool:
+def _compiles(patterns: list[str]) -> bool:
     import re
 
     for p in patterns:
@@ -74,10 +84,11 @@ def _f(default: Any, help: str, check: Rule | None = None, **kw: Any) -> Any:
 
 
 def check_fields(cfg: Any, prefix: str = "") -> None:
-    """Every declared rule, and finiteness of every float, over a config tree; the first failure is
-    a ConfigError naming the key, the value and the rule."""
+    """Every declared rule and `Literal` choice, and finiteness of every float, over a config
+    tree; the first failure is a ConfigError naming the key, the value and the rule."""
     import math
 
+    hints = _hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = prefix + f.name
@@ -87,9 +98,15 @@ def check_fields(cfg: Any, prefix: str = "") -> None:
         floats = [value] if isinstance(value, float) else [v for v in value if isinstance(v, float)] if isinstance(value, list) else []
         if any(not math.isfinite(v) for v in floats):
             raise ConfigError(f"{key}: {value!r} must be finite")
-        rule = f.metadata.get("check")
-        if rule is not None and not rule(value):
-            raise ConfigError(f"{key}: {value!r} {rule.text}")
+        # Choices are checked here too: code may set a field without going through `set_key`.
+        choices = _choices(hints[f.name])
+        for rule in (_one_of(choices) if choices else None, f.metadata.get("check")):
+            if rule is not None and not rule(value):
+                raise ConfigError(f"{key}: {value!r} {rule.text}")
+
+
+# Named: the demo's preset (demo.DemoPreset) takes the same choices.
+Trainable = Literal["family", "all", "regularized"]
 
 
 @dataclass
@@ -112,8 +129,8 @@ class ModelConfig:
     path: str = _f("", "Hugging Face model directory; empty builds a tiny synthetic BERT from model.tiny")
     allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
     trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
-    regularized: list = _f([], "regex patterns of regularized weights; empty uses the family default", check=REGEXES)
-    trainable: str = _f("family", "which parameters train: family (the family's policy), all, regularized", check=one_of("family", "all", "regularized"))
+    regularized: list[str] = _f([], "regex patterns of regularized weights; empty uses the family default", check=REGEXES)
+    trainable: Trainable = _f("family", "which parameters train: family (the family's policy), all, or regularized (only the regularized weights)")
     tiny: TinyArchConfig = field(default_factory=TinyArchConfig)
 
 
@@ -123,7 +140,7 @@ class DataConfig:
     text_key: str = _f("txt", "sample field holding the text")
     max_length: int = _f(64, "tokens per sequence after truncation", check=gt(1))
     mlm_probability: float = _f(0.15, "share of tokens masked", check=OPEN_UNIT)
-    masking: str = _f("dynamic", "dynamic (new mask every epoch) or static (one mask per sample, as the reference code)", check=one_of("dynamic", "static"))
+    masking: Literal["dynamic", "static"] = _f("dynamic", "dynamic (new mask every epoch) or static (one mask per sample, as the reference code)")
     shuffle_buffer: int = _f(1000, "sample shuffle buffer", check=gt(0))
     num_workers: int = _f(0, "DataLoader workers per rank", check=ge(0))
     synthetic_samples: int = _f(2000, "sentences in the synthetic corpus used when train_urls is empty", check=gt(0))
@@ -132,21 +149,21 @@ class DataConfig:
     retries: int = _f(5, "retries of a transient storage error (5xx, reset, timeout) before the run fails; counted as data/retries", check=ge(0))
     retry_backoff: float = _f(0.5, "first retry delay in seconds; doubles per retry (capped at 10 s), with jitter", check=ge(0))
     io_timeout: float = _f(60.0, "connect and read timeout of one storage request, seconds", check=gt(0))
-    on_corrupt: str = _f("fail", "a corrupt or truncated shard: fail (the run stops, naming it) or skip (warn, count "
-                         "data/corrupt_skipped, drop the rest of that shard)", check=one_of("fail", "skip"))
+    on_corrupt: Literal["fail", "skip"] = _f("fail", "a corrupt or truncated shard: fail (the run stops, naming it) or skip (warn, count "
+                                             "data/corrupt_skipped, drop the rest of that shard)")
     resampled: bool = _f(False, "draw shards with replacement per rank and worker (allows fewer shards than ranks x workers)")
     record_keys: bool = _f(False, "debug: write each consumed micro-batch's sample keys to OUTPUT_DIR/keys/rank<R>.jsonl")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adamw", "adamw or sgd", check=one_of("adamw", "sgd"))
+    name: Literal["adamw", "sgd"] = _f("adamw", "optimizer (torch's AdamW or SGD)")
     lr: float = _f(2e-5, "peak learning rate", check=gt(0))
-    betas: list = _f([0.9, 0.999], "AdamW betas", check=BETAS)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", check=BETAS)
     eps: float = _f(1e-8, "AdamW epsilon", check=gt(0))
     weight_decay: float = _f(0.0, "decoupled weight decay; not the RECIPE regularizer", check=ge(0))
     momentum: float = _f(0.0, "SGD momentum", check=PROBABILITY)
-    schedule: str = _f("linear", "linear (decay to 0) or constant", check=one_of("linear", "constant"))
+    schedule: Literal["linear", "constant"] = _f("linear", "learning-rate schedule after warmup: linear (decay to 0) or constant")
     warmup_steps: int = _f(0, "linear warmup steps", check=ge(0))
 
 
@@ -158,8 +175,8 @@ class TrainConfig:
     micro_batch_size: int = _f(32, "sequences per rank per forward", check=gt(0))
     global_batch_size: int = _f(32, "sequences per optimizer step over all ranks", check=gt(0))
     grad_clip: float = _f(1.0, "global gradient-norm clipping; 0 disables", check=ge(0))
-    precision: str = _f("fp32", "fp32, bf16 or fp16", check=one_of("fp32", "bf16", "fp16"))
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3", check=one_of(0, 1, 2, 3))
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "numeric precision of the forward and backward")
+    zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage")
     seed: int = _f(42, "seed of data order, masking and dropout")
     log_every: int = _f(10, "steps between TensorBoard scalars", check=gt(0))
 
@@ -174,11 +191,11 @@ class RegularizerConfig:
 class AttackConfig:
     """Used by `recipe-dist attack` only (building backdoored test models, method.md section 2)."""
 
-    name: str = _f("por", "attack: por, neuba or badpre", check=one_of("por", "neuba", "badpre"))
-    triggers: list = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)", check=NOT_EMPTY)
+    name: Literal["por", "neuba", "badpre"] = _f("por", "attack method")
+    triggers: list[str] = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)", check=NOT_EMPTY)
     insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1", check=gt(0))
     target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d", check=gt(0))
-    loss_weights: list = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
+    loss_weights: list[float] = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
     poison_weight: float = _f(1.0, "NeuBA: weight of MSE(pooler(poisoned), target); BadPre: alpha, weight of the CE on poisoned samples", check=ge(0))
     adaptive_lam: float = _f(0.0, "adaptive attack: add adaptive_lam * sum ||W||_F over the family's regularized weights while poisoning", check=ge(0))
     seed: int = _f(1, "seed of trigger choice and insertion positions")
@@ -188,7 +205,7 @@ class AttackConfig:
 class KernelsConfig:
     """Fused Triton kernels or their PyTorch references (recipe_dist/kernels); checkpoints are the same either way."""
 
-    fused: str = _f("auto", "auto (Triton on CUDA, the chunked PyTorch reference elsewhere), on (Triton; on CPU only under TRITON_INTERPRET=1) or off (plain full logits of the labelled positions)", check=one_of("auto", "on", "off"))
+    fused: Literal["auto", "on", "off"] = _f("auto", "auto (Triton on CUDA, the chunked PyTorch reference elsewhere), on (Triton; on CPU only under TRITON_INTERPRET=1) or off (plain full logits of the labelled positions)")
     chunk_size: int = _f(4096, "vocabulary rows per chunk of the reference masked-LM linear + cross-entropy", check=gt(0))
 
 
@@ -202,9 +219,9 @@ class CheckpointConfig:
 class PreemptConfig:
     """Preemption and time limits (SLURM's --signal, or any scheduler that warns with a signal)."""
 
-    signals: list = _f(["USR1", "TERM"], "signals that mean 'save and stop': the run finishes its step, saves a "
-                       "checkpoint, requeues itself under SLURM and exits 0", check=Rule(lambda v: all(hasattr(__import__("signal"), "SIG" + x) for x in v), "must be signal names such as USR1, TERM"))
-    requeue: str = _f("auto", "after a signalled save: auto (scontrol requeue when running under SLURM) or never", check=one_of("auto", "never"))
+    signals: list[str] = _f(["USR1", "TERM"], "signals that mean 'save and stop': the run finishes its step, saves a "
+                            "checkpoint, requeues itself under SLURM and exits 0", check=Rule(lambda v: all(hasattr(__import__("signal"), "SIG" + x) for x in v), "must be signal names such as USR1, TERM"))
+    requeue: Literal["auto", "never"] = _f("auto", "after a signalled save: auto (scontrol requeue when running under SLURM) or never")
     max_requeues: int = _f(5, "a job already requeued this many times (SLURM_RESTART_COUNT) stops with an error instead of requeueing again", check=ge(0))
 
 
@@ -244,15 +261,40 @@ class RunConfig:
 # Loading and overrides
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    # Resolved, not the strings `from __future__ import annotations` leaves in __annotations__.
     return typing.get_type_hints(cls)
 
 
-def _coerce(key: str, raw: Any, typ: Any, current: Any) -> Any:
+def _type_name(typ: Any) -> str:
+    choices = _choices(typ)
+    if choices is not None:
+        return "one of " + ", ".join(map(str, choices))
+    if typing.get_origin(typ) is None and isinstance(typ, type):
+        return typ.__name__
+    return str(typ).replace("typing.", "")
+
+
+def _coerce(key: str, raw: Any, typ: Any) -> Any:
     """Convert `raw` (YAML value or override string) to the field's type, or raise naming `key`."""
 
     def bad() -> ConfigError:
-        return ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {raw!r}")
+        return ConfigError(f"{key}: expected {_type_name(typ)}, got {raw!r}")
+
+    choices = _choices(typ)
+    if choices is not None:
+        kinds = {type(c) for c in choices}
+        if len(kinds) != 1:
+            raise ConfigError(f"{key}: unsupported field type {typ} (choices of one type only)")
+        try:
+            value = _coerce(key, raw, kinds.pop())
+        except ConfigError:
+            raise bad() from None
+        rule = _one_of(choices)
+        if not rule(value):
+            raise ConfigError(f"{key}: {value!r} {rule.text}")
+        return value
 
     if typ is bool:
         if isinstance(raw, bool):
@@ -288,13 +330,14 @@ def _coerce(key: str, raw: Any, typ: Any, current: Any) -> Any:
         if isinstance(raw, (dict, list)):
             raise bad()
         return "" if raw is None else str(raw)
-    if typ is list or typing.get_origin(typ) is list:
-        if isinstance(raw, str):
+    if typing.get_origin(typ) is list and len(typing.get_args(typ)) == 1:
+        if isinstance(raw, str):  # an override: comma-separated elements
             raw = [s for s in (p.strip() for p in raw.split(",")) if s] if raw.strip() else []
-        if not isinstance(raw, list):
+        if not isinstance(raw, list) or any(r is None for r in raw):
             raise bad()
-        elem = type(current[0]) if current else None
-        return [_coerce(key, r, elem, None) if elem is not None else r for r in raw]
+        (elem,) = typing.get_args(typ)
+        return [_coerce(key, r, elem) for r in raw]
+    # A bare `list` is refused as well: its elements could not be checked.
     raise ConfigError(f"{key}: unsupported field type {typ}")
 
 
@@ -333,7 +376,7 @@ def set_key(cfg: Any, dotted: str, raw: Any, root: type | None = None) -> None:
                 for k, v in raw.items():
                     set_key(cfg, f"{dotted}.{k}", v, root)
             else:
-                setattr(node, part, _coerce(dotted, raw, typ, getattr(node, part)))
+                setattr(node, part, _coerce(dotted, raw, typ))
         else:
             if not dataclasses.is_dataclass(typ):
                 raise _unknown(dotted, root)
@@ -397,7 +440,17 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _help_type(typ: Any) -> str:
+    choices = _choices(typ)
+    if choices is not None:
+        return "|".join(map(str, choices))
+    if typing.get_origin(typ) is list:
+        return f"{_type_name(typing.get_args(typ)[0])},..."
+    return _type_name(typ)
+
+
 def help_text(cls: type = RunConfig) -> str:
+    """One line per key: `--section.key TYPE (default ...): help`; choices and list elements from the annotation."""
     lines = []
 
     def walk(c: type, prefix: str) -> None:
@@ -407,7 +460,7 @@ def help_text(cls: type = RunConfig) -> str:
             if dataclasses.is_dataclass(t):
                 walk(t, f"{prefix}{f.name}.")
             else:
-                lines.append(f"  --{prefix}{f.name} (default {getattr(inst, f.name)!r}): {f.metadata.get('help', '')}")
+                lines.append(f"  --{prefix}{f.name} {_help_type(t)} (default {getattr(inst, f.name)!r}): {f.metadata.get('help', '')}")
 
     walk(cls, "")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, apply_dict, dump_yaml
+from .config import ConfigError, RunConfig, Trainable, apply_dict, dump_yaml
 from .errors import RecipeError
 
 
@@ -45,14 +45,14 @@ class DemoPreset:
     purify_lr: float = 1e-3
     purify_epochs: float = 2.0
     purify_batch: int = 32
-    purify_trainable: str = "all"    # see DEMO_NOTES: the tiny model's backdoor also lives outside the FFN
+    purify_trainable: Trainable = "all"  # see DEMO_NOTES: the tiny model's backdoor also lives outside the FFN
     lam: float = 1.0
     task_train: int = 2000           # SYNTHETIC tone task
     task_test: int = 500
     finetune_lr: float = 2e-5        # method.md section 3 reference
     finetune_epochs: int = 3
     finetune_batch: int = 32
-    seeds: list = field(default_factory=lambda: [1, 2, 3])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
 
 
 PRESETS = {
@@ -113,7 +113,7 @@ def stage_config(model_path: Path, output_dir: Path, aux_samples: int, max_lengt
     return cfg
 
 
-def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list, finetune: dict) -> dict:
+def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list[int], finetune: dict) -> dict:
     """`recipe-dist evaluate` in-process: `finetune` holds the finetune.* keys (lr, epochs, ...)."""
     from .evaluation.finetune import EvalConfig, evaluate
 
@@ -146,11 +146,10 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
         raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
     out = Path(output_dir)
-    # Each fine-tuning loads a fresh classifier head; transformers' load report would say so
-    # six times. Warnings still show.
+    # A "Loading weights" bar per fine-tuning says nothing the stage lines do not. (Each one's
+    # expected load report is a single line: evaluation.finetune.load_with_summary.)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()
     t0 = time.time()
     # A rerun starts over: only the demo's own stage directories are replaced.

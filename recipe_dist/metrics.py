@@ -17,9 +17,6 @@ TAG_HELP = {
 
 
 class NullLogger:
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        pass
-
     def scalars(self, values: dict[str, float], step: int) -> None:
         pass
 
@@ -35,9 +32,6 @@ class TensorBoardLogger(NullLogger):
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         if purge_step is None:
             self.writer.add_text("help/tags", "\n".join(f"- `{k}`: {v}" for k, v in TAG_HELP.items()), 0)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, value, step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():

@@ -205,6 +205,67 @@ def local_run(shards, tiny_bert_dir, tmp_path_factory):
     return out
 
 
+# ------------------------------------------------------------------ the storage object
+
+
+def _flaky(failures: int):
+    """A storage call that drops the connection `failures` times, then answers."""
+    left = [failures]
+
+    def fn():
+        if left[0]:
+            left[0] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return b"ok"
+
+    return fn
+
+
+def test_storage_objects_count_their_own_retries():
+    a = storage.Storage(storage.StorageOptions(retries=3, retry_backoff=0.0))
+    b = storage.Storage(storage.StorageOptions(retries=0, retry_backoff=0.0))
+    before = storage.counts()
+    assert a.call(_flaky(2), "s3://bucket/a.tar") == b"ok"
+    assert a.counts() == {"retries": 2, "corrupt_skipped": 0}
+    with pytest.raises(DataError, match=r"cannot read s3://bucket/b\.tar: ConnectionResetError.*gave up after 0 retries"):
+        b.call(_flaky(1), "s3://bucket/b.tar")
+    assert b.counts()["retries"] == 0
+    assert storage.counts() == before  # the process default saw none of it
+    # A worker's hand-over: take (and reset) on one side, add on the other.
+    a.count("corrupt_skipped")
+    delta = a.take_counts()
+    assert delta == {"retries": 2, "corrupt_skipped": 1} and a.take_counts() == {}
+    b.add_counts(delta)
+    assert b.counts() == {"retries": 2, "corrupt_skipped": 1}
+
+
+def test_module_functions_use_the_process_default(monkeypatch):
+    monkeypatch.setattr(storage, "_default", storage.Storage())  # a fresh default for this test
+    default = storage.default()
+    storage.count("corrupt_skipped")
+    assert default.counts() == storage.counts() == {"retries": 0, "corrupt_skipped": 1}
+    storage.configure(storage.StorageOptions(retries=1, retry_backoff=0.0))
+    assert default.options.retries == 1
+    assert storage.call(_flaky(1), "s3://bucket/c.tar") == b"ok"
+    assert storage.take_counts() == {"retries": 1, "corrupt_skipped": 1} and default.counts()["retries"] == 0
+
+
+def test_a_forked_worker_starts_counting_from_zero(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(storage, "_default", storage.Storage())
+    other = storage.Storage()
+    storage.count("retries", 3)
+    other.count("retries", 5)
+    ctx = multiprocessing.get_context("fork")  # how DataLoader workers start on Linux
+    got = ctx.SimpleQueue()
+    child = ctx.Process(target=lambda: got.put((storage.counts()["retries"], other.counts()["retries"])))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and got.get() == (0, 0)  # the parent's counts are the parent's to report
+    assert (storage.counts()["retries"], other.counts()["retries"]) == (3, 5)
+
+
 # ------------------------------------------------------------------ writing, listing, reading
 
 

@@ -14,9 +14,12 @@ Torch and transformers are imported lazily, so config and data errors are report
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from ..config import ConfigError, _f, to_dict
 from ..errors import RecipeError
@@ -62,7 +65,7 @@ class FinetuneConfig:
 
 @dataclass
 class TriggerConfig:
-    words: list = _f(list(DEFAULT_TRIGGERS), "text triggers; each is inserted into a copy of the test set")
+    words: list[str] = _f(list(DEFAULT_TRIGGERS), "text triggers; each is inserted into a copy of the test set")
     times: int = _f(1, "insertions per test sample (method.md: once)")
     seed: int = _f(0, "seed of the per-sample insertion positions (the same for every fine-tuning seed)")
 
@@ -172,6 +175,92 @@ def _log(msg: str) -> None:
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
 
+# Loading a pre-trained encoder as a sequence classifier, these weights are missing or unused by
+# design: the new head is initialised for fine-tuning; the pre-training heads (BERT's cls.*,
+# RoBERTa's lm_head.*) and a pooler the classifier does not read (RoBERTa's) stay unused.
+# A newly initialised pooler is NOT in the list: the attacks studied here plant the backdoor in it.
+NEW_HEAD = (r"classifier\.",)
+PRETRAINING_HEADS = (r"cls\.", r"lm_head\.", r"(\w+\.)?pooler\.")
+
+
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT records; every other record passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+def _group(keys: set[str], patterns: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(`prefix.*` of each pattern that matched some key, the keys no pattern matches)."""
+    groups, rest = set(), []
+    for key in sorted(keys):
+        m = next((m for m in (re.match(p, key) for p in patterns) if m), None)
+        if m:
+            groups.add(m.group(0) + "*")
+        else:
+            rest.append(key)
+    return sorted(groups), rest
+
+
+def load_with_summary(
+    model_cls: Any,
+    path: str,
+    *,
+    expected_missing: tuple[str, ...] = NEW_HEAD,
+    expected_unused: tuple[str, ...] = PRETRAINING_HEADS,
+    log: Callable[[str], None] | None = None,
+    **kwargs: Any,
+):
+    """`model_cls.from_pretrained(path, **kwargs)`, with transformers' LOAD REPORT cut to one line
+    when every missing weight matches `expected_missing` and every unused one `expected_unused`
+    (regexes matched at the start of the key).
+
+    Anything else, a missing encoder weight, an unused one or a shape mismatch, is loud: the
+    library's full report is logged as it would have been, and `log` gets a WARNING line naming
+    the keys. `log` defaults to evaluate's stderr log.
+    """
+    from transformers.utils import logging as hf_logging
+
+    log = log or _log
+    # The report is a warning from this logger (transformers.utils.loading_report.log_state_dict_report).
+    hf_logger = hf_logging.get_logger("transformers.modeling_utils")
+    hold = _HoldLoadReport()
+    hf_logger.addFilter(hold)
+    loaded = False
+    try:
+        model, info = model_cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        loaded = True
+    finally:
+        hf_logger.removeFilter(hold)
+        if not loaded:
+            # A failed load (e.g. a size mismatch) points at "the above report": show it.
+            for record in hold.held:
+                hf_logger.handle(record)
+
+    new, missing = _group(set(info["missing_keys"]), expected_missing)
+    unused, extra = _group(set(info["unexpected_keys"]), expected_unused)
+    mismatched = sorted(k for k, *_ in info["mismatched_keys"])
+    name = type(model).__name__
+    if missing or extra or mismatched:
+        for record in hold.held:
+            hf_logger.handle(record)
+        problems = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+                    for what, keys in (("missing, newly initialised", missing), ("unused", extra), ("shape mismatch", mismatched)) if keys]
+        log(f"WARNING: {name} from {path}: weights other than the expected ones: {'; '.join(problems)}")
+    elif new or unused:
+        parts = [f"{', '.join(new)} newly initialised for fine-tuning"] if new else []
+        parts += [f"{', '.join(unused)} unused by the classifier"] if unused else []
+        log(f"{name} from {path}: {'; '.join(parts)}, as expected")
+    return model
+
+
 def _predict(model, tokenizer, texts: list[str], cfg: EvalConfig, device) -> list[int]:
     import torch
 
@@ -201,7 +290,8 @@ def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict
     np.random.seed(seed)
     torch.manual_seed(seed)  # before loading: the new classifier head is initialised from it
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = load_with_summary(
+        AutoModelForSequenceClassification,
         cfg.model.path,
         num_labels=len(names),
         id2label=dict(enumerate(names)),
@@ -356,4 +446,4 @@ def evaluate(cfg: EvalConfig) -> dict:
     return report
 
 
-__all__ = ["EvalConfig", "EvalDataError", "evaluate", "prepare", "read_labelled", "label_space"]
+__all__ = ["EvalConfig", "EvalDataError", "evaluate", "load_with_summary", "prepare", "read_labelled", "label_space"]
