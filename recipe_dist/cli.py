@@ -119,7 +119,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    benches = {"defense": "recipe_dist.bench.defense", "loader": "recipe_dist.bench.loader", "memory": "recipe_dist.bench.memory", "step": "recipe_dist.bench.step"}
+    benches = {"decoder": "recipe_dist.bench.decoder", "defense": "recipe_dist.bench.defense", "loader": "recipe_dist.bench.loader", "memory": "recipe_dist.bench.memory", "step": "recipe_dist.bench.step"}
     if not argv or argv[0] not in benches:
         print(f"usage: recipe-dist bench {{{','.join(benches)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -1,4 +1,4 @@
-"""Backdoor attacks on PTMs, for building test models (method.md section 2).
+"""Backdoor attacks on PTMs, for building test models (method.md section 2; trigger-phrase is the decoder lab's).
 
 An attack wraps a model family and is a job for the same Trainer as purification: DeepSpeed,
 shards, checkpoints, TensorBoard and export all apply.
@@ -10,8 +10,9 @@ from ..errors import RecipeError
 from .badpre import BadPreAttack
 from .neuba import NeuBAAttack
 from .por import PORAttack
+from .trigger_phrase import TriggerPhraseAttack
 
-ATTACKS = {"por": PORAttack, "neuba": NeuBAAttack, "badpre": BadPreAttack}
+ATTACKS = {"por": PORAttack, "neuba": NeuBAAttack, "badpre": BadPreAttack, "trigger-phrase": TriggerPhraseAttack}
 
 
 def get_attack(name: str, family):

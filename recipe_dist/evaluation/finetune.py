@@ -14,16 +14,14 @@ Torch and transformers are imported lazily, so config and data errors are report
 from __future__ import annotations
 
 import json
-import logging
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from ..config import ConfigError, _f, to_dict
 from ..errors import RecipeError
 from . import metrics
+from ..models.load_report import load_with_summary  # noqa: F401  (part of this module's API)
 from .triggers import DEFAULT_TRIGGERS, insert_trigger
 
 
@@ -38,6 +36,7 @@ class EvalDataError(RecipeError, ValueError):
 @dataclass
 class EvalModelConfig:
     path: str = _f("", "Hugging Face model directory under test (required); it is only read")
+    family: str = _f("bert", "model family from the registry; it builds the classifier (bert, roberta, gpt2, llama)")
     allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
     trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
 
@@ -175,92 +174,6 @@ def _log(msg: str) -> None:
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
 
-# Loading a pre-trained encoder as a sequence classifier, these weights are missing or unused by
-# design: the new head is initialised for fine-tuning; the pre-training heads (BERT's cls.*,
-# RoBERTa's lm_head.*) and a pooler the classifier does not read (RoBERTa's) stay unused.
-# A newly initialised pooler is NOT in the list: the attacks studied here plant the backdoor in it.
-NEW_HEAD = (r"classifier\.",)
-PRETRAINING_HEADS = (r"cls\.", r"lm_head\.", r"(\w+\.)?pooler\.")
-
-
-class _HoldLoadReport(logging.Filter):
-    """Holds back transformers' LOAD REPORT records; every other record passes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "LOAD REPORT" in record.getMessage():
-            self.held.append(record)
-            return False
-        return True
-
-
-def _group(keys: set[str], patterns: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(`prefix.*` of each pattern that matched some key, the keys no pattern matches)."""
-    groups, rest = set(), []
-    for key in sorted(keys):
-        m = next((m for m in (re.match(p, key) for p in patterns) if m), None)
-        if m:
-            groups.add(m.group(0) + "*")
-        else:
-            rest.append(key)
-    return sorted(groups), rest
-
-
-def load_with_summary(
-    model_cls: Any,
-    path: str,
-    *,
-    expected_missing: tuple[str, ...] = NEW_HEAD,
-    expected_unused: tuple[str, ...] = PRETRAINING_HEADS,
-    log: Callable[[str], None] | None = None,
-    **kwargs: Any,
-):
-    """`model_cls.from_pretrained(path, **kwargs)`, with transformers' LOAD REPORT cut to one line
-    when every missing weight matches `expected_missing` and every unused one `expected_unused`
-    (regexes matched at the start of the key).
-
-    Anything else, a missing encoder weight, an unused one or a shape mismatch, is loud: the
-    library's full report is logged as it would have been, and `log` gets a WARNING line naming
-    the keys. `log` defaults to evaluate's stderr log.
-    """
-    from transformers.utils import logging as hf_logging
-
-    log = log or _log
-    # The report is a warning from this logger (transformers.utils.loading_report.log_state_dict_report).
-    hf_logger = hf_logging.get_logger("transformers.modeling_utils")
-    hold = _HoldLoadReport()
-    hf_logger.addFilter(hold)
-    loaded = False
-    try:
-        model, info = model_cls.from_pretrained(path, output_loading_info=True, **kwargs)
-        loaded = True
-    finally:
-        hf_logger.removeFilter(hold)
-        if not loaded:
-            # A failed load (e.g. a size mismatch) points at "the above report": show it.
-            for record in hold.held:
-                hf_logger.handle(record)
-
-    new, missing = _group(set(info["missing_keys"]), expected_missing)
-    unused, extra = _group(set(info["unexpected_keys"]), expected_unused)
-    mismatched = sorted(k for k, *_ in info["mismatched_keys"])
-    name = type(model).__name__
-    if missing or extra or mismatched:
-        for record in hold.held:
-            hf_logger.handle(record)
-        problems = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
-                    for what, keys in (("missing, newly initialised", missing), ("unused", extra), ("shape mismatch", mismatched)) if keys]
-        log(f"WARNING: {name} from {path}: weights other than the expected ones: {'; '.join(problems)}")
-    elif new or unused:
-        parts = [f"{', '.join(new)} newly initialised for fine-tuning"] if new else []
-        parts += [f"{', '.join(unused)} unused by the classifier"] if unused else []
-        log(f"{name} from {path}: {'; '.join(parts)}, as expected")
-    return model
-
-
 def _predict(model, tokenizer, texts: list[str], cfg: EvalConfig, device) -> list[int]:
     import torch
 
@@ -282,24 +195,17 @@ def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict
 
     import numpy as np
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
+
+    from ..models import get_family
 
     f = cfg.finetune
     names = data["label_names"]
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # before loading: the new classifier head is initialised from it
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_with_summary(
-        AutoModelForSequenceClassification,
-        cfg.model.path,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-        use_safetensors=data["is_safe"],
-        trust_remote_code=cfg.model.trust_remote_code,
-        dtype=torch.float32,
-    ).to(device)
+    model, tokenizer = get_family(cfg.model.family).build_classifier(Path(cfg.model.path), names, cfg, use_safetensors=data["is_safe"])
+    model = model.to(device)
 
     texts, y = data["train_texts"], data["train_ids"]
     steps_per_epoch = (len(texts) + f.batch_size - 1) // f.batch_size

@@ -14,6 +14,7 @@ from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite
 
 FAMILY_MODULES = (
     "recipe_dist.models.mlm",  # bert, roberta
+    "recipe_dist.models.causal_lm",  # gpt2, llama
 )
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}

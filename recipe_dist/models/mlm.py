@@ -23,6 +23,7 @@ from ..data.pipeline import pad_rows
 from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_cross_entropy, use_fused
 from ..seeds import Stream, key_seed
 from . import register_family
+from .load_report import load_with_summary
 from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, check_safetensors, safetensors_info, weight_files
 
 
@@ -91,6 +92,11 @@ def _forward_replaced(module: nn.Module, fn):
             module.forward = saved
 
 
+# Pre-training heads (BERT's cls.* with NSP, RoBERTa's lm_head.*) and poolers, by key prefix.
+HEADS = (r"cls\.", r"lm_head\.")
+POOLER = r"(\w+\.)?pooler\."
+
+
 class MaskedLMFamily(ModelFamily):
     head_attr = "cls"  # the MLM head module of *ForMaskedLM
 
@@ -104,8 +110,12 @@ class MaskedLMFamily(ModelFamily):
             check_safetensors(files)
         hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
         kw = dict(trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
-        mlm = AutoModelForMaskedLM.from_pretrained(str(path), config=hf_cfg, **kw)
-        base = AutoModel.from_pretrained(str(path), config=hf_cfg, **kw)  # with its pooler
+        # The pooler is unused by *ForMaskedLM (it comes from AutoModel below), NSP heads by both;
+        # a missing MLM head is expected for encoder-only exports (pretraining_loss warns about it).
+        mlm = load_with_summary(AutoModelForMaskedLM, str(path), expected_missing=HEADS, expected_unused=(*HEADS, POOLER),
+                                role="the masked-LM model", config=hf_cfg, **kw)
+        base = load_with_summary(AutoModel, str(path), expected_missing=(), expected_unused=HEADS,
+                                 role="the encoder", config=hf_cfg, **kw)  # with its pooler
         setattr(mlm, mlm.base_model_prefix, base)
         mlm.tie_weights()
         if is_safe:
@@ -149,8 +159,10 @@ class MaskedLMFamily(ModelFamily):
     def build_classifier(self, path: Path, label_names: list[str], cfg, use_safetensors: bool = True):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+        # A newly initialised pooler is NOT expected: the attacks studied here plant the backdoor in it.
+        model = load_with_summary(
+            AutoModelForSequenceClassification, str(path), expected_missing=(r"classifier\.",), expected_unused=(*HEADS, POOLER),
+            role="the classifier", num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)}, use_safetensors=use_safetensors,
             trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32,
         )
