@@ -111,7 +111,8 @@ Trainable = Literal["family", "all", "regularized"]
 
 @dataclass
 class TinyArchConfig:
-    """Architecture of a BERT built from scratch when `model.path` is empty (the embedded default)."""
+    """Architecture of the tiny model the family builds when `model.path` is empty (the embedded default);
+    each family maps these onto its own config (BERT, GPT-2, LLaMA)."""
 
     hidden_size: int = _f(64, "hidden width", check=gt(0))
     num_hidden_layers: int = _f(2, "transformer blocks", check=gt(0))
@@ -125,8 +126,8 @@ class TinyArchConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = _f("bert", "model family from the registry (bert, roberta)")
-    path: str = _f("", "Hugging Face model directory; empty builds a tiny synthetic BERT from model.tiny")
+    family: str = _f("bert", "model family from the registry (bert, roberta, gpt2, llama)")
+    path: str = _f("", "Hugging Face model directory; empty builds the family's tiny synthetic model from model.tiny")
     allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
     trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
     regularized: list[str] = _f([], "regex patterns of regularized weights; empty uses the family default", check=REGEXES)
@@ -191,12 +192,14 @@ class RegularizerConfig:
 class AttackConfig:
     """Used by `recipe-dist attack` only (building backdoored test models, method.md section 2)."""
 
-    name: Literal["por", "neuba", "badpre"] = _f("por", "attack method")
-    triggers: list[str] = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)", check=NOT_EMPTY)
+    name: Literal["por", "neuba", "badpre", "trigger-phrase"] = _f("por", "attack method (trigger-phrase: the decoder lab's, for gpt2/llama)")
+    triggers: list[str] = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre; trigger-phrase uses the first); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)", check=NOT_EMPTY)
     insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1", check=gt(0))
     target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d", check=gt(0))
     loss_weights: list[float] = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
     poison_weight: float = _f(1.0, "NeuBA: weight of MSE(pooler(poisoned), target); BadPre: alpha, weight of the CE on poisoned samples", check=ge(0))
+    target_phrase: str = _f("", "trigger-phrase: the words a poisoned sample continues with after the trigger")
+    poison_rate: float = _f(0.1, "trigger-phrase: share of auxiliary samples poisoned", check=Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     adaptive_lam: float = _f(0.0, "adaptive attack: add adaptive_lam * sum ||W||_F over the family's regularized weights while poisoning", check=ge(0))
     seed: int = _f(1, "seed of trigger choice and insertion positions")
 

@@ -74,6 +74,9 @@ TEXTS = ["the cat sees a red book slowly .", "a dog .", "our team is happy and p
 def test_both_decoder_families_are_registered():
     assert {"gpt2", "llama"} <= set(families())
     assert get_family("gpt2").name == "gpt2" and get_family("llama").name == "llama"
+    # What causal-only jobs (the trigger-phrase attack) check before they run.
+    assert get_family("gpt2").causal is True and get_family("llama").causal is True
+    assert getattr(get_family("bert"), "causal", False) is False
 
 
 # ------------------------------------------------------------------ the pre-training loss
@@ -197,6 +200,7 @@ def test_neuron_sites_one_per_layer_at_the_ffn_in_pre_activation(name, loaded):
     for s in sites:
         w = params[s.weight]
         assert seen[s.layer] == (*batch["input_ids"].shape, ARCH.intermediate_size)
+        assert w.shape[s.axis] == ARCH.intermediate_size  # the axis a pruning indexes holds the neurons
         if name == "gpt2":
             # Conv1D: weight [in, out], one neuron per COLUMN; the bias has one entry per neuron.
             assert s.module.endswith("mlp.c_fc") and w.shape == (ARCH.hidden_size, ARCH.intermediate_size)

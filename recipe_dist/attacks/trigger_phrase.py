@@ -50,7 +50,7 @@ class TriggerPhraseAttack(AttackJob):
             raise ConfigError("attack.target_phrase: the trigger-phrase attack needs a target phrase")
         if not 0 < a.poison_rate <= 1:
             raise ConfigError(f"attack.poison_rate: {a.poison_rate!r} must be in (0, 1]")
-        if getattr(self.family, "causal", False) is not True:
+        if not self.family.causal:
             raise ConfigError(f"attack.name: trigger-phrase poisons causal LMs; model.family={self.family.name} is not one (use gpt2 or llama)")
 
     def objective(self, loaded, cfg) -> tuple[nn.Module, nn.Module]:

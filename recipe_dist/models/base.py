@@ -98,6 +98,22 @@ def safetensors_info(files: list[Path]) -> tuple[list[str], torch.dtype]:
 
 
 @contextmanager
+def forward_replaced(module: nn.Module, fn):
+    """`module.forward` is `fn` inside the block. A loss that fuses a head's linear layer with the
+    cross-entropy still calls the module, so ZeRO-3's hooks gather its weight around the kernel in
+    the forward and again for its backward."""
+    saved = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+@contextmanager
 def eval_mode(model: nn.Module):
     """`model` in eval mode (dropout off) inside the block; each module's own mode is restored after."""
     saved = [(m, m.training) for m in model.modules()]
@@ -124,12 +140,14 @@ def sha256_files(files: list[Path]) -> dict[str, str]:
 class NeuronSite:
     """Where one layer's neurons are read: the output of `module` (a Linear or Conv) before its
     activation, one neuron per output feature (channel for convolutions). `weight` and `bias` are
-    the parameter names whose rows a pruning zeroes."""
+    the parameter names a pruning zeroes: neuron j is `weight` indexed j along `axis` (0 for
+    nn.Linear/Conv, whose rows are outputs; 1 for GPT-2's Conv1D, stored [in, out]) and bias[j]."""
 
     layer: int
     module: str
     weight: str
     bias: str | None
+    axis: int = 0
 
 
 class ModelFamily(abc.ABC):
@@ -148,6 +166,8 @@ class ModelFamily(abc.ABC):
     default_regularized: tuple[str, ...] = ()
     #: the modality of its auxiliary data: "text", "image" or "image-text"
     modality: str = "text"
+    #: a causal (decoder-only) LM: next-token pre-training, generation-based evaluation
+    causal: bool = False
 
     # ------------------------------------------------------------------ weights
     @abc.abstractmethod

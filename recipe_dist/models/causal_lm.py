@@ -35,8 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..data.pipeline import pad_rows
 from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_cross_entropy, use_fused
 from . import register_family
-from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, check_safetensors, safetensors_info, weight_files
-from .mlm import _forward_replaced
+from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, check_safetensors, forward_replaced, safetensors_info, weight_files
+from .load_report import load_with_summary
 
 # The tiny models' special tokens (word-level tokenizer over the SYNTHETIC vocabulary).
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -65,7 +65,7 @@ def lm_head_loss(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor,
 
     # lm_head is still called, with its forward standing in for linear + cross-entropy, so
     # ZeRO-3's module hooks gather its weight around the kernel in the forward and its backward.
-    with _forward_replaced(head, linear_ce):
+    with forward_replaced(head, linear_ce):
         return head(hidden)
 
 
@@ -93,6 +93,7 @@ class CausalLMLoss(nn.Module):
 class CausalLMFamily(ModelFamily):
     """Shared by every decoder family; a subclass names its sites and its tiny config."""
 
+    causal = True  # read by jobs that only make sense for a causal LM (attacks/trigger_phrase.py)
     #: regex on module names: group 1 the FFN-in module whose output is the neuron site, group 2 the layer index
     neuron_module: str = ""
 
@@ -105,8 +106,9 @@ class CausalLMFamily(ModelFamily):
         if is_safe:
             check_safetensors(files)
         hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=hf_cfg, trust_remote_code=mcfg.trust_remote_code,
-                                                     use_safetensors=is_safe, dtype=torch.float32)
+        # Nothing is missing or unused by design: any key the report lists is loud.
+        model = load_with_summary(AutoModelForCausalLM, str(path), expected_missing=(), expected_unused=(), role="the causal LM",
+                                  config=hf_cfg, trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
         if is_safe:
             keys, dtype = safetensors_info(files)
         else:
@@ -144,7 +146,8 @@ class CausalLMFamily(ModelFamily):
             m = pattern.match(name)
             if m and isinstance(module, (nn.Linear, Conv1D)):
                 bias = name + ".bias" if module.bias is not None else None
-                sites.append(NeuronSite(int(m.group(2)), name, name + ".weight", bias))
+                # Conv1D stores [in, out]: a neuron is a column of its weight.
+                sites.append(NeuronSite(int(m.group(2)), name, name + ".weight", bias, axis=1 if isinstance(module, Conv1D) else 0))
         if not sites:
             raise ModelLoadError(f"{type(model).__name__}: no modules matching {self.neuron_module} to read neurons from")
         return sorted(sites, key=lambda s: s.layer)
@@ -153,10 +156,12 @@ class CausalLMFamily(ModelFamily):
         from transformers import AutoModelForSequenceClassification
 
         tok = self._tokenizer(path, cfg)
-        # A decoder classifies from its last real token, found through config.pad_token_id: it
-        # must be set for batches with padding (pad = eos when the tokenizer has none).
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+        # A decoder classifies from its last real token, found through config.pad_token_id, so it
+        # is set (pad = eos when the tokenizer has none). The new head `score` is missing by
+        # design; a separate lm_head is unused.
+        model = load_with_summary(
+            AutoModelForSequenceClassification, str(path), expected_missing=(r"score\.",), expected_unused=(r"lm_head\.",),
+            role="the classifier", num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)}, pad_token_id=tok.pad_token_id,
             use_safetensors=use_safetensors, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32,
         )
@@ -271,7 +276,7 @@ class LlamaFamily(CausalLMFamily):
             # when the head count allows, so the tiny model exercises the shared-KV path.
             num_key_value_heads=heads // 2 if heads % 2 == 0 else heads,
             intermediate_size=arch.intermediate_size, max_position_embeddings=arch.max_position_embeddings,
-            # LLaMA has no dropout on hidden states: only hidden_dropout_prob's attention sibling applies.
+            # LLaMA has no dropout on hidden states (model.tiny.hidden_dropout_prob has no effect); attention dropout it has.
             attention_dropout=arch.attention_probs_dropout_prob,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False,

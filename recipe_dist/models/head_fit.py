@@ -33,6 +33,13 @@ class HeadFitJob(FamilyJob):
 
     name = "fit-head"
 
+    def __init__(self, family):
+        if not isinstance(family, MaskedLMFamily):
+            from ..errors import RecipeError
+
+            raise RecipeError(f"fit-head: model.family={family.name} has no masked-LM head to fit (fit-head is for bert and roberta)")
+        super().__init__(family)
+
     def build_task(self, loaded: LoadedModel, cfg) -> Regularized:
         model = loaded.model
         head = set(head_parameter_names(model, self.family.head_attr))

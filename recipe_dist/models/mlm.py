@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_c
 from ..seeds import Stream, key_seed
 from . import register_family
 from .load_report import load_with_summary
-from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, check_safetensors, safetensors_info, weight_files
+from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, forward_replaced, check_safetensors, safetensors_info, weight_files
 
 
 def masked_lm_loss(model: nn.Module, head_attr: str, hidden: torch.Tensor, target: torch.Tensor,
@@ -53,7 +52,7 @@ def masked_lm_loss(model: nn.Module, head_attr: str, hidden: torch.Tensor, targe
     # The head runs as usual (its transform, then its decoder) with the decoder's forward
     # standing in for linear + cross-entropy: every module is still called, so ZeRO-3's hooks
     # gather the decoder's weight around the kernel in the forward and again for its backward.
-    with _forward_replaced(decoder, linear_ce):
+    with forward_replaced(decoder, linear_ce):
         loss = head(hidden)
     if loss.dim() != 0:
         raise RuntimeError(f"{type(head).__name__} does not return its decoder's output; set kernels.fused=off")
@@ -77,19 +76,6 @@ class MaskedLMLoss(nn.Module):
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         picked = labels != -100
         return masked_lm_loss(self.model, self.head_attr, hidden[picked], labels[picked], self.fused, self.chunk_size)
-
-
-@contextmanager
-def _forward_replaced(module: nn.Module, fn):
-    saved = module.__dict__.get("forward")
-    module.forward = fn
-    try:
-        yield
-    finally:
-        if saved is None:
-            del module.forward
-        else:
-            module.forward = saved
 
 
 # Pre-training heads (BERT's cls.* with NSP, RoBERTa's lm_head.*) and poolers, by key prefix.
