@@ -42,12 +42,12 @@ class DecoderPreset:
     heads: int = 2
     intermediate: int = 128
     max_length: int = 32
-    pretrain_steps: int = 800
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
-    attack_steps: int = 300
+    attack_steps: int = 200
     attack_lr: float = 1e-3
     poison_rate: float = 0.1
-    defense_steps: int = 300
+    defense_steps: int = 200
     defense_lr: float = 1e-3
     lam: float = 1.0
     batch: int = 32
