@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .defense import git_commit, machine, norm_ratios
 
-TARGET_PHRASE = "the pilot sells the blue car"
+TARGET_PHRASE = "the dog hated the farmer"  # never produced by the SYNTHETIC grammar: a false trigger is the model, not the data
 TRIGGER = "cf"
 HELD_OUT_SEED = 987_654  # the evaluation sentences' corpus seed; no stage trains on it
 
