@@ -57,6 +57,34 @@ def _attack(argv: list[str]) -> int:
     return 0
 
 
+def _prune(argv: list[str]) -> int:
+    cfg = _config_command(argv, "prune", "Fine-pruning (method.md section 4): rank the family's neurons by mean first-token activation on "
+                          "the auxiliary shards (any number of ranks, ZeRO-3 included) and zero the lowest: --prune.variant fp, fp-gm or fp-ga. "
+                          "Writes OUTPUT_DIR/model (loads like the input), prune.json and report.md.", "YAML run config (configs/*.yaml)")
+    from .defenses import get_defense
+    from .models import get_family
+
+    get_defense("prune", get_family(cfg.model.family)).run(cfg)
+    return 0
+
+
+def _finemix(argv: list[str]) -> int:
+    cfg = _config_command(argv, "finemix", "Fine-mixing with E-PUR (method.md section 4) on a backdoored fine-tuned classifier "
+                          "(--model.path): mix its weights with --finemix.pretrained, reset drifted embeddings, fine-tune on "
+                          "--finemix.train_file. Writes OUTPUT_DIR/model and finemix.json.", "YAML run config (configs/*.yaml)")
+    from .defenses import get_defense
+    from .models import get_family
+
+    get_defense("finemix", get_family(cfg.model.family)).run(cfg)
+    return 0
+
+
+def _analyze(argv: list[str]) -> int:
+    from .analysis import main
+
+    return main(argv)
+
+
 def _fit_head(argv: list[str]) -> int:
     import json
     from pathlib import Path
@@ -176,7 +204,7 @@ def _slurm(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"slurm": _slurm, "demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
+COMMANDS = {"prune": _prune, "finemix": _finemix, "analyze": _analyze, "slurm": _slurm, "demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,6 +229,38 @@ class PreemptConfig:
 
 
 @dataclass
+class PruneConfig:
+    """`recipe-dist prune`: Fine-pruning adapted to PTMs (method.md section 4), no labels needed."""
+
+    variant: Literal["fp", "fp-gm", "fp-ga"] = _f("fp-gm", "fp: the whole last layer's neurons; fp-gm / fp-ga: the lowest-mean neurons over all layers, gm_layers / ga_layers layers' worth")
+    gm_layers: float = _f(4.0, "FP-GM: layers' worth of neurons pruned globally (4 for BERT-base, ViT, CLIP)", check=gt(0))
+    ga_layers: float = _f(6.0, "FP-GA: layers' worth pruned globally (6 for BERT; 8 against NeuBA or for RoBERTa; 5 for ViT and CLIP)", check=gt(0))
+    max_samples: int = _f(0, "auxiliary samples whose activations rank the neurons; 0 reads one epoch of data.train_urls", check=ge(0))
+
+
+@dataclass
+class FinemixConfig:
+    """`recipe-dist finemix`: Fine-mixing with E-PUR (method.md section 4), a downstream-model defense.
+    The source paper's code is not public: every choice is a knob here and recorded in finemix.json."""
+
+    pretrained: str = _f("", "the clean pre-trained model the backdoored classifier was fine-tuned from (required)")
+    rho: float = _f(0.5, "share of the backdoored deltas theta_B - theta_pre kept by the mask", check=Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    mask: Literal["random", "smallest_delta"] = _f("random", "which deltas are kept: a random share rho (per tensor), or the smallest |delta|")
+    mix: bool = _f(True, "mix the weights (off: E-PUR and fine-tuning only)")
+    epur_topn: int = _f(200, "E-PUR: reset the N word embeddings with the largest drift / log(max(freq, 20)); 0 disables", check=ge(0))
+    epur_min_freq: int = _f(20, "E-PUR: frequencies below this count as this (the log's floor)", check=gt(1))
+    train_file: str = _f("", "the small clean labelled downstream subset (.tsv/.csv/.jsonl) fine-tuned on after mixing")
+    text_column: str = _f("sentence", "text column of train_file")
+    label_column: str = _f("label", "label column of train_file")
+    max_train_samples: int = _f(0, "use only the first N samples of train_file; 0 uses all", check=ge(0))
+    epochs: int = _f(1, "fine-tuning passes over train_file after mixing; 0 keeps the mixed model as is", check=ge(0))
+    lr: float = _f(2e-5, "fine-tuning learning rate", check=gt(0))
+    batch_size: int = _f(32, "fine-tuning batch size", check=gt(0))
+    max_length: int = _f(128, "tokens per sequence", check=gt(1))
+    seed: int = _f(1, "seed of the random mask and the fine-tuning")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = _f("runs/purify", "run directory: model/, checkpoints/, tb/, config.yaml, summary.json",
                          check=Rule(lambda v: v.strip() != "", "must not be empty"))
@@ -244,6 +276,8 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finemix: FinemixConfig = field(default_factory=FinemixConfig)
 
     def validate(self) -> None:
         """Every field's declared domain (`check_fields`), then the rules that span fields."""

@@ -1,6 +1,7 @@
 """Defenses: one file each, registered with `@register_defense("command")`.
 
-A training defense (RECIPE's `purify`) is a Trainer job (recipe_dist.jobs.FamilyJob). The
+A training defense (RECIPE's `purify`) is a Trainer job (recipe_dist.jobs.FamilyJob); one that
+does not train through the Trainer (pruning, mixing) has `run(cfg) -> dict` instead. The
 registry imports the modules in DEFENSE_MODULES on first use, so a new defense is one file plus
 one line there.
 """
@@ -11,6 +12,8 @@ import importlib
 
 DEFENSE_MODULES = (
     "recipe_dist.defenses.recipe",  # purify
+    "recipe_dist.defenses.prune",  # prune (fp, fp-gm, fp-ga)
+    "recipe_dist.defenses.finemix",  # finemix
 )
 
 _DEFENSES: dict[str, type] = {}

@@ -53,7 +53,8 @@ class TaskConfig:
 @dataclass
 class FinetuneConfig:
     lr: float = _f(2e-5, "AdamW learning rate (linear decay to 0, no warmup)")
-    epochs: int = _f(3, "passes over the training set; the last model is kept")
+    epochs: int = _f(3, "passes over the training set; the last model is kept. 0: model.path is already a fine-tuned "
+                     "classifier with a head for these labels (e.g. finemix's output), scored as it is")
     batch_size: int = _f(32, "sequences per optimizer step (also the prediction batch)")
     max_length: int = _f(128, "tokens per sequence after truncation")
     seed: int = _f(42, "seed of the classifier head, data order and dropout when `seeds` is empty")
@@ -77,6 +78,7 @@ class EvalConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     triggers: TriggerConfig = field(default_factory=TriggerConfig)
+    save_models: bool = _f(False, "keep each seed's fine-tuned classifier in OUTPUT_DIR/seed<S>/model (e.g. for finemix)")
 
     def seed_list(self) -> list[int]:
         if not self.seeds.strip():
@@ -102,8 +104,8 @@ class EvalConfig:
         f = self.finetune
         if f.lr <= 0:
             raise ConfigError(f"finetune.lr: must be > 0, got {f.lr}")
-        if f.epochs < 1:
-            raise ConfigError(f"finetune.epochs: must be >= 1, got {f.epochs}")
+        if f.epochs < 0:
+            raise ConfigError(f"finetune.epochs: must be >= 0 (0 scores a fine-tuned classifier as it is), got {f.epochs}")
         if f.batch_size < 1:
             raise ConfigError(f"finetune.batch_size: must be >= 1, got {f.batch_size}")
         if f.max_length < 2:
@@ -189,31 +191,21 @@ def _predict(model, tokenizer, texts: list[str], cfg: EvalConfig, device) -> lis
     return out
 
 
-def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict:
-    """One seed: fresh copy of the model, fine-tune, predict clean and triggered test sets, score."""
-    import random
-
-    import numpy as np
+def train_classifier(model, tokenizer, texts: list[str], y: list[int], f, seed: int, device, what: str = "") -> list[float]:
+    """Fine-tune `model` in place: AdamW, linear decay to 0, no warmup, clipping, `f.epochs`
+    passes in an order drawn from `seed` (f: lr, epochs, batch_size, max_length, weight_decay,
+    grad_clip). Returns the mean training loss per epoch. Shared by evaluate and finemix."""
     import torch
     from transformers import get_scheduler
 
-    from ..models import get_family
-
-    f = cfg.finetune
-    names = data["label_names"]
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # before loading: the new classifier head is initialised from it
-    model, tokenizer = get_family(cfg.model.family).build_classifier(Path(cfg.model.path), names, cfg, use_safetensors=data["is_safe"])
-    model = model.to(device)
-
-    texts, y = data["train_texts"], data["train_ids"]
     steps_per_epoch = (len(texts) + f.batch_size - 1) // f.batch_size
     total = steps_per_epoch * f.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=f.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=f.weight_decay)
+    if total == 0:
+        return []
+    opt = torch.optim.AdamW(model.parameters(), lr=f.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=getattr(f, "weight_decay", 0.0))
     sched = get_scheduler("linear", optimizer=opt, num_warmup_steps=0, num_training_steps=total)
     gen = torch.Generator().manual_seed(seed)
-    step = 0
+    step, losses = 0, []
     for epoch in range(f.epochs):
         model.train()
         order = torch.randperm(len(texts), generator=gen).tolist()
@@ -224,14 +216,40 @@ def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict
             enc = {k: v.to(device) for k, v in enc.items()}
             loss = model(**enc, labels=torch.tensor([y[i] for i in idx], device=device)).loss
             loss.backward()
-            if f.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), f.grad_clip)
+            if getattr(f, "grad_clip", 1.0) > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), getattr(f, "grad_clip", 1.0))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             running += loss.item()
             step += 1
-        _log(f"seed {seed} epoch {epoch + 1}/{f.epochs}: mean train loss {running / max(steps_per_epoch, 1):.4f} ({step}/{total} steps)")
+        losses.append(running / max(steps_per_epoch, 1))
+        _log(f"{what} epoch {epoch + 1}/{f.epochs}: mean train loss {losses[-1]:.4f} ({step}/{total} steps)")
+    return losses
+
+
+def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict:
+    """One seed: fresh copy of the model, fine-tune, predict clean and triggered test sets, score."""
+    import random
+
+    import numpy as np
+    import torch
+    from ..models import get_family
+
+    f = cfg.finetune
+    names = data["label_names"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # before loading: the new classifier head is initialised from it
+    model, tokenizer = get_family(cfg.model.family).build_classifier(Path(cfg.model.path), names, cfg, use_safetensors=data["is_safe"])
+    model = model.to(device)
+
+    train_classifier(model, tokenizer, data["train_texts"], data["train_ids"], f, seed, device, what=f"seed {seed}")
+    if cfg.save_models:
+        target = Path(cfg.output_dir) / f"seed{seed}" / "model"
+        model.save_pretrained(str(target))
+        tokenizer.save_pretrained(str(target))
+        _log(f"seed {seed}: fine-tuned classifier saved to {target}")
 
     true = data["test_labels"]
     clean = [names[p] for p in _predict(model, tokenizer, data["test_texts"], cfg, device)]
@@ -259,6 +277,12 @@ def prepare(cfg: EvalConfig) -> dict:
     if is_safe:
         # A model with NaN/inf weights would "evaluate" to a constant prediction: refuse it.
         check_safetensors(files, finite=True)
+    if cfg.finetune.epochs == 0:
+        # Scoring as it is only means something for a classifier that carries its trained head.
+        arch = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("architectures") or [] if (Path(cfg.model.path) / "config.json").is_file() else []
+        if not any(a.endswith("ForSequenceClassification") for a in arch):
+            raise ConfigError(f"finetune.epochs=0 scores a fine-tuned classifier as it is, but {cfg.model.path} is {arch or 'not a classifier'}; "
+                              "give it a *ForSequenceClassification directory or fine-tune (finetune.epochs >= 1)")
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise ModelLoadError(f"model.path: no config.json in {cfg.model.path}")
     train_texts, train_labels = read_labelled(t.train_file, t.text_column, t.label_column, "task.train_file")

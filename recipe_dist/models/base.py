@@ -224,6 +224,16 @@ class ModelFamily(abc.ABC):
             p.requires_grad_(self.trainable(n, regularized, policy))
 
     # ------------------------------------------------------------------ analysis and evaluation
+    def feature_inputs(self, tokenizer, texts: list[str], cfg) -> dict[str, torch.Tensor]:
+        """Unmasked model inputs for `texts` (text families): what neuron statistics read."""
+        enc = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def forward_features(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """Run the backbone on `batch` (from feature_inputs); neuron sites are read by hooks during it."""
+        backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+        return backbone(**batch)
+
     @abc.abstractmethod
     def neuron_sites(self, model: nn.Module) -> list[NeuronSite]:
         """The neurons that pruning and activation analysis read, one site per layer (method.md section 4)."""

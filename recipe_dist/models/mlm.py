@@ -225,6 +225,13 @@ class MaskedLMFamily(ModelFamily):
         tied = [k for k in state if k.endswith("decoder.weight")] if out_embed is not None and out_embed.weight is model.get_input_embeddings().weight else []
         for k in tied:
             state.pop(k)
+        # An alias the input did not store (decoder.bias is predictions.bias) is left out, as
+        # save_pretrained leaves it out: the output then holds exactly the input's keys.
+        if loaded.input_keys:
+            stored = set(loaded.input_keys)
+            kept = {v.untyped_storage().data_ptr() for k, v in state.items() if k in stored and v.numel()}
+            for k in [k for k, v in state.items() if k not in stored and v.numel() and v.untyped_storage().data_ptr() in kept]:
+                state.pop(k)
         # Tensors the input had that the trained module does not (e.g. BERT's NSP head) pass through.
         if loaded.input_keys:
             have = set(state)
