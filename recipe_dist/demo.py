@@ -113,8 +113,9 @@ def stage_config(model_path: Path, output_dir: Path, aux_samples: int, max_lengt
     return cfg
 
 
-def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list[int], finetune: dict) -> dict:
-    """`recipe-dist evaluate` in-process: `finetune` holds the finetune.* keys (lr, epochs, ...)."""
+def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list[int], finetune: dict, **extra) -> dict:
+    """`recipe-dist evaluate` in-process: `finetune` holds the finetune.* keys (lr, epochs, ...);
+    `extra` any other top-level EvalConfig keys (e.g. save_models=True)."""
     from .evaluation.finetune import EvalConfig, evaluate
 
     cfg = EvalConfig()
@@ -124,6 +125,7 @@ def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list[
         "model": {"path": str(model)},
         "task": {"train_file": str(train), "test_file": str(test)},
         "finetune": finetune,
+        **extra,
     })
     cfg.validate()
     return evaluate(cfg)

@@ -32,7 +32,7 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     result = json.loads((out / "bench.json").read_text())
     rows = result["rows"]
     assert list(rows) == ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
-                          "lambda0.5", "recipe_on_clean"]
+                          "lambda0.5", "recipe_on_clean", "fp", "fp_gm", "fp_ga", "finemix", "finemix_epur"]
     for key in ("command", "commit", "date", "machine", "recommended", "rows"):
         assert key in result, key
     for rid, r in rows.items():
@@ -47,6 +47,13 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     assert "pt_weight: 0.0" in (out / "configs" / "purify-regonly.yaml").read_text()
     assert str(out / "fit-head" / "model") in (out / "configs" / "attack-por.yaml").read_text()
     assert set(rows["recipe"]["config"]["norm_ratio"]) and rows["recipe_pooler_reset"]["config"]["pooler"] == "reset"
+    # The baselines ran with their settings: pruning counts, Fine-mixing per seed on the victims.
+    assert rows["fp"]["config"]["layers_worth"] == 1.0 and rows["fp_ga"]["config"]["pruned"] > rows["fp_gm"]["config"]["pruned"]
+    assert rows["finemix"]["config"]["epur_topn"] == 0 and rows["finemix_epur"]["config"]["epur_topn"] == 200
+    assert (out / "eval-backdoored-classifiers" / "seed2" / "model" / "config.json").is_file()
+    # Table 10's analogue: poison-only neurons before and after RECIPE.
+    assert set(result["neurons"]["models"]) == {"backdoored", "recipe"} and "poison-only neurons" in proc.stdout
     # A second run reuses every finished stage.
     again = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])
-    assert "recipe-dist purify" not in again.stdout and "reusing" in again.stdout
+    assert "recipe-dist purify" not in again.stdout and "recipe-dist prune" not in again.stdout and "recipe-dist finemix" not in again.stdout
+    assert "reusing" in again.stdout

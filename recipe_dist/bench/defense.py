@@ -66,6 +66,17 @@ class DefensePreset:
     lambdas: list = field(default_factory=lambda: [0.1, 0.5, 1.5])
     small_purify_epochs: float = 0.0  # > 0: the lambda sweep, reg_only and recipe_on_clean run at this smaller budget (said in their row)
     recommended: str = "recipe"     # the row id of the setting the product recommends
+    # Fine-pruning counts in layers' worth of neurons. method.md gives 4 (GM) and 6 (GA) for the
+    # 12-layer BERT-base; a shallower model keeps the same share of its depth (L6: 2 and 3).
+    prune_gm_layers: float = 4.0
+    prune_ga_layers: float = 6.0
+    # Fine-mixing (a downstream defense): the backdoored PTM fine-tuned on the task (each seed),
+    # mixed with the clean PTM, then fine-tuned on this many clean task samples (the "small clean
+    # subset" the defender has), finemix_epochs passes.
+    finemix_samples: int = 300
+    finemix_rho: float = 0.5
+    finemix_epochs: int = 1
+    finemix_epur_topn: int = 200
 
 
 # The reference-scale MiniLM presets (issue 10): MiniLM-L6 plus a fitted MLM head is the PTM, the
@@ -76,7 +87,7 @@ class DefensePreset:
 _MINILM_REF = dict(model="minilm", aux_samples=20000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
                    purify_lr=2e-5, purify_steps=0, purify_batch=32, purify_trainable="family", task_train=3000,
                    finetune_lr=5e-5, finetune_epochs=3, finetune_batch=32, fit_head_epochs=1.0, fit_head_lr=1e-3,
-                   test_split="dev", seeds=[1, 2, 3], small_purify_epochs=1.0)
+                   test_split="dev", seeds=[1, 2, 3], small_purify_epochs=1.0, prune_gm_layers=2.0, prune_ga_layers=3.0)
 
 PRESETS = {
     "minilm-por": DefensePreset(**_MINILM_REF, attack="por", purify_epochs=4.0),
@@ -84,25 +95,29 @@ PRESETS = {
     # The first CPU-scale preset (2026-11-21): no head fitting, 1/20 of the reference budget.
     "minilm": DefensePreset(model="minilm", aux_samples=4000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
                             purify_lr=5e-4, purify_steps=60, purify_batch=32, purify_trainable="all",
-                            task_train=600, finetune_lr=1e-4, finetune_epochs=2, finetune_batch=32, test_split="dev"),
+                            task_train=600, finetune_lr=1e-4, finetune_epochs=2, finetune_batch=32, test_split="dev",
+                            prune_gm_layers=2.0, prune_ga_layers=3.0),
     "tiny": DefensePreset(model="tiny", aux_samples=4000, max_length=32, attack_lr=3e-4, attack_steps=500, attack_batch=16,
                           purify_lr=1e-3, purify_steps=250, purify_batch=32, purify_trainable="all",
-                          task_train=2000, finetune_lr=2e-5, finetune_epochs=3, finetune_batch=32, seeds=[1, 2, 3]),
+                          task_train=2000, finetune_lr=2e-5, finetune_epochs=3, finetune_batch=32, seeds=[1, 2, 3],
+                          prune_gm_layers=0.67, prune_ga_layers=1.0),
     # Wiring only (CI): every row runs, the numbers mean nothing.
     "smoke": DefensePreset(model="tiny", aux_samples=256, max_length=32, attack_lr=3e-4, attack_steps=8, attack_batch=16,
                            purify_lr=1e-3, purify_steps=4, purify_batch=32, purify_trainable="all",
                            task_train=96, finetune_lr=2e-5, finetune_epochs=1, finetune_batch=32, seeds=[1, 2], lambdas=[0.5],
-                           fit_head_epochs=0.5),
+                           fit_head_epochs=0.5, prune_gm_layers=0.67, prune_ga_layers=1.0, finemix_samples=32),
 }
 
 # Row ids in the order of value (issue 10): what shows purification first, the sweeps last.
 ROW_IDS = ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
-           "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean"]
+           "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean", "fp", "fp_gm", "fp_ga", "finemix", "finemix_epur"]
 ROW_LABELS = {
     "clean": "clean PTM", "backdoored": "backdoored, no defense", "recipe": "RECIPE λ=1 (pooler kept)",
     "recipe_pooler_reset": "RECIPE λ=1 + pooler reset", "lambda0": "only L_PT (λ=0)", "reg_only": "only the regularizer",
     "pooler_reset": "pooler reset only", "lambda0.1": "RECIPE λ=0.1", "lambda0.5": "RECIPE λ=0.5", "lambda1.5": "RECIPE λ=1.5",
-    "recipe_on_clean": "RECIPE on the clean PTM",
+    "recipe_on_clean": "RECIPE on the clean PTM", "fp": "Fine-pruning FP (last layer)", "fp_gm": "Fine-pruning FP-GM",
+    "fp_ga": "Fine-pruning FP-GA", "finemix": "Fine-mixing (downstream: small clean task subset)",
+    "finemix_epur": "Fine-mixing + E-PUR (downstream: small clean task subset)",
 }
 
 
@@ -259,10 +274,12 @@ class DefenseBench:
         self.say(f"{name}: recipe-dist {cmd}")
         run_stage(cmd, cfg, self.out / "configs" / f"{name}.yaml")
         summary = json.loads((run_dir / "summary.json").read_text())
-        self.say(f"{name}: {summary.get('steps')} steps in {summary.get('wall_time_s', 0):.0f} s")
+        done = f"{summary['steps']} steps" if "steps" in summary else "done"
+        self.say(f"{name}: {done} in {summary.get('wall_time_s', 0):.0f} s")
         return run_dir / "model"
 
-    def evaluate(self, name: str, model: Path, train: Path, test: Path) -> dict:
+    def evaluate(self, name: str, model: Path, train: Path, test: Path, seeds: list[int] | None = None, epochs: int | None = None) -> dict:
+        """`evaluate` of `model` (fine-tuned per seed; `epochs=0` scores a classifier as it is)."""
         from ..demo import evaluate_model
 
         out = self.out / f"eval-{name}"
@@ -270,13 +287,53 @@ class DefenseBench:
             self.say(f"eval {name}: reusing {out / 'eval.json'}")
             return json.loads((out / "eval.json").read_text())
         p = self.p
-        self.say(f"eval {name}: fine-tune x{len(p.seeds)} seeds")
-        report = evaluate_model(model, train, test, out, p.seeds, {
-            "lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch,
+        seeds = seeds or p.seeds
+        self.say(f"eval {name}: fine-tune x{len(seeds)} seeds" if epochs != 0 else f"eval {name}: score as it is")
+        report = evaluate_model(model, train, test, out, seeds, {
+            "lr": p.finetune_lr, "epochs": p.finetune_epochs if epochs is None else epochs, "batch_size": p.finetune_batch,
             "max_length": p.max_length, "max_train_samples": p.task_train,
         })
         self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
         return report
+
+    def finemix(self, rid: str, backdoored: Path, clean: Path, train: Path, test: Path, epur: bool) -> tuple[dict, dict]:
+        """Fine-mixing rows: per seed, the backdoored PTM fine-tuned on the task (kept), mixed with
+        the clean PTM and fine-tuned on the first `finemix_samples` task samples, then scored as it
+        is on the same test set; aggregated like `evaluate` aggregates seeds."""
+        import statistics
+
+        from ..demo import evaluate_model, run_stage, stage_config
+
+        p = self.p
+        ft = {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch, "max_length": p.max_length,
+              "max_train_samples": p.task_train}
+        victims = self.out / "eval-backdoored-classifiers"
+        if not all((victims / f"seed{s}" / "model" / "config.json").is_file() for s in p.seeds):
+            self.say("finemix: fine-tuning the backdoored PTM on the task (the victim classifiers)")
+            evaluate_model(backdoored, train, test, victims, p.seeds, ft, save_models=True)
+        per_seed = []
+        for s in p.seeds:
+            out = self.out / f"{rid}-seed{s}"
+            if not (out / "finemix.json").is_file():
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+                cfg = stage_config(victims / f"seed{s}" / "model", out, p.aux_samples, p.max_length, {"finemix": {
+                    "pretrained": str(clean), "rho": p.finemix_rho, "epur_topn": p.finemix_epur_topn if epur else 0,
+                    "train_file": str(train), "max_train_samples": p.finemix_samples, "epochs": p.finemix_epochs,
+                    "lr": p.finetune_lr, "batch_size": p.finetune_batch, "max_length": p.max_length, "seed": s}})
+                self.say(f"{rid} seed {s}: recipe-dist finemix")
+                run_stage("finemix", cfg, self.out / "configs" / f"{rid}-seed{s}.yaml")
+            r = self.evaluate(f"{rid}-seed{s}", out / "model", train, test, seeds=[s], epochs=0)
+            per_seed.append(r["per_seed"][0])
+        keys = ("acc", "aasr", "masr")
+        report = {k: statistics.fmean(x[k] for x in per_seed) for k in keys}
+        report.update({"per_seed": per_seed, "seeds": list(p.seeds), "asr_per_trigger": per_seed[0]["asr_per_trigger"],
+                       "std": {k: statistics.stdev([x[k] for x in per_seed]) if len(per_seed) > 1 else 0.0 for k in keys}})
+        first = json.loads((self.out / f"{rid}-seed{p.seeds[0]}" / "finemix.json").read_text())
+        config = {"defense": "finemix", "downstream_clean_samples": p.finemix_samples, **first["choices"],
+                  "victim": f"backdoored PTM fine-tuned on the task ({p.task_train or 'all'} samples, same seed)"}
+        return report, config
 
     def write(self, rows: dict, meta: dict) -> dict:
         result = {
@@ -347,12 +404,22 @@ class DefenseBench:
             "reg_only": lambda: purify("purify-regonly", backdoored, 1.0, pt_weight=0.0, small=small),
             "recipe_on_clean": lambda: purify("purify-clean", ptm, 1.0, small=small),
         }
+        def prune(variant: str) -> tuple[Path, dict]:
+            extra = {"prune": {"variant": variant, "gm_layers": p.prune_gm_layers, "ga_layers": p.prune_ga_layers},
+                     "train": {"micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch}}
+            model_dir = self.run_job("prune", f"prune-{variant}", backdoored, aux, extra)
+            report = json.loads((model_dir.parent / "prune.json").read_text())
+            return model_dir, {"defense": variant, "layers_worth": report["layers_worth"], "pruned": report["pruned"],
+                               "pruned_per_layer": report["pruned_per_layer"], "samples": report["samples"]}
+
+        builders.update({"fp": lambda: prune("fp"), "fp_gm": lambda: prune("fp-gm"), "fp_ga": lambda: prune("fp-ga")})
         for lam in p.lambdas:
             builders[f"lambda{lam:g}"] = lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam, small=small)
-        wanted = [r for r in ROW_IDS if r in builders and (not only or r in only)]
-        unknown = sorted(set(only or []) - set(builders))
+        downstream = {"finemix", "finemix_epur"}  # built per seed in `finemix`, not by a builder
+        wanted = [r for r in ROW_IDS if (r in builders or r in downstream) and (not only or r in only)]
+        unknown = sorted(set(only or []) - set(builders) - downstream)
         if unknown:
-            raise ConfigError(f"--rows: unknown row id(s) {', '.join(unknown)} (known: {', '.join(r for r in ROW_IDS if r in builders)})")
+            raise ConfigError(f"--rows: unknown row id(s) {', '.join(unknown)} (known: {', '.join(r for r in ROW_IDS if r in builders or r in downstream)})")
 
         # Rows already in bench.json (an earlier, partial run) are kept; each row is built, scored
         # and written before the next starts, so an interrupted benchmark loses no finished row.
@@ -360,17 +427,49 @@ class DefenseBench:
         rows = json.loads(previous.read_text())["rows"] if previous.is_file() else {}
         result = None
         for rid in wanted:
-            model, config = builders[rid]()
-            r = self.evaluate(rid, model, train, test)
+            if rid in ("finemix", "finemix_epur"):
+                r, config = self.finemix(rid, backdoored, ptm, train, test, epur=rid == "finemix_epur")
+            else:
+                model, config = builders[rid]()
+                r = self.evaluate(rid, model, train, test)
             per = {m: [s[m] for s in r["per_seed"]] for m in ("acc", "aasr", "masr")}
+            config = {**config, "commit": git_commit()[:10]}  # rows of one table may come from several runs
             rows[rid] = {"label": ROW_LABELS[rid], "acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"], "per_seed": per,
                          "std": {m: r["std"][m] for m in ("acc", "aasr", "masr")}, "asr_per_trigger": r["asr_per_trigger"],
                          "seeds": r["seeds"], "config": config}
             rows = {k: rows[k] for k in ROW_IDS if k in rows}
             result = self.write(rows, meta)
-        result = result or self.write(rows, meta)
+        meta["neurons"] = self.neuron_table(backdoored, test)
+        result = self.write(rows, meta)
         print(markdown(result))
         return result
+
+    def neuron_table(self, backdoored: Path, test: Path) -> dict | None:
+        """The paper's Table 10 at this scale: poison-only neurons and the overlap ratio of the
+        backdoored PTM and of the RECIPE-purified one (`recipe-dist analyze` on the first 500 test
+        sentences, each evaluation trigger inserted once). Kept in neurons.json; None until RECIPE ran."""
+        purified = self.out / "purify-lam1" / "model"
+        cached = self.out / "neurons.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        if not (purified / "config.json").is_file():
+            return None
+        from ..analysis import analyze_model
+        from ..config import RunConfig
+        from ..data.shards import read_records
+        from ..evaluation.triggers import DEFAULT_TRIGGERS
+        from ..models import get_family
+
+        texts = [r["text"] for r in read_records(str(test), "sentence", None)][:500]
+        cfg = RunConfig()
+        cfg.data.max_length = self.p.max_length
+        family = get_family("bert")
+        self.say("neurons: poison-only neurons before and after RECIPE")
+        table = {"samples": len(texts), "triggers": list(DEFAULT_TRIGGERS), "threshold": 0.5,
+                 "models": {name: analyze_model(path, family, cfg, texts, list(DEFAULT_TRIGGERS), 1, 0.5)
+                            for name, path in (("backdoored", backdoored), ("recipe", purified))}}
+        cached.write_text(json.dumps(table, indent=2) + "\n")
+        return table
 
 
 def markdown(result: dict) -> str:
@@ -396,6 +495,14 @@ def markdown(result: dict) -> str:
                   "| comparison | per seed | mean | sample std |", "| --- | --- | ---: | ---: |"]
         for k, d in result["paired"].items():
             lines.append(f"| {k} | {', '.join(f'{x:+.2f}' for x in d['aasr_diff'])} | {d['mean']:+.2f} | {d['std']:.2f} |")
+        lines.append("")
+    nt = result.get("neurons")
+    if nt:
+        lines += [f"Neurons (paper Table 10; `intermediate.dense` at [CLS], activated: > 0 on more than {nt['threshold']:.0%} of "
+                  f"{nt['samples']} test sentences, each trigger inserted once, mean over {len(nt['triggers'])} triggers):", "",
+                  "| model | poison-only neurons | overlap ratio |", "| --- | ---: | ---: |"]
+        for name, m in nt["models"].items():
+            lines.append(f"| {name} | {m['mean_poison_only']:.1f} | {m['mean_overlap_ratio']:.3f} |")
         lines.append("")
     fh = result.get("fit_head")
     if fh:

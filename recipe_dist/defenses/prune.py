@@ -108,6 +108,9 @@ class FinePruning:
                 "input_weights_sha256": sha256_files(fresh.weight_files), "output_weights_sha256": sha256_files(files),
             }
             (out / "prune.json").write_text(json.dumps(report, indent=2) + "\n")
+            # The run directory's common summary (what `bench defense` and `slurm status` read).
+            (out / "summary.json").write_text(json.dumps({k: report[k] for k in ("variant", "pruned", "samples", "wall_time_s",
+                                                                                 "world_size", "zero_stage", "output_weights_sha256")}, indent=2))
             rows = "\n".join(f"| {layer} | {n} | {n / report['neurons_per_layer']:.1%} |" for layer, n in per_layer.items())
             (out / "report.md").write_text(
                 f"# Fine-pruning ({p.variant}): {model_dir}\n\n{report['pruned']} neurons pruned, ranked by {report['ranking']} "
