@@ -79,6 +79,12 @@ def _finemix(argv: list[str]) -> int:
     return 0
 
 
+def _dynamics(argv: list[str]) -> int:
+    from .dynamics import main
+
+    return main(argv)
+
+
 def _analyze(argv: list[str]) -> int:
     from .analysis import main
 
@@ -204,7 +210,7 @@ def _slurm(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"prune": _prune, "finemix": _finemix, "analyze": _analyze, "slurm": _slurm, "demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
+COMMANDS = {"prune": _prune, "finemix": _finemix, "analyze": _analyze, "dynamics": _dynamics, "slurm": _slurm, "demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

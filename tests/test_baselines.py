@@ -198,3 +198,28 @@ def test_analyze_reports_overlap_and_poison_only_before_and_after(tmp_path, tiny
     assert set(before["per_trigger"]) == {"cf", "mn"} and len(before["per_trigger"]["cf"]["layers"]) == 2
     assert before["mean_poison_only"] == result["models"]["same"]["mean_poison_only"]  # same weights, same answer
     assert (tmp_path / "an" / "poison_only.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_dynamics_scores_every_checkpoint_and_the_last_one_is_the_export(tmp_path, tiny_bert_dir, stage):
+    run = tmp_path / "purify"
+    run_cli(["purify", "--config", TINY, "--model.path", tiny_bert_dir, "--output_dir", run, "--train.max_steps=6",
+             "--checkpoint.every_steps=2", "--checkpoint.keep=10", "--data.synthetic_samples=256", f"--train.zero_stage={stage}",
+             "--model.trainable=all"])
+    train = tmp_path / "task.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in synthetic.sentiment(64, seed=1)))
+    out = tmp_path / "dyn"
+    run_cli(["dynamics", run, "--config", REPO / "configs" / "eval" / "sst2.yaml", "--output_dir", out,
+             "--task.train_file", train, "--task.test_file", train, "--finetune.epochs=1", "--finetune.max_length=32",
+             "--finetune.batch_size=16", "--seeds=1", "--triggers.words=cf"])
+    result = json.loads((out / "dynamics.json").read_text())
+    assert [p["step"] for p in result["points"]] == [0, 2, 4, 6]
+    assert (out / "dynamics.png").stat().st_size > 1000
+    # The step-6 checkpoint, turned back into a model, is the model purify exported at step 6.
+    last, final = _tensors(out / "step_00000006" / "model"), _tensors(run / "model")
+    assert last.keys() == final.keys()
+    for k in final:
+        assert torch.allclose(last[k], final[k], atol=1e-6), k
+    first = _tensors(out / "step_00000002" / "model")
+    assert any(not torch.equal(first[k], final[k]) for k in final)
