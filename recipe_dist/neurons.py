@@ -90,6 +90,10 @@ def record(model: nn.Module, family, batches, sites: list[NeuronSite] | None = N
     from .models.base import eval_mode
 
     sites = sites or family.neuron_sites(model)
+    if not sites:
+        from .models.base import ModelLoadError
+
+        raise ModelLoadError(f"model.family={family.name}: no neuron sites in {type(model).__name__}; pruning and analysis need them")
     device = next(model.parameters()).device
     with ActivationRecorder(model, sites, fused) as rec, torch.no_grad(), eval_mode(model):
         for batch in batches:

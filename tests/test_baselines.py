@@ -11,7 +11,7 @@ from conftest import REPO, run_cli
 from recipe_dist.data import synthetic
 from recipe_dist.defenses.finemix import epur_scores, keep_mask
 from recipe_dist.models import get_family
-from recipe_dist.models.base import NeuronSite
+from recipe_dist.models.base import ModelFamily, NeuronSite
 from recipe_dist.neurons import SiteStats, apply_pruning, overlap, prune_selection, record
 
 TINY = REPO / "configs" / "tiny-bert.yaml"
@@ -77,6 +77,37 @@ def test_recorder_matches_first_token_pre_activations(tiny_bert_dir):
     assert torch.equal(stats[0].positive, (ref > 0).sum(0))
 
 
+def test_overlap_ratio_on_a_hand_built_activation_matrix():
+    from recipe_dist.kernels import reference_activation_stats
+
+    site = NeuronSite(0, "l0", "l0.weight", None)
+    # 4 samples x 5 neurons at the first token. Clean activates neurons 0, 1, 2 (> 0 on more than half);
+    # poisoned activates 1, 3, 4. Overlap {1}: ratio 1/3; poison-only {3, 4}.
+    clean = torch.tensor([[1.0, 2.0, 1.0, -1.0, 0.0], [1.0, 1.0, 1.0, -1.0, -1.0], [1.0, 1.0, 1.0, 1.0, 0.0], [-1.0, 1.0, 0.0, -1.0, 0.0]])
+    poisoned = torch.tensor([[-1.0, 1.0, 0.0, 1.0, 1.0], [-1.0, 1.0, -1.0, 2.0, 1.0], [1.0, 1.0, 0.0, 1.0, 1.0], [-1.0, -1.0, 0.0, 1.0, -1.0]])
+
+    def stats(act):
+        total, positive = reference_activation_stats(act)
+        return [SiteStats(site, total, positive, act.shape[0])]
+
+    r = overlap(stats(clean), stats(poisoned), threshold=0.5)
+    assert r["overlap_ratio"] == pytest.approx(1 / 3) and r["poison_only"] == 2
+
+
+def test_a_family_without_neuron_sites_gets_a_clear_error(tiny_bert_dir):
+    from recipe_dist.config import RunConfig
+    from recipe_dist.models import ModelLoadError
+    from recipe_dist.models.mlm import BertFamily
+
+    class NoSites(BertFamily):
+        neuron_sites = ModelFamily.neuron_sites  # the base default: no sites declared
+
+    fam = NoSites()
+    loaded = fam.load(tiny_bert_dir, RunConfig())
+    with pytest.raises(ModelLoadError, match="declares no neuron sites"):
+        record(loaded.model, fam, [])
+
+
 def test_overlap_ratio_and_poison_only_neurons():
     clean = _stats([[0.0] * 4], positive=[[9, 9, 0, 0]])   # activated: 0, 1
     poisoned = _stats([[0.0] * 4], positive=[[9, 0, 9, 9]])  # activated: 0, 2, 3
@@ -130,17 +161,20 @@ def test_prune_cli_zeroes_the_chosen_neurons_and_loads_like_the_input(tmp_path, 
 
 
 @pytest.mark.slow
-def test_prune_statistics_under_zero3_on_two_ranks_equal_zero0(tmp_path, tiny_bert_dir):
+def test_activation_statistics_on_two_ranks_zero0_and_zero3_equal_one_process(tmp_path, tiny_bert_dir):
     common = ["prune", "--config", TINY, "--model.path", tiny_bert_dir, "--prune.variant=fp-ga", "--prune.ga_layers=0.5",
               "--data.synthetic_samples=256", "--train.global_batch_size=32", "--train.micro_batch_size=16"]
+    run_cli([*common, "--output_dir", tmp_path / "single"])
     for stage in (0, 3):
         run_cli([*common, "--output_dir", tmp_path / f"z{stage}", f"--train.zero_stage={stage}"], nproc=2)
-    z0, z3 = (json.loads((tmp_path / f"z{s}" / "prune.json").read_text()) for s in (0, 3))
-    assert z0["world_size"] == z3["world_size"] == 2 and z0["samples"] == z3["samples"] == 256
-    assert z0["neurons"] == z3["neurons"]
-    for layer in z0["mean_activation"]:
-        assert z0["mean_activation"][layer] == pytest.approx(z3["mean_activation"][layer], abs=1e-5)
-    assert _tensors(tmp_path / "z0" / "model").keys() == _tensors(tmp_path / "z3" / "model").keys()
+    single, z0, z3 = (json.loads((tmp_path / name / "prune.json").read_text()) for name in ("single", "z0", "z3"))
+    assert single["world_size"] == 1 and z0["world_size"] == z3["world_size"] == 2
+    assert single["samples"] == z0["samples"] == z3["samples"] == 256  # the ranks' shares add up to the one pass
+    for other in (z0, z3):
+        assert other["neurons"] == single["neurons"]
+        for layer in single["mean_activation"]:
+            assert other["mean_activation"][layer] == pytest.approx(single["mean_activation"][layer], abs=1e-5)
+        assert _tensors(tmp_path / "single" / "model").keys() == _tensors(tmp_path / "z0" / "model").keys()
 
 
 def test_prune_refuses_a_reused_run_directory(tmp_path, tiny_bert_dir):
@@ -171,6 +205,26 @@ def test_finemix_cli_mixes_resets_embeddings_and_scores_with_evaluate(tmp_path, 
     shared = [k for k in mixed if k in pre and k.startswith("bert.encoder")]
     assert shared and all(torch.equal(mixed[k], pre[k]) for k in shared)
     assert torch.equal(mixed["classifier.weight"], b["classifier.weight"])  # no counterpart: kept
+    # rho = 1: the backdoored weights, untouched.
+    run_cli([*base, "--output_dir", tmp_path / "rho1", "--finemix.rho=1", "--finemix.epochs=0", "--finemix.epur_topn=0"])
+    same = _tensors(tmp_path / "rho1" / "model")
+    assert all(torch.equal(same[k], b[k]) for k in b)
+    # E-PUR alone resets exactly the top-N tokens by drift / log(max(freq, 20)), to the pre-trained rows.
+    run_cli([*base, "--output_dir", tmp_path / "epur", "--finemix.mix=false", "--finemix.epochs=0", "--finemix.epur_topn=7"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(clf))
+    counts = torch.zeros(len(tok))
+    for line in train.read_text().splitlines()[1:]:
+        for i in tok(line.split("\t")[0], add_special_tokens=False)["input_ids"]:
+            counts[i] += 1
+    key = "bert.embeddings.word_embeddings.weight"
+    drift = (b[key] - pre[key]).norm(dim=1)
+    expect = set(torch.topk(drift / torch.log(counts.clamp_min(20)), 7).indices.tolist())
+    got = _tensors(tmp_path / "epur" / "model")[key]
+    reset = {i for i in range(len(tok)) if torch.equal(got[i], pre[key][i]) and not torch.equal(b[key][i], pre[key][i])}
+    assert reset == expect
+    assert all(torch.equal(got[i], b[key][i]) for i in range(len(tok)) if i not in expect)
     # rho = 0.5, E-PUR on 5 tokens, one epoch on the clean subset; then evaluate scores it as it is.
     run_cli([*base, "--output_dir", tmp_path / "fm", "--finemix.rho=0.5", "--finemix.epochs=1", "--finemix.epur_topn=5",
              "--finemix.max_length=32", "--finemix.lr=1e-3"])

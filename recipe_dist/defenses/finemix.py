@@ -111,7 +111,9 @@ class FineMixing:
                     ref = ref.to(p.dtype)
                     delta = p - ref
                     m = keep_mask(delta, fm.rho, fm.mask, gen)
-                    p.copy_(ref + m * delta)
+                    # theta_pre + m * delta, written as a selection so kept entries are exactly theta_B
+                    # (ref + (p - ref) rounds in floating point).
+                    p.copy_(torch.where(m, p, ref))
                     kept_deltas += int(m.sum())
                     total_deltas += m.numel()
                     mixed += 1

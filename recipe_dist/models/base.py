@@ -234,9 +234,9 @@ class ModelFamily(abc.ABC):
         backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
         return backbone(**batch)
 
-    @abc.abstractmethod
     def neuron_sites(self, model: nn.Module) -> list[NeuronSite]:
         """The neurons that pruning and activation analysis read, one site per layer (method.md section 4)."""
+        raise ModelLoadError(f"model.family={self.name}: this family declares no neuron sites, so it cannot be pruned or analysed")
 
     @abc.abstractmethod
     def build_classifier(self, path: Path, label_names: list[str], cfg, use_safetensors: bool = True):
