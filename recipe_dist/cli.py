@@ -165,9 +165,12 @@ def _bench(argv: list[str]) -> int:
 def _shards(argv: list[str]) -> int:
     from .data import shards
 
-    ap = argparse.ArgumentParser(prog="recipe-dist shards", description="Turn TSV/TXT/JSONL text into WebDataset tar shards.")
-    ap.add_argument("--input", required=True, help="a .tsv (with header), .jsonl or .txt file (local path or URL)")
-    ap.add_argument("--output", required=True, help="shard prefix; shards are PREFIX-000000.tar, ...")
+    ap = argparse.ArgumentParser(prog="recipe-dist shards", description="Turn TSV/TXT/JSONL text into WebDataset tar shards with a "
+                                 "manifest (per shard: samples, bytes, sha256), or write the manifest of existing shards.")
+    ap.add_argument("--input", help="a .tsv (with header), .jsonl or .txt file (local path or URL)")
+    ap.add_argument("--output", help="shard prefix; shards are PREFIX-000000.tar, ... and manifest.json beside them")
+    ap.add_argument("--manifest-only", metavar="URLS", default=None,
+                    help="write manifest.json for existing shards (brace pattern, prefix/ or glob), streaming each once")
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--text-column", default=None, help="text column/key (default: text, sentence, ...)")
     ap.add_argument("--label-column", default=None, help="label column/key, stored as 'cls' (default: label if present)")

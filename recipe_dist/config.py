@@ -152,6 +152,9 @@ class DataConfig:
     io_timeout: float = _f(60.0, "connect and read timeout of one storage request, seconds", check=gt(0))
     on_corrupt: Literal["fail", "skip"] = _f("fail", "a corrupt or truncated shard: fail (the run stops, naming it) or skip (warn, count "
                                              "data/corrupt_skipped, drop the rest of that shard)")
+    prefetch_shards: int = _f(1, "remote shards each reader fetches whole, in the background, while it reads the current one "
+                              "(0: none); memory per reader is at most prefetch_shards + 1 shards", check=ge(0))
+    prefetch_max_mb: int = _f(512, "a remote shard larger than this is not prefetched but read with ranged GETs as consumed", check=gt(0))
     resampled: bool = _f(False, "draw shards with replacement per rank and worker (allows fewer shards than ranks x workers)")
     record_keys: bool = _f(False, "debug: write each consumed micro-batch's sample keys to OUTPUT_DIR/keys/rank<R>.jsonl")
 

@@ -9,15 +9,10 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import random
-import socket
-import struct
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -36,6 +31,7 @@ from recipe_dist.data.pipeline import (
     shard_samples,
     shard_urls,
 )
+from recipe_dist.bench.fault_proxy import FaultProxy
 from recipe_dist.metrics import read_scalars
 
 TINY = REPO / "configs" / "tiny-bert.yaml"
@@ -45,97 +41,6 @@ DUMMY_CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 
 # ------------------------------------------------------------------ components
-
-
-class FaultProxy:
-    """An HTTP proxy on loopback in front of an S3 endpoint that fails a share `rate` of requests.
-
-    Each failing request gets one of: a 500 (InternalError), a 503 (SlowDown), a TCP reset
-    before any reply, or (GETs) a reply whose body is cut off halfway. Draws come from a seeded
-    generator in arrival order, so the number of failures over N requests is fixed by the seed.
-    """
-
-    KINDS = ("500", "503", "reset", "cut")
-
-    def __init__(self, upstream_port: int, rate: float, seed: int):
-        self.upstream_port, self.rate = upstream_port, rate
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.requests = 0
-        self.faults = dict.fromkeys(self.KINDS, 0)
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _draw(self):
-                with proxy.lock:
-                    proxy.requests += 1
-                    if proxy.rng.random() >= proxy.rate:
-                        return None
-                    kind = proxy.rng.choice(proxy.KINDS)
-                    if kind == "cut" and self.command != "GET":
-                        kind = "reset"  # nothing to cut in a HEAD reply
-                    proxy.faults[kind] += 1
-                    return kind
-
-            def _reset(self):
-                # SO_LINGER 0: close() sends a TCP RST, as a crashed peer or a middlebox would.
-                self.close_connection = True
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.connection.close()
-
-            def _proxy(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = self._draw()
-                if fault == "reset":
-                    return self._reset()
-                if fault in ("500", "503"):
-                    code = "InternalError" if fault == "500" else "SlowDown"
-                    err = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
-                    self.send_response(int(fault))
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(err)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(err)
-                    return
-                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                upstream.request(self.command, self.path, body=body or None, headers=headers)
-                resp = upstream.getresponse()
-                data = resp.read()
-                upstream.close()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
-                        self.send_header(k, v)
-                # A HEAD reply carries the object's length with no body.
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
-                self.end_headers()
-                if self.command == "HEAD":
-                    return
-                if fault == "cut":
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.wfile.write(data)
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _proxy
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +189,30 @@ def test_shards_in_bucket_read_like_local_ones(s3, shards):
     assert got == want and len(got) == N_SAMPLES
     with pytest.raises(DataError, match=f"no shards under s3://{BUCKET}/nothing/"):
         shard_urls(f"s3://{BUCKET}/nothing/")
+
+
+def test_prefetch_reads_the_same_stream_whole_or_ranged(s3, shards):
+    """Prefetching shards ahead (whole objects, or ranged reads for those over the size limit) gives
+    the samples of reading without prefetch, in the same order; the bucket's manifest matches."""
+    from recipe_dist.data import manifest
+    from recipe_dist.data.pipeline import prefetched
+
+    remote = shard_urls(shards["remote"])
+    entries = manifest.load(remote)
+    assert entries is not None and sum(e.samples for e in entries.values()) == N_SAMPLES  # written by `recipe-dist shards`
+
+    def stream(**kw):
+        return [[s["__key__"] for s in b] for b in epoch_stream(remote, 0, 7, "txt", lambda s: s, 8, 16, manifest=entries, **kw)]
+
+    plain = stream(prefetch=0)
+    assert stream(prefetch=2) == plain
+    assert stream(prefetch=1, prefetch_max_bytes=1) == plain  # every shard over the limit: ranged reads
+    # The prefetch thread fetched whole objects ahead, one per shard, in order.
+    got = list(prefetched(iter(remote[:3]), 2, 1 << 30))
+    assert [u for u, _ in got] == remote[:3] and all(hasattr(s, "getbuffer") for _, s in got)
+    # A missing shard fails when its turn comes, with the error reading would give.
+    with pytest.raises(DataError, match="shard-999999.tar"):
+        list(prefetched(iter([remote[0], f"s3://{BUCKET}/aux/shard-999999.tar"]), 1, 1 << 30))
 
 
 def test_purify_from_s3_is_identical_to_local(s3, shards, local_run, tiny_bert_dir, tmp_path):
@@ -465,3 +394,18 @@ def test_bench_loader_against_moto(s3, shards, local_run, capsys):
     print(out)  # the figures, for the log; they are not asserted
     for needle in ("local", "remote", "samples/s", "remote / local:", "train/data_wait_fraction median"):
         assert needle in out
+
+
+@pytest.mark.slow
+def test_bench_loader_trains_from_local_and_s3_with_latency_and_times_startup(tmp_path):
+    """`bench loader --moto --train --latency-ms --startup`: every run and both start-up cases are
+    measured and written; the figures themselves are not asserted (timings never are)."""
+    target = tmp_path / "loader.json"
+    proc = run_cli(["bench", "loader", "--moto", "--samples", "640", "--passes", "1", "--train", "--train-steps", "10",
+                    "--latency-ms", "5", "--startup", "24", "--json", target], timeout=900)
+    result = json.loads(target.read_text())
+    assert set(result["runs"]) == {"local", "s3", "s3+5ms/prefetch0", "s3+5ms/prefetch1"}
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in result["runs"].values())
+    assert result["runs"]["s3+5ms/prefetch0"]["prefetch_shards"] == 0 and result["runs"]["s3"]["prefetch_shards"] == 1
+    st = result["startup"]
+    assert st["shards"] == 24 and {"manifest", "no_manifest"} <= set(st) and "without" in proc.stdout

@@ -12,8 +12,11 @@ around its own stream, one that has more stops early.
 
 from __future__ import annotations
 
+import io
+import queue
 import random
 import tarfile
+import threading
 import time
 import zlib
 from typing import Callable, Iterator, NamedTuple
@@ -91,7 +94,7 @@ def check_shard_count(n_shards: int, world_size: int, num_workers: int, resample
 CORRUPT = (tarfile.TarError, EOFError, zlib.error, ValueError)
 
 
-def shard_samples(url: str, on_corrupt: str = "fail", record: bool = True) -> Iterator[dict]:
+def shard_samples(url: str, on_corrupt: str = "fail", record: bool = True, stream=None, expected=None) -> Iterator[dict]:
     """The samples of one tar shard, grouped by key as webdataset does (`{"__key__", "__url__", ext: bytes}`).
 
     A damaged shard (bad header, truncated member, or no end-of-archive block, i.e. cut at a
@@ -99,13 +102,20 @@ def shard_samples(url: str, on_corrupt: str = "fail", record: bool = True) -> It
     on_corrupt="fail". With "skip" the samples read before the damage are kept, the rest of the
     shard is dropped with a warning, and `corrupt_skipped` is counted (when `record`).
     Storage errors are never "corrupt": they are retried, then fail the run.
+
+    `stream` reads the shard from an already opened (e.g. prefetched) object. With `expected`
+    (its manifest entry), a size or sample count that disagrees is corruption too.
     """
-    stream = storage.wds_gopen.gopen(url) if storage.is_remote(url) else storage.open_url(url)
+    if stream is None:
+        stream = storage.wds_gopen.gopen(url) if storage.is_remote(url) else storage.open_url(url)
     current = None
     n = 0
     try:
         with stream:
             try:
+                size = storage.stream_size(stream)
+                if expected is not None and size is not None and size != expected.bytes:
+                    raise tarfile.TarError(f"{size} bytes, but its manifest entry says {expected.bytes}")
                 tar = tarfile.open(fileobj=stream, mode="r|*")
                 for member in tar:
                     if not member.isreg():
@@ -125,9 +135,10 @@ def shard_samples(url: str, on_corrupt: str = "fail", record: bool = True) -> It
                     if suffix in current:
                         raise tarfile.TarError(f"duplicate member {member.name}")
                     current[suffix] = data
-                size = storage.stream_size(stream)
                 if getattr(tar.fileobj, "comptype", "tar") == "tar" and size is not None and size - tar.offset < tarfile.BLOCKSIZE:
                     raise tarfile.TarError(f"truncated: no end-of-archive block after {tar.offset} of {size} bytes")
+                if expected is not None and n + (current is not None) != expected.samples:
+                    raise tarfile.TarError(f"{n + (current is not None)} samples, but its manifest entry says {expected.samples}")
             except CORRUPT as e:
                 reason = storage.redact(str(e) or type(e).__name__)
                 if on_corrupt != "skip":
@@ -147,14 +158,117 @@ def count_samples(urls: list[str], on_corrupt: str = "fail") -> int:
     return sum(sum(1 for _ in shard_samples(url, on_corrupt, record=False)) for url in urls)
 
 
-def _read_shards(on_corrupt: str, options: StorageOptions | None):
+def _fetch_whole(url: str, max_bytes: int):
+    """The whole object behind remote `url` as an in-memory stream, or None when it is larger than
+    `max_bytes` (then it is read with ranged GETs as it is consumed). Retried like every read."""
+    fs, path = storage.filesystem(url)
+    size = storage.call(lambda: fs.info(path), url)["size"]
+    if size > max_bytes:
+        return None
+
+    def get() -> bytes:
+        data = fs.cat_file(path)
+        if len(data) != size:  # a connection cut mid-body: transient, so retried
+            raise storage.ShortRead(f"got {len(data)} of {size} bytes")
+        return data
+
+    return io.BytesIO(storage.call(get, url))
+
+
+_END = object()
+
+
+def prefetched(urls: Iterator[str], depth: int, max_bytes: int) -> Iterator[tuple[str, object]]:
+    """(url, stream or None) in order, with up to `depth` remote shards fetched ahead by a
+    background thread while the current one is consumed. Memory is bounded by depth + 1 shards of
+    at most `max_bytes` each. A failed fetch is raised when its shard's turn comes, so errors,
+    retries and the order are exactly those of reading without prefetch."""
+    if depth <= 0:
+        yield from ((u, None) for u in urls)
+        return
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        for url in urls:
+            if stop.is_set():
+                return
+            try:
+                put((url, _fetch_whole(url, max_bytes) if storage.is_remote(url) else None))
+            except BaseException as e:  # delivered in order, raised by the consumer
+                put((url, e))
+                return
+        put(_END)
+
+    thread = threading.Thread(target=work, name="shard-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is _END:
+                return
+            url, got = item
+            if isinstance(got, BaseException):
+                raise got
+            yield url, got
+    finally:
+        stop.set()
+
+
+def _read_shards(on_corrupt: str, options: StorageOptions | None, manifest: dict | None = None, prefetch: int = 0,
+                 prefetch_max_bytes: int = 512 << 20):
     def stage(src):
         if options is not None:
             storage.configure(options)  # this may be a fresh DataLoader worker
-        for item in src:
-            yield from shard_samples(item["url"], on_corrupt)
+        urls = (item["url"] for item in src)  # lazily: a resampled source never ends
+        for url, stream in prefetched(urls, prefetch, prefetch_max_bytes):
+            yield from shard_samples(url, on_corrupt, stream=stream, expected=(manifest or {}).get(url))
 
     return stage
+
+
+def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's shard order: a pure function of (urls, seed, epoch).
+
+    Exactly what webdataset's detshuffle gives a full-buffer shuffle seeded with
+    mix_seed(seed, SHARD_ORDER) + epoch, so runs and checkpoints from before this function keep
+    their order."""
+    from webdataset.filters import _shuffle
+
+    rng = random.Random()
+    rng.seed(mix_seed(seed, Stream.SHARD_ORDER) + epoch)
+    return [item["url"] for item in _shuffle(iter([{"url": u} for u in urls]), len(urls), len(urls), rng)]
+
+
+def assign(order: list[str], rank: int, world_size: int, worker: int, workers: int) -> list[str]:
+    """The shards one (rank, DataLoader worker) reads from an epoch's `order`: every shard goes to
+    exactly one reader, and readers' counts differ by at most one (node split, then worker split)."""
+    mine = order[rank::world_size] if world_size > 1 else order
+    return mine[worker::workers] if workers > 1 else mine
+
+
+def assign_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int, worker: int, workers: int) -> list[str]:
+    """Shard assignment as a pure function of (seed, epoch, rank, world size, worker, workers)."""
+    return assign(shard_order(urls, seed, epoch), rank, world_size, worker, workers)
+
+
+def _assigned_shards(urls: list[str], seed: int, epoch: int):
+    """The pipeline's source: this process's (rank, worker) share of the epoch's shards."""
+
+    def source():
+        rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
+        for url in assign_shards(urls, seed, epoch, rank, world_size, worker, workers):
+            yield {"url": url}
+
+    return source
 
 
 def _resampled_shards(urls: list[str], seed: int, epoch: int):
@@ -203,6 +317,9 @@ def epoch_stream(
     on_corrupt: str = "fail",
     resampled: bool = False,
     options: StorageOptions | None = None,
+    manifest: dict | None = None,
+    prefetch: int = 0,
+    prefetch_max_bytes: int = 512 << 20,
 ) -> wds.DataPipeline:
     """The pipeline for one epoch on this rank (and worker); yields lists of encoded samples.
 
@@ -216,16 +333,10 @@ def epoch_stream(
     if resampled:
         shards = [_resampled_shards(urls, seed, epoch)]
     else:
-        shards = [
-            wds.SimpleShardList(urls),
-            # detshuffle adds 1 to epoch before seeding, so start one below the epoch wanted.
-            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=mix_seed(seed, Stream.SHARD_ORDER), epoch=epoch - 1),
-            wds.split_by_node,
-            wds.split_by_worker,
-        ]
+        shards = [_assigned_shards(urls, seed, epoch)]
     return wds.DataPipeline(
         *shards,
-        _read_shards(on_corrupt, options),
+        _read_shards(on_corrupt, options, manifest, prefetch, prefetch_max_bytes),
         wds.map(decode),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=mix_seed(seed, Stream.SAMPLE_SHUFFLE, epoch)),
         wds.map(encode),

@@ -10,6 +10,7 @@ AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), with credentials from the environment
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -86,8 +87,9 @@ def read_records(path: str, text_column: str | None = None, label_column: str | 
 FIELD_EXTENSIONS = {"text": "txt", "label": "cls"}
 
 
-def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix: str = "s") -> list[str]:
-    """Write records into `{output_prefix}-{000000..}.tar`; returns the shard URLs."""
+def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix: str = "s", manifest: bool = True) -> list[str]:
+    """Write records into `{output_prefix}-{000000..}.tar` and, with `manifest`, their manifest.json
+    beside them (data/manifest.py); returns the shard URLs."""
     if samples_per_shard < 1:
         raise ShardInputError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     # webdataset splits member names at the first dot: a dot in the key would merge samples.
@@ -96,10 +98,21 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
     urls: list[str] = []
     writer = handle = None
     n = 0
+    infos: list = []  # the manifest entries, taken from each finished file before it is uploaded
+    first_of_shard = 0
 
     def finish() -> None:
+        from .manifest import ShardInfo
+
         writer.close()
         handle.close()
+        local = handle.name if remote else fsspec.core.url_to_fs(urls[-1])[1]
+        digest, size = hashlib.sha256(), 0
+        with open(local, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+        infos.append(ShardInfo(urls[-1], n - first_of_shard, size, digest.hexdigest()))
         if remote:
             try:
                 storage.upload(handle.name, urls[-1])
@@ -112,6 +125,7 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
                 if writer is not None:
                     finish()
                     writer = None
+                first_of_shard = n
                 url = f"{output_prefix}-{len(urls):06d}.tar"
                 if remote:
                     handle = tempfile.NamedTemporaryFile(suffix=".tar", delete=False)
@@ -140,6 +154,10 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
                 os.unlink(handle.name)
     if n == 0:
         raise ShardInputError("input has no samples")
+    if manifest:
+        from . import manifest as manifests
+
+        manifests.write(infos)
     return urls
 
 
@@ -156,7 +174,27 @@ def existing_shards(output_prefix: str) -> list[str]:
         return []
 
 
+def manifest_only(spec: str) -> int:
+    """`recipe-dist shards --manifest-only URLS`: a manifest for shards that already exist."""
+    from . import manifest
+    from .pipeline import shard_urls
+
+    urls = shard_urls(spec)
+    infos = []
+    for i, url in enumerate(urls, 1):
+        infos.append(manifest.scan_shard(url))
+        if i % 100 == 0 or i == len(urls):
+            print(f"scanned {i}/{len(urls)} shards", file=sys.stderr, flush=True)
+    for target in manifest.write(infos):
+        print(f"wrote {target} ({sum(x.samples for x in infos)} samples in {len(infos)} shards)")
+    return 0
+
+
 def main(args) -> int:
+    if args.manifest_only:
+        return manifest_only(args.manifest_only)
+    if not args.input or not args.output:
+        raise ShardInputError("--input and --output are required (or --manifest-only URLS for shards that exist)")
     old = existing_shards(args.output)
     if old and not args.overwrite:
         raise ShardInputError(f"--output: {len(old)} shard(s) already exist under {args.output} (first: {old[0]}); "

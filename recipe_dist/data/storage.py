@@ -268,6 +268,8 @@ def stream_size(stream: Any) -> int | None:
     raw = getattr(stream, "raw", stream)
     if isinstance(raw, RangeReader):
         return raw.size
+    if isinstance(raw, io.BytesIO):  # a prefetched whole object
+        return raw.getbuffer().nbytes
     try:
         return os.fstat(stream.fileno()).st_size
     except (AttributeError, OSError, io.UnsupportedOperation):

@@ -20,7 +20,8 @@ from ..config import ConfigError
 from ..distributed import run_on_main
 from ..seeds import Stream, mix_seed
 from . import storage
-from .pipeline import WaitTimer, check_shard_count, check_shards_exist, count_samples, epoch_stream, rank_micro_batches, shard_urls, timed
+from . import manifest
+from .pipeline import WaitTimer, check_shard_count, epoch_stream, rank_micro_batches, shard_urls, timed
 from .shards import write_shards
 
 
@@ -31,7 +32,8 @@ class TrainData:
         storage.configure(self.options)
         self.urls = self._shard_urls(out_dir)
         check_shard_count(len(self.urls), dist.world_size, cfg.data.num_workers, cfg.data.resampled)
-        self.num_samples = run_on_main(count_samples, self.urls, cfg.data.on_corrupt)
+        # One small read per directory with a manifest; without one, every shard is read once (rank 0).
+        self.num_samples, self.manifest = run_on_main(manifest.counts, self.urls, cfg.data.on_corrupt)
         self.steps_per_epoch = self.num_samples // cfg.train.global_batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} exceeds the {self.num_samples} samples in data.train_urls")
@@ -59,9 +61,7 @@ class TrainData:
             if self.dist.is_main:
                 print(f"data: SYNTHETIC corpus of {cfg.data.synthetic_samples} samples ({prefix}-*.tar); pass --data.train_urls for real data")
             return urls
-        urls = run_on_main(shard_urls, cfg.data.train_urls)  # a prefix or glob is listed once, on rank 0
-        run_on_main(check_shards_exist, urls)
-        return urls
+        return run_on_main(shard_urls, cfg.data.train_urls)  # a prefix or glob is listed once, on rank 0
 
     def micro_batches(self, epoch: int, skip: int = 0) -> Iterator[list[dict]]:
         """This rank's micro-batches (lists of encoded samples) of `epoch`, minus the first `skip`;
@@ -70,7 +70,8 @@ class TrainData:
 
         def make_stream(ep: int):
             return epoch_stream(self.urls, ep, cfg.train.seed, self.decode, self.encode, cfg.train.micro_batch_size, d.shuffle_buffer,
-                                on_corrupt=d.on_corrupt, resampled=d.resampled, options=self.options)
+                                on_corrupt=d.on_corrupt, resampled=d.resampled, options=self.options, manifest=self.manifest,
+                                prefetch=d.prefetch_shards, prefetch_max_bytes=d.prefetch_max_mb << 20)
 
         quota = self.steps_per_epoch * self.grad_accum  # micro-batches per rank per epoch, equal on every rank
         return timed(rank_micro_batches(make_stream, epoch, quota, d.num_workers, skip=skip, seed=cfg.train.seed), self.timer)
