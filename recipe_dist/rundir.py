@@ -40,7 +40,21 @@ MAY_CHANGE = (
     "data.train_urls", "data.endpoint_url", "data.retries", "data.retry_backoff", "data.io_timeout", "data.record_keys",
     # the same mathematics to fp32 rounding (tests/test_kernels.py)
     "kernels.fused", "kernels.chunk_size",
+    # how far ahead shards are fetched; the samples and their order are the same
+    "data.prefetch_shards", "data.prefetch_max_mb",
 )
+
+# Keys that may change between some values only: (allowed(old, new), why not otherwise).
+MAY_CHANGE_IF = {
+    # ZeRO 1 and 2 store the same partitioned fp32 optimizer state with whole module weights; a
+    # change between them goes through DeepSpeed's universal checkpoint (tests/test_resume.py).
+    # ZeRO-0 keeps optimizer state whole, ZeRO-3 partitions the weights too: DeepSpeed 0.19's
+    # universal loader does not read a ZeRO 1/2 checkpoint into ZeRO-3 (it looks for ZeRO-3's
+    # per-rank model files and optimizer keys), so those changes are refused here, up front.
+    "train.zero_stage": (lambda old, new: {old, new} <= {1, 2},
+                         "only a change between ZeRO stages 1 and 2 is supported on resume (ZeRO-0 keeps optimizer state whole; "
+                         "DeepSpeed's universal checkpoint does not load a ZeRO 1/2 checkpoint into ZeRO-3); keep the stage"),
+}
 
 
 class RunDirError(RecipeError):
@@ -140,6 +154,12 @@ def check_resume_config(saved: dict | None, now: dict, where: Path) -> dict:
         if key in MAY_CHANGE:
             allowed[key] = [old[key], new[key]]
             continue
+        if key in MAY_CHANGE_IF:
+            ok, why = MAY_CHANGE_IF[key]
+            if ok(old[key], new[key]):
+                allowed[key] = [old[key], new[key]]
+                continue
+            raise RunDirError(f"resume: {key} is {new[key]!r} but {where} was trained with {old[key]!r}: {why}")
         raise RunDirError(
             f"resume: {key} is {new[key]!r} but {where} was trained with {old[key]!r}; a resumed run must keep every "
             f"setting that changes the result (start a new run in a new output_dir, or resume with --{key}={old[key]})"

@@ -4,8 +4,11 @@ step, and `recipe-dist bench step --preset tiny`."""
 
 import os
 
-# Before anything imports triton: the kernels then run in Triton's interpreter on CPU.
-os.environ["TRITON_INTERPRET"] = "1"
+# RECIPE_DIST_TEST_DEVICE=cuda (launch/gpu-check.sh): the Triton tests run compiled on the GPU.
+# Otherwise, before anything imports triton: the kernels run in Triton's interpreter on CPU.
+DEVICE = os.environ.get("RECIPE_DIST_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
 
@@ -38,10 +41,10 @@ def naive_ce(h, w, b, t):
 
 def _inputs(n, h, v, bias=True, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    hid = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(v, h, generator=g) * 0.5).to(dtype).requires_grad_()
-    b = torch.randn(v, generator=g).to(dtype).requires_grad_() if bias else None
-    t = torch.randint(0, v, (n,), generator=g)
+    hid = torch.randn(n, h, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * 0.5).to(DEVICE, dtype).requires_grad_()
+    b = torch.randn(v, generator=g).to(DEVICE, dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, (n,), generator=g).to(DEVICE)
     return hid, w, b, t
 
 
@@ -105,7 +108,7 @@ def test_frozen_weight_gets_no_gradient_work(fused):
 
 @pytest.mark.parametrize("shape", [(6, 5, 300), (33, 300), (1, 3, 17), (0, 4, 8)])
 def test_activation_stats_triton_matches_reference(shape):
-    x = torch.randn(*shape)
+    x = torch.randn(*shape).to(DEVICE)
     s_ref, c_ref = reference_activation_stats(x)
     s, c = activation_stats(x, fused=True)
     assert torch.allclose(s, s_ref, atol=1e-5) and torch.equal(c, c_ref)
@@ -114,7 +117,7 @@ def test_activation_stats_triton_matches_reference(shape):
 
 
 def test_activation_stats_bf16():
-    x = torch.randn(9, 4, 70).bfloat16()
+    x = torch.randn(9, 4, 70).bfloat16().to(DEVICE)
     s_ref, c_ref = reference_activation_stats(x)
     s, c = activation_stats(x, fused=True)
     assert torch.allclose(s, s_ref, atol=1e-2) and torch.equal(c, c_ref)
@@ -295,3 +298,11 @@ def test_bench_memory_tiny_zero3_halves_params_and_optimizer_state(tmp_path):
     z0, z3 = res["zero0"], res["zero3"]
     assert z0["params"] > 0 and z0["optimizer"] > 0 and z3["params"] > 0 and z3["optimizer"] > 0
     assert res["zero3_over_zero0"] <= 0.55, res  # 2 ranks: each holds about half
+
+
+def test_gpu_check_script_prints_its_plan_without_a_gpu():
+    import subprocess
+
+    proc = subprocess.run(["bash", str(REPO / "launch" / "gpu-check.sh"), "--dry-run"], capture_output=True, text=True, check=True)
+    for step in ("kernels:", "RECIPE_DIST_TEST_DEVICE=cuda", "bench step --preset bert-base --device cuda --precision bf16", "purify:"):
+        assert step in proc.stdout

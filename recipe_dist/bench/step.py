@@ -74,6 +74,8 @@ class StepPreset:
 PRESETS = {
     "minilm": StepPreset(model="minilm", batch=32, length=64, warmup=2, steps=8, gemm_n=2048),
     "tiny": StepPreset(model="tiny", batch=8, length=32, warmup=1, steps=3, gemm_n=512),
+    # A BERT-base-sized random encoder (12 x 768, FFN 3072; the SYNTHETIC vocabulary): for GPUs.
+    "bert-base": StepPreset(model="bert-base", batch=32, length=128, warmup=3, steps=10, gemm_n=8192),
 }
 
 
@@ -218,6 +220,10 @@ def _model_dir(preset: StepPreset, tmp: Path) -> Path:
         return minilm_path()
     from ..models.mlm import build_tiny_bert
 
+    if preset.model == "bert-base":
+        arch = TinyArchConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              max_position_embeddings=512)
+        return build_tiny_bert(tmp / "bert-base", arch, seed=0)
     arch = TinyArchConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
     return build_tiny_bert(tmp / "tiny", arch, seed=0)
 
@@ -328,7 +334,7 @@ def regularizer_time(task, device: torch.device, repeats: int = 20) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run(preset_name: str, device_name: str = "cpu", fused: str = "auto", steps: int | None = None) -> dict:
+def run(preset_name: str, device_name: str = "cpu", fused: str = "auto", steps: int | None = None, precision: str = "fp32") -> dict:
     from ..kernels import use_fused
     from ..models import get_family
 
@@ -355,15 +361,21 @@ def run(preset_name: str, device_name: str = "cpu", fused: str = "auto", steps: 
     say(f"model {preset.model}: {hf_cfg.num_hidden_layers} layers, hidden {hf_cfg.hidden_size}, vocab {hf_cfg.vocab_size}; "
         f"batch {preset.batch} x {preset.length}; kernels.fused={fused} -> {impl}")
 
+    import contextlib
+
+    # bf16: autocast around both steps (fp32 master weights and optimizer, as DeepSpeed's bf16 keeps them).
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     t_ref, t_ours, diffs, diffs_pt = [], [], [], []
     for i in range(preset.warmup + n_steps):
         batch = batches[i % len(batches)]
         _sync(device)
         t0 = time.perf_counter()
-        ref_pt, ref_total = ref(batch)
+        with autocast():
+            ref_pt, ref_total = ref(batch)
         _sync(device)
         t1 = time.perf_counter()
-        ours(batch)
+        with autocast():
+            ours(batch)
         _sync(device)
         t2 = time.perf_counter()
         pt, total = ours.losses()
@@ -392,6 +404,7 @@ def run(preset_name: str, device_name: str = "cpu", fused: str = "auto", steps: 
         "seq_len": preset.length,
         "labelled_positions_per_batch": n_labelled,
         "kernels_fused": fused,
+        "precision": precision,
         "linear_ce_impl": impl,
         "timed_steps": n_steps,
         "gemm_peak_flops": peak,
@@ -419,7 +432,7 @@ def report(res: dict) -> str:
     mb = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
     f = res["useful_flops_breakdown"]
     return "\n".join([
-        f"device {res['device']} ({res['threads']} threads), preset {res['preset']}: batch {res['batch']} x {res['seq_len']}, "
+        f"device {res['device']} ({res['threads']} threads, {res['precision']}), preset {res['preset']}: batch {res['batch']} x {res['seq_len']}, "
         f"{res['labelled_positions_per_batch']:.0f} labelled positions per batch; median of {res['timed_steps']} steps",
         f"GEMM peak                 {res['gemm_peak_flops'] / 1e9:10.1f} GFLOP/s",
         f"reference step (RECIPE.py) {res['reference_samples_per_s']:9.1f} samples/s   ({res['reference_step_s'] * 1e3:.0f} ms/step)",
@@ -443,11 +456,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="kernels.fused for recipe-dist's step")
     ap.add_argument("--steps", type=int, default=None, help="timed steps of each kind (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, usually one per core)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast around both steps")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(args.preset, args.device, args.fused, args.steps)
+    res = run(args.preset, args.device, args.fused, args.steps, args.precision)
     print(report(res), flush=True)
     write_json(args.json, res)
     return 0
