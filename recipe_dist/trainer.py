@@ -126,7 +126,8 @@ class Trainer:
         cfg = self.cfg
         with self._session():
             loaded, data, engine, total = self._build()
-            step, samples = self.checkpointer.restore(engine, self.resume_plan)
+            exact = data.resume_from(self.resume_plan.meta.get("data") if self.resume_plan else None)
+            step, samples = self.checkpointer.restore(engine, self.resume_plan, exact)
             metrics = StepMetrics(self, engine, data, self.params, step, total)
             keys = KeyLog(self.out / "keys", self.dist.rank, self.dist.world_size, step) if cfg.data.record_keys else None
             bar = tqdm(total=total, initial=step, disable=not self.dist.is_main, desc=self.name, unit="step", dynamic_ncols=True)

@@ -10,6 +10,7 @@
 """
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -267,7 +268,7 @@ def test_world_size_change_2_to_1(straight, tmp_path):
 
     proc = run_cli(args)  # 1 rank: accumulation 2 keeps the global batch of 16
     assert resumed_from(proc.stdout) == 10
-    assert "checkpoint written by 2 rank(s), continuing on 1 (universal checkpoint) mid-epoch" in proc.stdout
+    assert "checkpoint written by 2 rank(s), continuing on 1 (universal checkpoint) mid-epoch: the rest of epoch 0 is exactly" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["samples"] == STEPS * 16 and summary["world_size"] == 1
     meta = ckpt.read_meta(out / "checkpoints" / ckpt.tag_for(STEPS))
@@ -280,11 +281,13 @@ def test_world_size_change_2_to_1(straight, tmp_path):
     assert norms and all(dict(a[t])[11] == dict(b[t])[11] for t in norms)
     assert [v for s, v in a["train/lr"] if s > 10] == pytest.approx([v for s, v in b["train/lr"] if s > 10], rel=1e-12)
 
-    # Data: every step takes 16 samples; the rest of epoch 0 is read with the 1-rank split; epoch 1
-    # is exactly what a 1-rank run reads (a pure function of seed, epoch and world size).
+    # Data: every step takes 16 samples. The rest of epoch 0 is exact: each step's global batch is
+    # the 2-rank run's, so over the whole run every sample of the epoch is read once, none twice.
     recs = keys(out)["rank0.jsonl"]
     assert [r["step"] for r in recs] == [s for s in range(11, STEPS + 1) for _ in range(2)]
     assert all(len(r["keys"]) == 8 for r in recs)
+    assert_exact_epoch(keys(straight), keys(out), resumed_at=10, steps_per_epoch=24)
+    # Epoch 1 is exactly what a 1-rank run reads (a pure function of seed, epoch and world size).
     urls = shard_urls(str(out / "data" / "synthetic-{000000..000007}.tar"))
     expected = [s["__key__"] for batch in epoch_stream(urls, 1, 42, "txt", lambda s: s, 8, 256) for s in batch]
     got = [k for r in recs if r["epoch"] == 1 for k in r["keys"]]
@@ -316,6 +319,37 @@ def test_zero_stage_change_1_to_2_continues_and_0_or_3_is_refused(straight, tmp_
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-5) for k in x)
     history = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["changes"]["train.zero_stage"] == [1, 2]
+
+
+def per_step(records: dict[str, list[dict]], steps) -> dict[int, list[str]]:
+    """Sample keys per optimizer step over every rank's records."""
+    out: dict[int, list[str]] = {}
+    for recs in records.values():
+        for r in recs:
+            if r["step"] in steps:
+                out.setdefault(r["step"], []).extend(r["keys"])
+    return out
+
+
+def assert_exact_epoch(straight: dict, resumed: dict, resumed_at: int, steps_per_epoch: int) -> None:
+    """After a mid-epoch world-size change, each remaining step of the epoch has exactly the
+    uninterrupted run's global batch, so the epoch (before + after the resume) reads every sample once."""
+    rest = range(resumed_at + 1, steps_per_epoch + 1)
+    a, b = per_step(straight, rest), per_step(resumed, rest)
+    assert set(a) == set(b) == set(rest)
+    assert all(sorted(a[t]) == sorted(b[t]) for t in rest)
+    epoch = [k for t, ks in per_step(straight, range(1, resumed_at + 1)).items() for k in ks] + [k for ks in b.values() for k in ks]
+    assert len(epoch) == len(set(epoch)) == steps_per_epoch * 16
+
+
+def test_world_size_change_1_to_2_mid_epoch_is_exact(tmp_path):
+    one = tmp_path / "one"
+    run_cli([*COMMON, "--output_dir", one, "--checkpoint.keep=100", "--train.max_steps=24"])  # one epoch, 1 rank
+    two = tmp_path / "two"
+    proc = run_cli([*COMMON, "--output_dir", two, "--resume", one / "checkpoints" / ckpt.tag_for(10), "--train.max_steps=24"], nproc=2)
+    assert resumed_from(proc.stdout) == 10 and "continuing on 2 (universal checkpoint) mid-epoch: the rest of epoch 0 is exactly" in proc.stdout
+    assert sorted(keys(two)) == ["rank0.jsonl", "rank1.jsonl"]
+    assert_exact_epoch(keys(one), keys(two), resumed_at=10, steps_per_epoch=24)
 
 
 # ------------------------------------------------------------------ units (no processes)
@@ -384,3 +418,24 @@ def test_key_log_drops_records_past_the_resumed_step(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_replayed_reader_streams_match_what_dataloader_workers_gave(tmp_path):
+    """The exact elastic resume replays an old rank's stream in-process: with 2 DataLoader workers
+    it must interleave them as PyTorch did. Compared with the keys a real 2-worker run recorded."""
+    from transformers import AutoTokenizer
+
+    from recipe_dist.config import load_config
+    from recipe_dist.data.train_data import TrainData
+    from recipe_dist.jobs import build_job
+
+    out = tmp_path / "w2"
+    args = [*COMMON[1:], "--output_dir", str(out), "--data.num_workers=2", "--train.max_steps=12", "--train.zero_stage=0"]
+    run_cli(["purify", *args])
+    cfg = load_config(str(TINY), [a for a in args[2:]])
+    info = type("Dist", (), {"world_size": 1, "rank": 0, "is_main": True})()
+    data = TrainData(cfg, info, build_job("purify", cfg), AutoTokenizer.from_pretrained(str(out / "input_model")), out, grad_accum=2)
+    data.elastic = {"epoch": 0, "world_size": 1, "micro_batch_size": 8, "num_workers": 2, "grad_accum": 2}
+    replayed = [[s["__key__"] for s in b] for b in itertools.islice(data._old_rank_batches(0, 0, 0), 24)]
+    recorded = [r["keys"] for r in keys(out)["rank0.jsonl"]]
+    assert replayed == recorded

@@ -37,6 +37,8 @@ class Checkpointer:
             "epoch": epoch, "samples": samples, "samples_in_epoch": done * t.global_batch_size, "seed": t.seed,
             "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
             "world_size": self.dist.world_size, "steps_per_epoch": self.steps_per_epoch, "num_samples": self.n_samples,
+            # with the world size and micro batch: enough to replay each old reader's stream (exact elastic resume)
+            "num_workers": self.cfg.data.num_workers,
         }
 
     def last_good(self) -> Path | None:
@@ -69,7 +71,7 @@ class Checkpointer:
             print(f"resume=auto: no complete checkpoint in {self.root}; starting fresh")
         return plan
 
-    def restore(self, engine, plan: resuming.ResumePlan | None) -> tuple[int, int]:
+    def restore(self, engine, plan: resuming.ResumePlan | None, exact_epoch: bool = False) -> tuple[int, int]:
         """Load `plan` into the engine; returns (step, samples) to continue from ((0, 0) without one)."""
         if plan is None:
             return 0, 0
@@ -81,6 +83,8 @@ class Checkpointer:
             print(f"resumed from {plan.root / plan.tag} at step {step}")
             if not plan.same_world:
                 where = "at an epoch boundary" if step % self.steps_per_epoch == 0 else (
+                    f"mid-epoch: the rest of epoch {step // self.steps_per_epoch} is exactly what the "
+                    f"{plan.meta.get('world_size')}-rank run would have read, step by step" if exact_epoch else
                     f"mid-epoch: the rest of epoch {step // self.steps_per_epoch} is read with the {info.world_size}-rank shard split, "
                     "so some samples of it may repeat and as many be left out (later epochs are exact)")
                 print(f"resume: checkpoint written by {plan.meta.get('world_size')} rank(s), continuing on {info.world_size} "

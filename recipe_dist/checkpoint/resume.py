@@ -50,11 +50,13 @@ Resuming on M ranks a checkpoint saved by N ranks, with the same train.global_ba
 - a checkpoint at an epoch boundary (step a multiple of the steps per epoch) continues with
   exact data coverage: every later epoch reads each sample once, in the order an M-rank run
   gives that epoch (a pure function of seed, epoch and M);
-- mid-epoch, the rest of the interrupted epoch is read with the M-rank split of the shards,
-  skipping as many samples per rank as that split's first steps hold. The shards a rank reads
-  depend on the world size, so within that one epoch some samples the run already saw can
-  come again and as many unseen ones are left out; later epochs are exact again. For exact
-  coverage, change the world size at an epoch boundary (--train.stop_at_step=k * steps per epoch);
+- mid-epoch, the rest of the interrupted epoch is exactly what the N-rank run would have read:
+  each remaining step's global batch is the N-rank run's step (data/train_data.py replays the old
+  ranks' reader streams, recorded by the world size, micro batch and worker count in the data
+  state; each new rank reads only the old streams its share overlaps). Over the epoch every
+  sample is read once, none twice; later epochs use the M-rank split. Exceptions: with
+  data.resampled, or a checkpoint without the worker count, the rest of the epoch is read with the
+  M-rank split (some samples may repeat and as many be left out within that epoch);
 - per-rank random streams (dropout, DataLoader worker seeds follow the data position) have no
   counterpart on another world size: each rank reseeds torch from (seed, rank, step). The
   result is deterministic for a given checkpoint and M, but it is not bit-identical to an

@@ -260,11 +260,13 @@ def assign_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size:
     return assign(shard_order(urls, seed, epoch), rank, world_size, worker, workers)
 
 
-def _assigned_shards(urls: list[str], seed: int, epoch: int):
-    """The pipeline's source: this process's (rank, worker) share of the epoch's shards."""
+def _assigned_shards(urls: list[str], seed: int, epoch: int, reader: tuple[int, int, int, int] | None = None):
+    """The pipeline's source: this process's (rank, worker) share of the epoch's shards, or the
+    share of an explicit `reader` (rank, world size, worker, workers), e.g. a rank of an earlier
+    world size whose stream an elastic resume replays."""
 
     def source():
-        rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
+        rank, world_size, worker, workers = reader or wds.utils.pytorch_worker_info()
         for url in assign_shards(urls, seed, epoch, rank, world_size, worker, workers):
             yield {"url": url}
 
@@ -320,6 +322,7 @@ def epoch_stream(
     manifest: dict | None = None,
     prefetch: int = 0,
     prefetch_max_bytes: int = 512 << 20,
+    reader: tuple[int, int, int, int] | None = None,
 ) -> wds.DataPipeline:
     """The pipeline for one epoch on this rank (and worker); yields lists of encoded samples.
 
@@ -333,7 +336,7 @@ def epoch_stream(
     if resampled:
         shards = [_resampled_shards(urls, seed, epoch)]
     else:
-        shards = [_assigned_shards(urls, seed, epoch)]
+        shards = [_assigned_shards(urls, seed, epoch, reader)]
     return wds.DataPipeline(
         *shards,
         _read_shards(on_corrupt, options, manifest, prefetch, prefetch_max_bytes),

@@ -42,6 +42,7 @@ class TrainData:
         self.encode = job.encoder(tokenizer, cfg)
         self.collate = job.collate(tokenizer, cfg)
         self.timer = WaitTimer()
+        self.elastic: dict | None = None  # set by resume_from when a mid-epoch checkpoint came from another world size
 
     def total_steps(self) -> int:
         t = self.cfg.train
@@ -63,18 +64,82 @@ class TrainData:
             return urls
         return run_on_main(shard_urls, cfg.data.train_urls)  # a prefix or glob is listed once, on rank 0
 
+    def _stream(self, epoch: int, micro_batch_size: int, reader: tuple[int, int, int, int] | None = None):
+        cfg, d = self.cfg, self.cfg.data
+        return epoch_stream(self.urls, epoch, cfg.train.seed, self.decode, self.encode, micro_batch_size, d.shuffle_buffer,
+                            on_corrupt=d.on_corrupt, resampled=d.resampled, options=self.options, manifest=self.manifest,
+                            prefetch=d.prefetch_shards, prefetch_max_bytes=d.prefetch_max_mb << 20, reader=reader)
+
     def micro_batches(self, epoch: int, skip: int = 0) -> Iterator[list[dict]]:
         """This rank's micro-batches (lists of encoded samples) of `epoch`, minus the first `skip`;
         the time blocked on them accumulates in the wait timer."""
         cfg, d = self.cfg, self.cfg.data
+        if self.elastic is not None and epoch == self.elastic["epoch"]:
+            return timed(self._elastic_batches(epoch, skip), self.timer)
+        quota = self.steps_per_epoch * self.grad_accum  # micro-batches per rank per epoch, equal on every rank
+        make_stream = lambda ep: self._stream(ep, cfg.train.micro_batch_size)  # noqa: E731
+        return timed(rank_micro_batches(make_stream, epoch, quota, d.num_workers, skip=skip, seed=cfg.train.seed), self.timer)
+
+    # ------------------------------------------------------------------ exact elastic resume
+    def resume_from(self, saved: dict | None) -> bool:
+        """Continue a mid-epoch checkpoint written by another world size exactly: the rest of its
+        epoch is what the old world would have read, step by step (see `_elastic_batches`).
+        Returns whether that applies (False: same world size, an epoch boundary, resampled shards
+        or a checkpoint that predates the recorded reader counts)."""
+        if not saved or saved.get("world_size") == self.dist.world_size or not saved.get("samples_in_epoch"):
+            return False
+        if self.cfg.data.resampled or "num_workers" not in saved:
+            return False
+        n = saved["world_size"]
+        gbs = self.cfg.train.global_batch_size
+        self.elastic = {"epoch": saved["epoch"], "world_size": n, "micro_batch_size": saved["micro_batch_size"],
+                        "num_workers": saved["num_workers"], "grad_accum": gbs // (saved["micro_batch_size"] * n)}
+        return True
+
+    def _old_rank_batches(self, rank: int, epoch: int, skip: int) -> Iterator[list[dict]]:
+        """Old rank `rank`'s micro-batches of `epoch` from its `skip`-th on, as that rank read them:
+        its DataLoader workers' pipelines interleaved round-robin (PyTorch's order), wrapping as
+        rank_micro_batches does. Read in this process, without workers."""
+        old = self.elastic
+        workers = max(1, old["num_workers"])
 
         def make_stream(ep: int):
-            return epoch_stream(self.urls, ep, cfg.train.seed, self.decode, self.encode, cfg.train.micro_batch_size, d.shuffle_buffer,
-                                on_corrupt=d.on_corrupt, resampled=d.resampled, options=self.options, manifest=self.manifest,
-                                prefetch=d.prefetch_shards, prefetch_max_bytes=d.prefetch_max_mb << 20)
+            pipes = [iter(self._stream(ep, old["micro_batch_size"], reader=(rank, old["world_size"], w, workers))) for w in range(workers)]
 
-        quota = self.steps_per_epoch * self.grad_accum  # micro-batches per rank per epoch, equal on every rank
-        return timed(rank_micro_batches(make_stream, epoch, quota, d.num_workers, skip=skip, seed=cfg.train.seed), self.timer)
+            def round_robin():
+                live = list(pipes)
+                while live:
+                    for it in list(live):
+                        try:
+                            yield next(it)
+                        except StopIteration:
+                            live.remove(it)
+
+            return round_robin()
+
+        quota = self.steps_per_epoch * old["grad_accum"]
+        return rank_micro_batches(make_stream, epoch, quota, 0, skip=skip, seed=self.cfg.train.seed)
+
+    def _elastic_batches(self, epoch: int, skip: int) -> Iterator[list[dict]]:
+        """The rest of `epoch` after a world-size change: step t's global batch is exactly the old
+        world's step t (old rank r's samples at positions [r, r + 1) x gbs/N of it), and this rank
+        takes the slice [rank, rank + 1) x gbs/M of it, split into its micro-batches. Each new
+        rank reads only the old ranks' streams its slice overlaps (at most ceil(N/M) + 1)."""
+        old, gbs = self.elastic, self.cfg.train.global_batch_size
+        per_old, per_new = gbs // old["world_size"], gbs // self.dist.world_size
+        lo, hi = self.dist.rank * per_new, (self.dist.rank + 1) * per_new
+        first_step = skip // self.grad_accum
+        needed = range(lo // per_old, (hi - 1) // per_old + 1)
+        streams = {r: self._old_rank_batches(r, epoch, first_step * old["grad_accum"]) for r in needed}
+        mbs = self.cfg.train.micro_batch_size
+        for _ in range(first_step, self.steps_per_epoch):
+            mine: list[dict] = []
+            for r in needed:
+                step_samples = [s for _ in range(old["grad_accum"]) for s in next(streams[r])]
+                a, b = max(lo, r * per_old) - r * per_old, min(hi, (r + 1) * per_old) - r * per_old
+                mine += step_samples[a:b]
+            for m in range(self.grad_accum):
+                yield mine[m * mbs:(m + 1) * mbs]
 
     def to_batch(self, features: list[dict], epoch: int, micro: int, device) -> dict[str, torch.Tensor]:
         """Collate micro-batch `micro` of `epoch`; its random masks depend on nothing else."""
