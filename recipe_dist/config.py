@@ -154,6 +154,8 @@ class DataConfig:
                                              "data/corrupt_skipped, drop the rest of that shard)")
     prefetch_shards: int = _f(1, "remote shards each reader fetches whole, in the background, while it reads the current one "
                               "(0: none); memory per reader is at most prefetch_shards + 1 shards", check=ge(0))
+    prefetch_batches: int = _f(2, "with num_workers=0: micro-batches a background thread prepares ahead (read, decode, tokenize) "
+                               "while the step computes; 0 runs the pipeline between steps", check=ge(0))
     prefetch_max_mb: int = _f(512, "a remote shard larger than this is not prefetched but read with ranged GETs as consumed", check=gt(0))
     resampled: bool = _f(False, "draw shards with replacement per rank and worker (allows fewer shards than ranks x workers)")
     record_keys: bool = _f(False, "debug: write each consumed micro-batch's sample keys to OUTPUT_DIR/keys/rank<R>.jsonl")

@@ -41,7 +41,7 @@ MAY_CHANGE = (
     # the same mathematics to fp32 rounding (tests/test_kernels.py)
     "kernels.fused", "kernels.chunk_size",
     # how far ahead shards are fetched; the samples and their order are the same
-    "data.prefetch_shards", "data.prefetch_max_mb",
+    "data.prefetch_shards", "data.prefetch_max_mb", "data.prefetch_batches",
 )
 
 # Keys that may change between some values only: (allowed(old, new), why not otherwise).

@@ -345,3 +345,23 @@ def test_purify_missing_shards_exits_2_naming_path(tmp_path):
     assert len(errors) == 1, proc.stderr[-3000:]
     assert f"{tmp_path}/missing-000000.tar" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_ahead_keeps_order_and_raises_where_the_error_was():
+    from recipe_dist.data.train_data import ahead
+
+    assert list(ahead(iter(range(50)), 3)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise DataError("corrupt shard x.tar")
+
+    got = []
+    with pytest.raises(DataError, match="corrupt shard x.tar"):
+        for item in ahead(failing(), 2):
+            got.append(item)
+    assert got == [1, 2]
+    gen = ahead(iter(range(10**6)), 2)
+    assert next(gen) == 0
+    gen.close()  # the thread stops: nothing hangs

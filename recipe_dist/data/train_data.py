@@ -78,7 +78,13 @@ class TrainData:
             return timed(self._elastic_batches(epoch, skip), self.timer)
         quota = self.steps_per_epoch * self.grad_accum  # micro-batches per rank per epoch, equal on every rank
         make_stream = lambda ep: self._stream(ep, cfg.train.micro_batch_size)  # noqa: E731
-        return timed(rank_micro_batches(make_stream, epoch, quota, d.num_workers, skip=skip, seed=cfg.train.seed), self.timer)
+        batches = rank_micro_batches(make_stream, epoch, quota, d.num_workers, skip=skip, seed=cfg.train.seed)
+        if d.num_workers == 0 and d.prefetch_batches > 0:
+            # Without DataLoader workers the pipeline (read, decode, tokenize) would run between
+            # steps; a thread keeps it prefetch_batches ahead while the step computes (torch
+            # releases the GIL in its kernels). DataLoader workers prefetch on their own.
+            batches = ahead(batches, d.prefetch_batches)
+        return timed(batches, self.timer)
 
     # ------------------------------------------------------------------ exact elastic resume
     def resume_from(self, saved: dict | None) -> bool:
@@ -150,6 +156,48 @@ class TrainData:
         """This process's storage retries and skipped shards so far, and the seconds blocked on the
         loader since the last call."""
         return [*storage.counts().values(), self.timer.take()]
+
+
+def ahead(items: Iterator, depth: int) -> Iterator:
+    """`items` in order, produced up to `depth` ahead by a background thread; an exception is
+    raised where it occurred in the sequence. Closing the generator stops the thread."""
+    import queue
+    import threading
+
+    buf: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buf.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as e:  # delivered in order, raised by the consumer
+            put((None, e))
+            return
+        put((end, None))
+
+    threading.Thread(target=work, name="batch-prefetch", daemon=True).start()
+    try:
+        while True:
+            item, error = buf.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 class KeyLog:
