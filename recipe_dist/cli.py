@@ -57,26 +57,26 @@ def _attack(argv: list[str]) -> int:
     return 0
 
 
-def _prune(argv: list[str]) -> int:
-    cfg = _config_command(argv, "prune", "Fine-pruning (method.md section 4): rank the family's neurons by mean first-token activation on "
-                          "the auxiliary shards (any number of ranks, ZeRO-3 included) and zero the lowest: --prune.variant fp, fp-gm or fp-ga. "
-                          "Writes OUTPUT_DIR/model (loads like the input), prune.json and report.md.", "YAML run config (configs/*.yaml)")
-    from .defenses import get_defense
-    from .models import get_family
+def _defense(command: str, description: str):
+    """A defense that runs on its own rather than through the Trainer (defenses/: `run(cfg)`)."""
 
-    get_defense("prune", get_family(cfg.model.family)).run(cfg)
-    return 0
+    def run(argv: list[str]) -> int:
+        cfg = _config_command(argv, command, description, "YAML run config (configs/*.yaml)")
+        from .defenses import get_defense
+        from .models import get_family
+
+        get_defense(command, get_family(cfg.model.family)).run(cfg)
+        return 0
+
+    return run
 
 
-def _finemix(argv: list[str]) -> int:
-    cfg = _config_command(argv, "finemix", "Fine-mixing with E-PUR (method.md section 4) on a backdoored fine-tuned classifier "
-                          "(--model.path): mix its weights with --finemix.pretrained, reset drifted embeddings, fine-tune on "
-                          "--finemix.train_file. Writes OUTPUT_DIR/model and finemix.json.", "YAML run config (configs/*.yaml)")
-    from .defenses import get_defense
-    from .models import get_family
-
-    get_defense("finemix", get_family(cfg.model.family)).run(cfg)
-    return 0
+_prune = _defense("prune", "Fine-pruning (method.md section 4): rank the family's neurons by mean first-token activation on "
+                  "the auxiliary shards (any number of ranks, ZeRO-3 included) and zero the lowest: --prune.variant fp, fp-gm or fp-ga. "
+                  "Writes OUTPUT_DIR/model (loads like the input), prune.json and report.md.")
+_finemix = _defense("finemix", "Fine-mixing with E-PUR (method.md section 4) on a backdoored fine-tuned classifier "
+                    "(--model.path): mix its weights with --finemix.pretrained, reset drifted embeddings, fine-tune on "
+                    "--finemix.train_file. Writes OUTPUT_DIR/model and finemix.json.")
 
 
 def _dynamics(argv: list[str]) -> int:

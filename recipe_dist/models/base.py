@@ -60,6 +60,24 @@ def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     raise ModelLoadError(f"model.path: no weights (*.safetensors) in {path}")
 
 
+def open_model_dir(path: Path, mcfg) -> tuple[list[Path], bool]:
+    """(weight files, whether safetensors) of an HF model directory, checked before any family
+    loads it: pickle refused unless model.allow_pickle, config.json present, safetensors readable."""
+    files, is_safe = weight_files(path, mcfg.allow_pickle)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model.path: no config.json in {path}")
+    if is_safe:
+        check_safetensors(files)
+    return files, is_safe
+
+
+def input_layout(files: list[Path], is_safe: bool, model: nn.Module) -> tuple[list[str], torch.dtype]:
+    """The input's tensor names and dtype, which the export reproduces (headers only for safetensors)."""
+    if is_safe:
+        return safetensors_info(files)
+    return [], next(model.parameters()).dtype
+
+
 def check_safetensors(files: list[Path], finite: bool = False) -> None:
     """Each file must open as safetensors (header and size agree); with `finite`, every floating
     tensor must hold only finite values. Raises ModelLoadError naming the file (and tensor)."""

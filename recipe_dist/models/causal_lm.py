@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..data.pipeline import pad_rows
 from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_cross_entropy, use_fused
 from . import register_family
-from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, check_safetensors, forward_replaced, safetensors_info, weight_files
+from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, forward_replaced, input_layout, open_model_dir
 from .load_report import load_with_summary
 
 # The tiny models' special tokens (word-level tokenizer over the SYNTHETIC vocabulary).
@@ -100,19 +100,12 @@ class CausalLMFamily(ModelFamily):
     # ------------------------------------------------------------------ loading
     def load(self, path: Path, cfg) -> LoadedModel:
         mcfg = cfg.model
-        files, is_safe = weight_files(path, mcfg.allow_pickle)
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model.path: no config.json in {path}")
-        if is_safe:
-            check_safetensors(files)
+        files, is_safe = open_model_dir(path, mcfg)
         hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
         # Nothing is missing or unused by design: any key the report lists is loud.
         model = load_with_summary(AutoModelForCausalLM, str(path), expected_missing=(), expected_unused=(), role="the causal LM",
                                   config=hf_cfg, trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
-        if is_safe:
-            keys, dtype = safetensors_info(files)
-        else:
-            keys, dtype = [], next(model.parameters()).dtype
+        keys, dtype = input_layout(files, is_safe, model)
         return LoadedModel(model=model, tokenizer=self._tokenizer(path, cfg), path=path, weight_files=files,
                            input_dtype=dtype, input_keys=keys)
 

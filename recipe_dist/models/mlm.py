@@ -23,7 +23,7 @@ from ..kernels import DEFAULT_CHUNK, FUSED_SETTINGS, KernelError, fused_linear_c
 from ..seeds import Stream, key_seed
 from . import register_family
 from .load_report import load_with_summary
-from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, forward_replaced, check_safetensors, safetensors_info, weight_files
+from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, forward_replaced, input_layout, open_model_dir
 
 
 def masked_lm_loss(model: nn.Module, head_attr: str, hidden: torch.Tensor, target: torch.Tensor,
@@ -89,11 +89,7 @@ class MaskedLMFamily(ModelFamily):
     # ------------------------------------------------------------------ loading
     def load(self, path: Path, cfg) -> LoadedModel:
         mcfg = cfg.model
-        files, is_safe = weight_files(path, mcfg.allow_pickle)
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model.path: no config.json in {path}")
-        if is_safe:
-            check_safetensors(files)
+        files, is_safe = open_model_dir(path, mcfg)
         hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
         kw = dict(trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
         # The pooler is unused by *ForMaskedLM (it comes from AutoModel below), NSP heads by both;
@@ -104,10 +100,7 @@ class MaskedLMFamily(ModelFamily):
                                  role="the encoder", config=hf_cfg, **kw)  # with its pooler
         setattr(mlm, mlm.base_model_prefix, base)
         mlm.tie_weights()
-        if is_safe:
-            keys, dtype = safetensors_info(files)
-        else:
-            keys, dtype = [], next(mlm.parameters()).dtype
+        keys, dtype = input_layout(files, is_safe, mlm)
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
         return LoadedModel(model=mlm, tokenizer=tok, path=path, weight_files=files, input_dtype=dtype, input_keys=keys)
 
