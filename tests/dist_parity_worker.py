@@ -121,9 +121,9 @@ def main():
                 opt.step()
                 sched.step()
                 opt.zero_grad()
-            ref_state = ref.model.state_dict()
+            ref_state = ref.loss.model.state_dict()
             res["full_max_diff"] = max((state[k] - ref_state[k]).abs().max().item() for k in ref_state)
-            res["full_moved"] = max((ref_state[k] - v).abs().max().item() for k, v in fresh_task(cfg).model.state_dict().items())
+            res["full_moved"] = max((ref_state[k] - v).abs().max().item() for k, v in fresh_task(cfg).loss.model.state_dict().items())
         del engine, task
         results[stage] = res
     if rank == 0:
