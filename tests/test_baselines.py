@@ -177,6 +177,7 @@ def test_activation_statistics_on_two_ranks_zero0_and_zero3_equal_one_process(tm
         assert _tensors(tmp_path / "single" / "model").keys() == _tensors(tmp_path / "z0" / "model").keys()
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_prune_refuses_a_reused_run_directory(tmp_path, tiny_bert_dir):
     out = tmp_path / "p"
     args = ["prune", "--config", TINY, "--model.path", tiny_bert_dir, "--output_dir", out, "--data.synthetic_samples=64",
@@ -196,6 +197,7 @@ def _classifier(tmp_path, ptm):
     return tmp_path / "ev" / "seed1" / "model", train
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_finemix_cli_mixes_resets_embeddings_and_scores_with_evaluate(tmp_path, tiny_bert_dir):
     clf, train = _classifier(tmp_path, tiny_bert_dir)
     base = ["finemix", "--model.path", clf, "--finemix.pretrained", tiny_bert_dir, "--finemix.train_file", train]

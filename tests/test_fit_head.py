@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,6 +51,7 @@ def test_fit_head_trains_only_the_head_and_keeps_the_tie(tmp_path, tiny_bert_dir
     torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, before["embeddings.word_embeddings.weight"])
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_purify_warns_on_a_model_without_an_mlm_head(tmp_path, tiny_bert_dir):
     headless = _headless_copy(tiny_bert_dir, tmp_path / "headless")
     proc = run_cli(["purify", "--config", REPO / "configs" / "tiny-bert.yaml", "--model.path", headless, "--output_dir", tmp_path / "p",

@@ -206,6 +206,7 @@ def test_tied_decoder_stays_tied(tiny_bert_dir):
     assert "forward" not in model.get_output_embeddings().__dict__  # the swapped forward is restored
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_purify_cli_fused_on_and_off_write_the_same_model(tiny_bert_dir, tmp_path):
     """The real purify path (DeepSpeed engine, shards, export) under both settings."""
     common = ["purify", "--config", REPO / "configs" / "tiny-bert.yaml", "--model.path", tiny_bert_dir,
@@ -253,6 +254,7 @@ print("RESULT", json.dumps({"loss": {f: r["loss"] for f, r in res.items()}, "par
 """
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_zero3_partitioned_decoder_fused_paths_agree(tiny_bert_dir, tmp_path):
     """ZeRO-3 with every parameter partitioned and released after use (the tied decoder weight is an
     empty placeholder outside the forward): one engine step is the same under off, auto and on."""

@@ -50,6 +50,7 @@ def finished(tmp_path_factory):
 # ------------------------------------------------------------------ 1. a run directory belongs to one run
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_fresh_run_refuses_a_finished_runs_directory(finished):
     before = digest(finished)
     proc = purify(finished, "--regularizer.lam=0.5")
@@ -180,6 +181,7 @@ def test_invalid_values_fail_before_any_work(tmp_path, override, key):
 # ------------------------------------------------------------------ 4. resume means the same run
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_resume_refuses_a_changed_hyperparameter_and_records_allowed_changes(tmp_path):
     out = tmp_path / "run"
     purify(out, "--train.stop_at_step=2", check=True)
@@ -197,6 +199,7 @@ def test_resume_refuses_a_changed_hyperparameter_and_records_allowed_changes(tmp
 # ------------------------------------------------------------------ 5. safe checkpoint loading
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_planted_pickle_payload_in_a_checkpoint_never_runs(tmp_path):
     out = tmp_path / "run"
     purify(out, "--train.stop_at_step=2", check=True)

@@ -215,6 +215,7 @@ def test_prefetch_reads_the_same_stream_whole_or_ranged(s3, shards):
         list(prefetched(iter([remote[0], f"s3://{BUCKET}/aux/shard-999999.tar"]), 1, 1 << 30))
 
 
+@pytest.mark.slow  # end-to-end: CI runs it, the fast lane leaves it out
 def test_purify_from_s3_is_identical_to_local(s3, shards, local_run, tiny_bert_dir, tmp_path):
     out = tmp_path / "s3"
     _purify(shards["remote"], out, tiny_bert_dir, env=s3["env"])  # endpoint from AWS_ENDPOINT_URL
