@@ -19,8 +19,7 @@ import torch
 from ..config import ConfigError
 from ..distributed import run_on_main
 from ..seeds import Stream, mix_seed
-from . import storage
-from . import manifest
+from . import manifest, storage
 from .pipeline import WaitTimer, check_shard_count, epoch_stream, rank_micro_batches, shard_urls, timed
 from .shards import write_shards
 
