@@ -323,6 +323,7 @@ def _one_error_line(proc) -> str:
     return errors[0]
 
 
+@pytest.mark.slow  # end-to-end CLI runs: CI runs them, the fast lane leaves them out
 @pytest.mark.parametrize("case", ["missing-bucket", "missing-key", "truncated"])
 def test_bad_input_is_one_line_naming_the_url(case, s3, shards, tiny_bert_dir, tmp_path):
     if case == "missing-bucket":
@@ -340,6 +341,7 @@ def test_bad_input_is_one_line_naming_the_url(case, s3, shards, tiny_bert_dir, t
     assert {"missing-bucket": "NoSuchBucket", "missing-key": "not found", "truncated": "corrupt shard"}[case] in line
 
 
+@pytest.mark.slow  # an end-to-end CLI run
 def test_wrong_credentials_is_one_line_without_the_secret(s3, shards, tiny_bert_dir, tmp_path):
     # moto accepts any key until authentication is switched on; with it on, a key id that no
     # IAM user holds is refused with 403 (InvalidAccessKeyId), as AWS refuses a wrong key.

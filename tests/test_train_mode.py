@@ -67,7 +67,8 @@ TRAIN = ["--data.synthetic_samples=64", "--train.micro_batch_size=8", "--train.g
          "--train.max_steps=2", "--data.max_length=32", "--checkpoint.every_steps=2"]
 
 
-@pytest.mark.parametrize("command", ["purify", "por", "neuba", "badpre"])
+# purify stays in the fast lane; the attacks' runs are end-to-end and run in CI.
+@pytest.mark.parametrize("command", ["purify", *(pytest.param(c, marks=pytest.mark.slow) for c in ("por", "neuba", "badpre"))])
 def test_training_paths_run_with_dropout_active(tmp_path, dropout_bert, command):
     from recipe_dist.attacks.neuba import TINY_TRIGGERS
 
