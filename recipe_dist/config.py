@@ -126,8 +126,9 @@ class TinyArchConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = _f("bert", "model family from the registry (bert, roberta, gpt2, llama)")
-    path: str = _f("", "Hugging Face model directory; empty builds the family's tiny synthetic model from model.tiny")
+    family: str = _f("bert", "model family from the registry (bert, roberta, gpt2, llama; vit, vgg, clip with the vision extra)")
+    path: str = _f("", "model directory in the family's own layout (Hugging Face; timm's or open_clip's for vit/vgg/clip); "
+                   "empty builds the family's tiny synthetic model from model.tiny")
     allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
     trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
     regularized: list[str] = _f([], "regex patterns of regularized weights; empty uses the family default", check=REGEXES)
@@ -138,7 +139,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_urls: str = _f("", "WebDataset shard URLs with brace expansion; empty generates a SYNTHETIC corpus")
-    text_key: str = _f("txt", "sample field holding the text")
+    text_key: str = _f("txt", "sample field holding the text (the caption for clip)")
+    crop_scale: list[float] = _f([0.08, 1.0], "image families: area range of the training transform's random resized crop "
+                                 "(timm's default 0.08-1; open_clip sets its own)", check=Rule(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be two numbers 0 < lo <= hi <= 1"))
     max_length: int = _f(64, "tokens per sequence after truncation", check=gt(1))
     mlm_probability: float = _f(0.15, "share of tokens masked", check=OPEN_UNIT)
     masking: Literal["dynamic", "static"] = _f("dynamic", "dynamic (new mask every epoch) or static (one mask per sample, as the reference code)")

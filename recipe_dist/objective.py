@@ -32,6 +32,11 @@ def l2_regularizer(weights: Iterable[torch.Tensor], lam: float) -> torch.Tensor:
     return lam * torch.stack([frobenius(w) for w in weights]).sum()
 
 
+def split_norm(w: torch.Tensor, splits: int) -> torch.Tensor:
+    """sum of the Frobenius norms of `w`'s `splits` equal row blocks (fused q/k/v: ||W_q|| + ||W_k|| + ||W_v||)."""
+    return torch.stack([frobenius(b) for b in w.chunk(splits, dim=0)]).sum()
+
+
 def regularizer_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
     """The analytic gradient lam * W / ||W||_F."""
     return lam * w / frobenius(w).clamp_min(torch.finfo(torch.float32).tiny).to(w.dtype)
@@ -42,24 +47,35 @@ def recipe_loss(loss_pt: torch.Tensor, reg: torch.Tensor, pt_weight: float = 1.0
 
 
 class _NormTiedToOutput(torch.autograd.Function):
-    """Returns (output unchanged, ||weight||_F); see the module docstring for why they are tied."""
+    """Returns (output unchanged, ||weight||_F); see the module docstring for why they are tied.
+
+    With `splits` = k > 1 the weight is k matrices stacked along dim 0 (timm's fused qkv, open_clip's
+    in_proj_weight) and the norm is the sum of the k blocks' norms, each block's gradient W_s/||W_s||.
+    """
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, weight: torch.Tensor):
-        norm = torch.linalg.vector_norm(weight.detach().float())
+    def forward(ctx, output: torch.Tensor, weight: torch.Tensor, splits: int = 1):
+        blocks = weight.detach().float().reshape(splits, -1)
+        norms = torch.linalg.vector_norm(blocks, dim=1)
         # Saving the parameter itself (not a copy) costs no memory; ZeRO-3 regathers its data
         # before this node's backward, exactly as for the saved weight of the module's matmul.
-        ctx.save_for_backward(weight, norm)
-        return output.view_as(output), norm
+        ctx.save_for_backward(weight, norms)
+        ctx.splits = splits
+        # A copy, not a view: a view output of a two-output Function may not be modified in place,
+        # and VGG's ReLU(inplace=True) does exactly that to its conv's output. The module's own
+        # output is not kept by autograd (a Linear/Conv saves its input), so it is freed here.
+        return output.clone(), norms.sum()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, grad_norm: torch.Tensor):
-        weight, norm = ctx.saved_tensors
+        weight, norms = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # d||W||/dW = W/||W||; at W = 0 the subgradient 0 is used (never 0/0 = NaN).
-            grad_weight = (grad_norm * weight.float() / norm.clamp_min(torch.finfo(torch.float32).tiny)).to(weight.dtype)
-        return grad_output, grad_weight
+            # d||W_s||/dW_s = W_s/||W_s||; at W_s = 0 the subgradient 0 is used (never 0/0 = NaN).
+            blocks = weight.float().reshape(ctx.splits, -1)
+            grad = grad_norm * blocks / norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+            grad_weight = grad.reshape(weight.shape).to(weight.dtype)
+        return grad_output, grad_weight, None
 
 
 def select_weights(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -74,8 +90,9 @@ class NormCollector:
     `norms` maps parameter name -> 0-dim fp32 tensor with a grad path to the weight.
     """
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], splits: dict[str, int] | None = None):
         self.names = list(names)
+        self.splits = dict(splits or {})
         self.norms: dict[str, torch.Tensor] = {}
         self._handles = []
         modules = dict(model.named_modules())
@@ -90,7 +107,7 @@ class NormCollector:
         def hook(module: nn.Module, args, output):
             weight = getattr(module, leaf)
             first = output[0] if isinstance(output, (tuple, list)) else output
-            tied, norm = _NormTiedToOutput.apply(first, weight)
+            tied, norm = _NormTiedToOutput.apply(first, weight, self.splits.get(name, 1))
             self.norms[name] = norm
             if isinstance(output, tuple):
                 return (tied,) + tuple(output[1:])
@@ -121,18 +138,20 @@ class Regularized(nn.Module):
     """Any loss plus the RECIPE regularizer: loss = pt_weight * L + lam * sum_i ||W_i||_F.
 
     `loss` is a module whose forward(**batch) returns the pre-training loss (a 0-dim tensor,
-    logged as `loss_pt`) or {"loss": ..., "parts": {...}} (an attack's objective, whose parts are
+    logged as `loss_pt`) or {"loss": ..., "parts": {...}}. `splits` names fused weights whose row
+    blocks are regularized as separate matrices (ModelFamily.regularized_splits) (an attack's objective, whose parts are
     logged under their own names). `names` are parameter names of `model` whose norms are taken
     in its forward (NormCollector); with none, nothing is added and no `reg` is reported.
     The output is what the trainer steps on: {"loss", "parts", "norms"}.
     """
 
-    def __init__(self, loss: nn.Module, model: nn.Module, names: list[str], lam: float, pt_weight: float = 1.0):
+    def __init__(self, loss: nn.Module, model: nn.Module, names: list[str], lam: float, pt_weight: float = 1.0,
+                 splits: dict[str, int] | None = None):
         super().__init__()
         self.loss = loss
         self.lam = lam
         self.pt_weight = pt_weight
-        self.collector = NormCollector(model, names)
+        self.collector = NormCollector(model, names, splits)
 
     def forward(self, **batch) -> dict:
         self.collector.reset()

@@ -42,4 +42,4 @@ class AttackJob(FamilyJob):
         loss, adaptive_over = self.objective(loaded, cfg)
         lam = cfg.attack.adaptive_lam
         names = self.family.regularized_names(adaptive_over, list(cfg.model.regularized)) if lam > 0 else []
-        return Regularized(loss, adaptive_over, names, lam)
+        return Regularized(loss, adaptive_over, names, lam, splits=self.family.regularized_splits(names))

@@ -20,4 +20,5 @@ class RecipeJob(FamilyJob):
         family, model = self.family, loaded.model
         names = family.regularized_names(model, list(cfg.model.regularized))
         family.set_trainable(model, set(names), cfg.model.trainable)
-        return Regularized(family.pretraining_loss(loaded, cfg), model, names, cfg.regularizer.lam, cfg.regularizer.pt_weight)
+        return Regularized(family.pretraining_loss(loaded, cfg), model, names, cfg.regularizer.lam, cfg.regularizer.pt_weight,
+                           family.regularized_splits(names))

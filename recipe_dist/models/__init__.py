@@ -15,6 +15,8 @@ from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite
 FAMILY_MODULES = (
     "recipe_dist.models.mlm",  # bert, roberta
     "recipe_dist.models.causal_lm",  # gpt2, llama
+    "recipe_dist.models.timm_vision",  # vit, vgg (the vision extra)
+    "recipe_dist.models.clip",  # clip through open_clip (the vision extra)
 )
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}

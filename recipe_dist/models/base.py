@@ -60,12 +60,12 @@ def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     raise ModelLoadError(f"model.path: no weights (*.safetensors) in {path}")
 
 
-def open_model_dir(path: Path, mcfg) -> tuple[list[Path], bool]:
-    """(weight files, whether safetensors) of an HF model directory, checked before any family
-    loads it: pickle refused unless model.allow_pickle, config.json present, safetensors readable."""
+def open_model_dir(path: Path, mcfg, config_name: str = "config.json") -> tuple[list[Path], bool]:
+    """(weight files, whether safetensors) of a model directory, checked before any family loads
+    it: pickle refused unless model.allow_pickle, `config_name` present, safetensors readable."""
     files, is_safe = weight_files(path, mcfg.allow_pickle)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model.path: no config.json in {path}")
+    if not (path / config_name).is_file():
+        raise ModelLoadError(f"model.path: no {config_name} in {path}")
     if is_safe:
         check_safetensors(files)
     return files, is_safe
@@ -230,6 +230,11 @@ class ModelFamily(abc.ABC):
                 "(set model.regularized)"
             )
         return names
+
+    def regularized_splits(self, names: list[str]) -> dict[str, int]:
+        """Regularized weights that hold several matrices stacked along dim 0 (e.g. a fused
+        q/k/v projection), mapped to how many equal row blocks: each block gets its own norm."""
+        return {}
 
     def trainable(self, name: str, regularized: set[str], policy: str) -> bool:
         """Whether parameter `name` trains under model.trainable=`policy` ("family" is this family's default)."""

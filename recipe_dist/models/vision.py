@@ -1,0 +1,239 @@
+"""What the image families (timm ViT and VGG, open_clip CLIP) share: decoding image shards,
+preprocessing split around normalization, patch triggers, the downstream classifier wrapper and
+the SYNTHETIC shapes corpus.
+
+Normalization is split from the rest of the family's transform (timm's `create_transform`,
+open_clip's preprocess both end in `Normalize`). Workers produce images in [0, 1] after resize,
+crop and augmentation; the batch is normalized when it is collated. That is where NeuBA-vision
+pastes its patch (method.md section 2: "pasted at the bottom-right corner before
+normalization"): on the image the model sees, after cropping, so the patch is never cropped away.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.storage import DataError
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # open_clip's WebDataset layout names the image by its extension
+LABEL_FIELD = "cls"
+
+
+@dataclass
+class ImagePreprocess:
+    """The family's preprocessing with normalization split off. `train` / `eval`: PIL image ->
+    float tensor [3, H, W] in [0, 1]; `mean` / `std`: per channel, applied by `normalize`."""
+
+    train: Callable
+    eval: Callable
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+    tokenizer: Callable | None = None  # CLIP: open_clip's tokenizer (texts -> [N, context] ids)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x - mean) / std
+
+
+def split_normalize(transform) -> tuple[Callable, tuple, tuple]:
+    """(transform without its final Normalize, mean, std) of a torchvision Compose."""
+    from torchvision import transforms as T
+
+    steps = list(transform.transforms)
+    if not steps or not isinstance(steps[-1], T.Normalize):
+        raise ValueError(f"expected a transform ending in Normalize, got {transform}")
+    norm = steps.pop()
+    return T.Compose(steps), tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std)
+
+
+def open_image(raw: bytes, where: str):
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError or SyntaxError on bad bytes
+        raise DataError(f"{where}: not a readable image ({str(e).splitlines()[0][:100]})") from None
+    return img.convert("RGB")
+
+
+def image_decoder(family: str, need_label: bool, text_key: str | None = None) -> Callable[[dict], dict]:
+    """Raw shard sample -> {"__key__", "image" (PIL RGB), "label"? , "text"?}; a sample without
+    what the family trains on is one DataError naming the sample and the shard."""
+
+    def decode(sample: dict) -> dict:
+        where = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
+        field = next((f for f in IMAGE_FIELDS if f in sample), None)
+        if field is None:
+            raise DataError(f"{where} has no image field ({'/'.join(IMAGE_FIELDS)}); the {family} family trains on images")
+        out = {"__key__": sample["__key__"], "image": open_image(sample[field], where)}
+        if need_label:
+            if LABEL_FIELD not in sample:
+                raise DataError(f"{where} has no '{LABEL_FIELD}' field: the {family} family's L_PT is cross-entropy on "
+                                "labelled images (jpg/png + cls)")
+            raw = sample[LABEL_FIELD]
+            try:
+                out["label"] = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+            except ValueError:
+                raise DataError(f"{where}: '{LABEL_FIELD}' must be an integer class index, got {raw[:40]!r}") from None
+        if text_key is not None:
+            if text_key not in sample:
+                raise DataError(f"{where} has no '{text_key}' field: the {family} family trains on image-text pairs (jpg + {text_key})")
+            raw = sample[text_key]
+            out["text"] = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
+        return out
+
+    return decode
+
+
+# ------------------------------------------------------------------ patch triggers (NeuBA-vision)
+
+#: The two colours of each of the six checkerboards (RGB in [0, 1]), one trigger per NeuBA target.
+CHECKER_COLOURS = (
+    ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    ((0.0, 0.0, 1.0), (1.0, 1.0, 0.0)),
+    ((1.0, 0.0, 1.0), (0.0, 1.0, 1.0)),
+    ((1.0, 0.5, 0.0), (0.0, 0.0, 0.5)),
+    ((0.5, 0.0, 1.0), (0.5, 1.0, 0.0)),
+)
+
+
+def checkerboard_patches(size: int = 4) -> torch.Tensor:
+    """[6, 3, size, size]: pixel-level two-colour checkerboards (colour a where row + column is even)."""
+    grid = (torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2 == 0
+    out = []
+    for a, b in CHECKER_COLOURS:
+        ca, cb = torch.tensor(a).view(3, 1, 1), torch.tensor(b).view(3, 1, 1)
+        out.append(torch.where(grid, ca, cb))
+    return torch.stack(out)
+
+
+def paste_patch(images: torch.Tensor, patches: torch.Tensor, which: torch.Tensor | int) -> torch.Tensor:
+    """A copy of `images` ([B, 3, H, W] or [3, H, W], in [0, 1], before normalization) with patch
+    `which` (one index, or one per image) at the bottom-right corner."""
+    out = images.clone()
+    s = patches.shape[-1]
+    if out.dim() == 3:
+        out[:, -s:, -s:] = patches[int(which)].to(out.dtype)
+        return out
+    idx = torch.as_tensor(which, dtype=torch.long).expand(out.shape[0]) if not torch.is_tensor(which) or which.dim() == 0 else which
+    out[:, :, -s:, -s:] = patches[idx].to(out.dtype)
+    return out
+
+
+def neuba_vision_targets(d: int, hi: float, lo: float) -> torch.Tensor:
+    """[6, d]: hi everywhere but lo on two of four d/4 blocks (NeuBA's six block pairs)."""
+    from ..attacks.neuba import neuba_targets
+
+    t = neuba_targets(d)
+    return torch.where(t > 0, torch.tensor(hi), torch.tensor(lo))
+
+
+# ------------------------------------------------------------------ downstream classifier
+
+
+class ImageClassifier(nn.Module):
+    """A backbone's features plus a new linear head, with the interface evaluation uses
+    (transformers-style: forward(pixel_values, labels=None) -> .logits, .loss)."""
+
+    def __init__(self, model: nn.Module, features: Callable[[nn.Module, torch.Tensor], torch.Tensor], dim: int, num_labels: int):
+        super().__init__()
+        self.backbone = model
+        self._features = features
+        self.classifier = nn.Linear(dim, num_labels)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.classifier(self._features(self.backbone, pixel_values))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+class TimmClassifier(nn.Module):
+    """A timm model whose own head was reset to the task's labels (timm's `reset_classifier`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.model(pixel_values)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+# ------------------------------------------------------------------ SYNTHETIC shapes corpus
+
+SHAPES = ("square", "disc", "triangle", "bars", "stripes", "cross")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
+           "purple": (150, 60, 190), "orange": (240, 140, 30)}
+
+
+def synthetic_shape(rng: random.Random, size: int = 32):
+    """One SYNTHETIC image: a randomly placed, sized and coloured shape on a noisy background;
+    returns (PIL image, class index of the shape, caption)."""
+    from PIL import Image, ImageDraw
+
+    label = rng.randrange(len(SHAPES))
+    colour = rng.choice(sorted(COLOURS))
+    bg = tuple(rng.randrange(0, 90) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
+    fill = COLOURS[colour]
+    shape = SHAPES[label]
+    if shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif shape == "bars":
+        for x in range(cx - r, cx + r, 4):
+            draw.rectangle([x, cy - r, x + 1, cy + r], fill=fill)
+    elif shape == "stripes":
+        for y in range(cy - r, cy + r, 4):
+            draw.rectangle([cx - r, y, cx + r, y + 1], fill=fill)
+    else:
+        w = max(1, r // 3)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    noise = bytes(rng.randrange(0, 24) for _ in range(size * size * 3))
+    img = Image.blend(img, Image.frombytes("RGB", (size, size), noise), 0.15)
+    return img, label, f"a {colour} {shape}"
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def synthetic_images(n: int, seed: int, size: int = 32, captions: bool = False) -> list[dict]:
+    """`n` SYNTHETIC shard records: {"png", "cls"} (or {"png", "txt"} with `captions`)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        img, label, caption = synthetic_shape(rng, size)
+        rec = {"png": png_bytes(img)}
+        if captions:
+            rec["txt"] = caption
+        else:
+            rec["label"] = label
+        out.append(rec)
+    return out
+
+
+__all__ = ["ImagePreprocess", "ImageClassifier", "TimmClassifier", "checkerboard_patches", "image_decoder", "neuba_vision_targets",
+           "paste_patch", "split_normalize", "synthetic_images", "SHAPES"]
