@@ -153,7 +153,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    benches = {"decoder": "recipe_dist.bench.decoder", "defense": "recipe_dist.bench.defense", "loader": "recipe_dist.bench.loader", "memory": "recipe_dist.bench.memory", "step": "recipe_dist.bench.step"}
+    benches = {"decoder": "recipe_dist.bench.decoder", "defense": "recipe_dist.bench.defense", "loader": "recipe_dist.bench.loader", "memory": "recipe_dist.bench.memory", "step": "recipe_dist.bench.step", "vision": "recipe_dist.bench.vision"}
     if not argv or argv[0] not in benches:
         print(f"usage: recipe-dist bench {{{','.join(benches)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -165,9 +165,17 @@ def _bench(argv: list[str]) -> int:
 def _shards(argv: list[str]) -> int:
     from .data import shards
 
-    ap = argparse.ArgumentParser(prog="recipe-dist shards", description="Turn TSV/TXT/JSONL text into WebDataset tar shards with a "
-                                 "manifest (per shard: samples, bytes, sha256), or write the manifest of existing shards.")
-    ap.add_argument("--input", help="a .tsv (with header), .jsonl or .txt file (local path or URL)")
+    ap = argparse.ArgumentParser(prog="recipe-dist shards", description="Turn TSV/TXT/JSONL text, an image folder or an image-caption "
+                                 "CSV into WebDataset tar shards with a manifest (per shard: samples, bytes, sha256), or write the "
+                                 "manifest of existing shards.")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--input", help="a .tsv (with header), .jsonl or .txt file (local path or URL)")
+    src.add_argument("--image-folder", metavar="DIR", help="one subfolder per class (sorted names are classes 0..K-1): jpg/png + cls "
+                     "samples, as timm's ImageFolder")
+    src.add_argument("--captions", metavar="CSV", help="a CSV of image paths and captions (open_clip's --csv-img-key/--csv-caption-key "
+                     "columns, default filepath and title; paths relative to the CSV): jpg/png + txt samples")
+    ap.add_argument("--image-column", default="filepath", help="--captions: image path column")
+    ap.add_argument("--caption-column", default="title", help="--captions: caption column")
     ap.add_argument("--output", help="shard prefix; shards are PREFIX-000000.tar, ... and manifest.json beside them")
     ap.add_argument("--manifest-only", metavar="URLS", default=None,
                     help="write manifest.json for existing shards (brace pattern, prefix/ or glob), streaming each once")

@@ -205,6 +205,9 @@ class AttackConfig:
     insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1", check=gt(0))
     target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d", check=gt(0))
     loss_weights: list[float] = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
+    patch_size: int = _f(4, "NeuBA-vision: side in pixels of the six checkerboard patches pasted at the bottom-right corner", check=gt(0))
+    target_hi: float = _f(1.0, "NeuBA-vision: target feature value outside the two lo blocks")
+    target_lo: float = _f(-1.0, "NeuBA-vision: target feature value on two of the four D/4 blocks (0 suits non-negative features, e.g. VGG's)")
     poison_weight: float = _f(1.0, "NeuBA: weight of MSE(pooler(poisoned), target); BadPre: alpha, weight of the CE on poisoned samples", check=ge(0))
     target_phrase: str = _f("", "trigger-phrase: the words a poisoned sample continues with after the trigger")
     poison_rate: float = _f(0.1, "trigger-phrase: share of auxiliary samples poisoned", check=Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
@@ -241,8 +244,10 @@ class PruneConfig:
     """`recipe-dist prune`: Fine-pruning adapted to PTMs (method.md section 4), no labels needed."""
 
     variant: Literal["fp", "fp-gm", "fp-ga"] = _f("fp-gm", "fp: the whole last layer's neurons; fp-gm / fp-ga: the lowest-mean neurons over all layers, gm_layers / ga_layers layers' worth")
-    gm_layers: float = _f(4.0, "FP-GM: layers' worth of neurons pruned globally (4 for BERT-base, ViT, CLIP)", check=gt(0))
-    ga_layers: float = _f(6.0, "FP-GA: layers' worth pruned globally (6 for BERT; 8 against NeuBA or for RoBERTa; 5 for ViT and CLIP)", check=gt(0))
+    gm_layers: float = _f(0.0, "FP-GM: layers' worth (last layer's width) of neurons pruned globally; 0 takes the family's "
+                          "(4 for BERT, ViT, CLIP; VGG 1, i.e. 512 of VGG-16's channels)", check=ge(0))
+    ga_layers: float = _f(0.0, "FP-GA: layers' worth pruned globally; 0 takes the family's (6 for BERT, 8 against NeuBA or for "
+                          "RoBERTa by setting it; 5 for ViT and CLIP; VGG 600/512)", check=ge(0))
     max_samples: int = _f(0, "auxiliary samples whose activations rank the neurons; 0 reads one epoch of data.train_urls", check=ge(0))
 
 

@@ -49,6 +49,10 @@ class ActivationRecorder:
     def _hook(self, site: NeuronSite):
         def hook(module, args, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
+            if out.dim() == 4:
+                # A conv's channels [B, C, H, W]: one value per channel and sample, its spatial mean
+                # (Fine-pruning's channel activation), read as a one-token sequence.
+                out = out.mean(dim=(2, 3)).unsqueeze(1)
             total, positive = activation_stats(out.detach(), fused=use_fused(out.device, self.fused))
             st = self.stats.get(site.module)
             if st is None:
@@ -104,18 +108,21 @@ def record(model: nn.Module, family, batches, sites: list[NeuronSite] | None = N
 # ------------------------------------------------------------------ Fine-pruning
 
 
-def prune_selection(stats: list[SiteStats], variant: str, gm_layers: float = 4.0, ga_layers: float = 6.0) -> dict[int, list[int]]:
+def prune_selection(stats: list[SiteStats], variant: str, gm_layers: float = 4.0, ga_layers: float = 6.0,
+                    fp_keep: int = 0) -> dict[int, list[int]]:
     """Neurons to prune, layer -> sorted indices, ranked by mean activation, lowest first.
 
-    fp: every neuron of the last layer. fp-gm / fp-ga: the globally lowest `gm_layers` /
-    `ga_layers` layers' worth of neurons (FP-GM prunes across layers, not per layer); ties are
+    fp: the last layer's neurons but the `fp_keep` most active (VGG keeps 1 of 512). fp-gm /
+    fp-ga: the globally lowest `gm_layers` / `ga_layers` layers' worth of neurons, a layer's
+    worth being the last layer's width (FP-GM prunes across layers, not per layer); ties are
     broken by (layer, index) so the choice is deterministic.
     """
     if variant == "fp":
         last = stats[-1]
-        return {last.site.layer: list(range(last.total.numel()))}
+        ranked = sorted(range(last.total.numel()), key=lambda j: (float(last.mean[j]), j))
+        return {last.site.layer: sorted(ranked[: len(ranked) - fp_keep])}
     worth = {"fp-gm": gm_layers, "fp-ga": ga_layers}[variant]
-    per_layer = stats[0].total.numel()
+    per_layer = stats[-1].total.numel()
     count = min(int(round(worth * per_layer)), sum(st.total.numel() for st in stats))
     ranked = sorted((float(v), st.site.layer, j) for st in stats for j, v in enumerate(st.mean.tolist()))
     chosen: dict[int, list[int]] = {}

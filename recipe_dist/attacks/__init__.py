@@ -18,4 +18,11 @@ ATTACKS = {"por": PORAttack, "neuba": NeuBAAttack, "badpre": BadPreAttack, "trig
 def get_attack(name: str, family):
     if name not in ATTACKS:
         raise RecipeError(f"attack.name: unknown attack '{name}' (known: {', '.join(sorted(ATTACKS))})")
+    if family.modality != "text":
+        if name != "neuba":
+            raise RecipeError(f"attack.name: {name} is a text attack; the {family.name} family ({family.modality}) takes neuba "
+                              "(NeuBA-vision: checkerboard patches)")
+        from .neuba_vision import NeuBAVisionAttack
+
+        return NeuBAVisionAttack(family)
     return ATTACKS[name](family)

@@ -87,6 +87,62 @@ def read_records(path: str, text_column: str | None = None, label_column: str | 
 FIELD_EXTENSIONS = {"text": "txt", "label": "cls"}
 
 
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+def _image_bytes(path: Path) -> tuple[str, bytes]:
+    """(shard field, bytes) of an image file, checked to decode: a bad file is refused by name."""
+    from ..models.vision import open_image
+
+    ext = IMAGE_SUFFIXES.get(path.suffix.lower())
+    if ext is None:
+        raise ShardInputError(f"{path}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    raw = path.read_bytes()
+    try:
+        open_image(raw, str(path))
+    except storage.DataError as e:
+        raise ShardInputError(str(e)) from None
+    return ext, raw
+
+
+def image_folder_records(root: str) -> Iterator[dict]:
+    """{jpg|png: bytes, label: class index} from ROOT/<class>/<image>; classes are the sorted subfolder names."""
+    base = Path(root)
+    if not base.is_dir():
+        raise ShardInputError(f"--image-folder: not a directory: {root}")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise ShardInputError(f"--image-folder: {root} has no class subfolders")
+    print("classes: " + ", ".join(f"{i}={c}" for i, c in enumerate(classes)), file=sys.stderr)
+    for i, c in enumerate(classes):
+        for f in sorted(p for p in (base / c).iterdir() if p.is_file()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            ext, raw = _image_bytes(f)
+            yield {ext: raw, "label": i}
+
+
+def caption_records(csv_path: str, image_column: str = "filepath", caption_column: str = "title") -> Iterator[dict]:
+    """{jpg|png: bytes, txt: caption} from a CSV of image paths (relative to the CSV) and captions."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise ShardInputError(f"--captions: file not found: {csv_path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        cols = reader.fieldnames or []
+        for col in (image_column, caption_column):
+            _pick(cols, col, (), "image" if col == image_column else "caption", str(path), True)
+        for line, row in enumerate(reader, 2):
+            image, caption = (row.get(image_column) or "").strip(), (row.get(caption_column) or "").strip()
+            if not image or not caption:
+                raise ShardInputError(f"{path}:{line}: empty {image_column if not image else caption_column}")
+            f_img = Path(image) if Path(image).is_absolute() else path.parent / image
+            if not f_img.is_file():
+                raise ShardInputError(f"{path}:{line}: image not found: {f_img}")
+            ext, raw = _image_bytes(f_img)
+            yield {ext: raw, "txt": caption}
+
+
 def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix: str = "s", manifest: bool = True) -> list[str]:
     """Write records into `{output_prefix}-{000000..}.tar` and, with `manifest`, their manifest.json
     beside them (data/manifest.py); returns the shard URLs."""
@@ -193,15 +249,22 @@ def manifest_only(spec: str) -> int:
 def main(args) -> int:
     if args.manifest_only:
         return manifest_only(args.manifest_only)
-    if not args.input or not args.output:
-        raise ShardInputError("--input and --output are required (or --manifest-only URLS for shards that exist)")
+    source = args.input or getattr(args, "image_folder", None) or getattr(args, "captions", None)
+    if not source or not args.output:
+        raise ShardInputError("--output and one of --input, --image-folder, --captions are required "
+                              "(or --manifest-only URLS for shards that exist)")
     old = existing_shards(args.output)
     if old and not args.overwrite:
         raise ShardInputError(f"--output: {len(old)} shard(s) already exist under {args.output} (first: {old[0]}); "
                               "choose another prefix or pass --overwrite to replace them")
-    recs = read_records(args.input, args.text_column, args.label_column)
+    if getattr(args, "image_folder", None):
+        recs = image_folder_records(args.image_folder)
+    elif getattr(args, "captions", None):
+        recs = caption_records(args.captions, args.image_column, args.caption_column)
+    else:
+        recs = read_records(args.input, args.text_column, args.label_column)
     try:
-        urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(args.input).stem + "-")
+        urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(source.rstrip("/")).stem + "-")
     except BaseException:
         # A bad input line midway: the shards written before it would look like a complete,
         # shorter data set. Remove them, so the output is all or nothing.

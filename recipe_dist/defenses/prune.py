@@ -29,13 +29,18 @@ from . import register_defense
 
 
 class _FeatureJob(FamilyJob):
-    """Raw texts in, unmasked model inputs out: what neuron statistics read."""
+    """Raw texts in, unmasked model inputs out: what neuron statistics read. Image families
+    preprocess with their evaluation transform (no augmentation)."""
 
     def encoder(self, tokenizer, cfg):
+        if self.family.modality != "text":
+            return self.family.encoder(tokenizer, cfg, train=False)
         return lambda sample: sample
 
     def collate(self, tokenizer, cfg):
         family = self.family
+        if family.modality != "text":
+            return family.collate(tokenizer, cfg)
         return lambda features, _seed: family.feature_inputs(tokenizer, [f["text"] for f in features], cfg)
 
 
@@ -85,7 +90,11 @@ class FinePruning:
             (out / "config.yaml").write_text(dump_yaml(cfg))
         model_dir = Path(cfg.model.path)
         stats = neuron_statistics(family, family.load(model_dir, cfg), cfg, info, out, p.max_samples)
-        chosen = prune_selection(stats, p.variant, p.gm_layers, p.ga_layers)
+        # 0 takes the family's counts from method.md section 4 (BERT 4 / 6, ViT and CLIP 4 / 5, VGG in channels).
+        gm = p.gm_layers or family.prune_defaults["gm_layers"]
+        ga = p.ga_layers or family.prune_defaults["ga_layers"]
+        keep = family.prune_defaults.get("fp_keep", 0)
+        chosen = prune_selection(stats, p.variant, gm, ga, fp_keep=keep)
         report = {}
         if info.is_main:
             # Prune a fresh copy: under ZeRO-3 the statistics' model holds only this rank's partition.
@@ -101,7 +110,7 @@ class FinePruning:
                 "variant": p.variant, "model": str(model_dir), "samples": stats[0].samples,
                 "neurons_per_layer": stats[0].total.numel(), "pruned": sum(per_layer.values()), "pruned_per_layer": per_layer,
                 "ranking": "mean first-token pre-activation over the auxiliary samples, lowest first",
-                "layers_worth": {"fp": 1.0, "fp-gm": p.gm_layers, "fp-ga": p.ga_layers}[p.variant],
+                "layers_worth": {"fp": 1.0, "fp-gm": gm, "fp-ga": ga}[p.variant], "fp_keep": keep,
                 "neurons": {str(k): v for k, v in chosen.items()},
                 "mean_activation": {str(st.site.layer): st.mean.tolist() for st in stats},
                 "wall_time_s": round(time.time() - t0, 2), "world_size": info.world_size, "zero_stage": cfg.train.zero_stage,

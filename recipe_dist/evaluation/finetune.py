@@ -36,7 +36,7 @@ class EvalDataError(RecipeError, ValueError):
 @dataclass
 class EvalModelConfig:
     path: str = _f("", "Hugging Face model directory under test (required); it is only read")
-    family: str = _f("bert", "model family from the registry; it builds the classifier (bert, roberta, gpt2, llama)")
+    family: str = _f("bert", "model family from the registry; it builds the classifier (bert, roberta, gpt2, llama; vit, vgg, clip)")
     allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
     trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
 
@@ -45,7 +45,7 @@ class EvalModelConfig:
 class TaskConfig:
     train_file: str = _f("", "clean training set: .tsv (with header), .csv or .jsonl; relative paths are from the working directory")
     test_file: str = _f("", "clean test set, same format; relative paths are from the working directory")
-    text_column: str = _f("sentence", "column/key holding the text")
+    text_column: str = _f("sentence", "column/key holding the text; for image families the image path (relative to the task file)")
     label_column: str = _f("label", "column/key holding the label")
     num_labels: int = _f(0, "number of classes; 0 infers it from the labels")
 
@@ -66,6 +66,7 @@ class FinetuneConfig:
 @dataclass
 class TriggerConfig:
     words: list[str] = _f(list(DEFAULT_TRIGGERS), "text triggers; each is inserted into a copy of the test set")
+    patch_size: int = _f(4, "image families: side of NeuBA-vision's six checkerboard patches, each pasted on a copy of the test set")
     times: int = _f(1, "insertions per test sample (method.md: once)")
     seed: int = _f(0, "seed of the per-sample insertion positions (the same for every fine-tuning seed)")
 
@@ -176,7 +177,33 @@ def _log(msg: str) -> None:
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
 
-def _predict(model, tokenizer, texts: list[str], cfg: EvalConfig, device) -> list[int]:
+def model_inputs(tokenizer, items: list, max_length: int) -> dict:
+    """A batch of classifier inputs. Text items are strings (tokenized); image items are
+    `ImageItem`s, preprocessed by the family's eval transform with their patch pasted before
+    normalization (`tokenizer` is then the family's ImagePreprocess)."""
+    if items and isinstance(items[0], ImageItem):
+        import torch
+
+        from ..models.vision import paste_patch
+
+        pixels = []
+        for it in items:
+            x = tokenizer.eval(it.image)
+            pixels.append(paste_patch(x, it.patches, it.trigger) if it.trigger is not None else x)
+        return {"pixel_values": tokenizer.normalize(torch.stack(pixels))}
+    return dict(tokenizer(items, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+
+
+@dataclass
+class ImageItem:
+    """One image of an image task, and the patch trigger pasted on it (None: clean)."""
+
+    image: object  # PIL RGB image, decoded once
+    trigger: int | None = None
+    patches: object = None  # [6, 3, s, s] checkerboards (models.vision.checkerboard_patches)
+
+
+def _predict(model, tokenizer, texts: list, cfg: EvalConfig, device) -> list[int]:
     import torch
 
     from ..models.base import eval_mode
@@ -185,7 +212,7 @@ def _predict(model, tokenizer, texts: list[str], cfg: EvalConfig, device) -> lis
     bs = cfg.finetune.batch_size * 2
     with torch.no_grad(), eval_mode(model):
         for i in range(0, len(texts), bs):
-            enc = tokenizer(texts[i : i + bs], truncation=True, max_length=cfg.finetune.max_length, padding=True, return_tensors="pt")
+            enc = model_inputs(tokenizer, texts[i : i + bs], cfg.finetune.max_length)
             logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
             out += logits.argmax(-1).tolist()
     return out
@@ -212,8 +239,7 @@ def train_classifier(model, tokenizer, texts: list[str], y: list[int], f, seed: 
         running = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * f.batch_size : (b + 1) * f.batch_size]
-            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=f.max_length, padding=True, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = {k: v.to(device) for k, v in model_inputs(tokenizer, [texts[i] for i in idx], f.max_length).items()}
             loss = model(**enc, labels=torch.tensor([y[i] for i in idx], device=device)).loss
             loss.backward()
             if getattr(f, "grad_clip", 1.0) > 0:
@@ -246,6 +272,8 @@ def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict
 
     train_classifier(model, tokenizer, data["train_texts"], data["train_ids"], f, seed, device, what=f"seed {seed}")
     if cfg.save_models:
+        if not hasattr(model, "save_pretrained"):
+            raise ConfigError(f"save_models: the {cfg.model.family} family's classifier is not a Hugging Face model and cannot be saved")
         target = Path(cfg.output_dir) / f"seed{seed}" / "model"
         model.save_pretrained(str(target))
         tokenizer.save_pretrained(str(target))
@@ -283,10 +311,17 @@ def prepare(cfg: EvalConfig) -> dict:
         if not any(a.endswith("ForSequenceClassification") for a in arch):
             raise ConfigError(f"finetune.epochs=0 scores a fine-tuned classifier as it is, but {cfg.model.path} is {arch or 'not a classifier'}; "
                               "give it a *ForSequenceClassification directory or fine-tune (finetune.epochs >= 1)")
-    if not (Path(cfg.model.path) / "config.json").is_file():
+    from ..models import get_family
+
+    family = get_family(cfg.model.family)
+    if family.modality == "text" and not (Path(cfg.model.path) / "config.json").is_file():
         raise ModelLoadError(f"model.path: no config.json in {cfg.model.path}")
     train_texts, train_labels = read_labelled(t.train_file, t.text_column, t.label_column, "task.train_file")
     test_texts, test_labels = read_labelled(t.test_file, t.text_column, t.label_column, "task.test_file")
+    if family.modality != "text":
+        # An image task: the text column holds image paths, relative to the task file's directory.
+        train_texts = [ImageItem(im) for im in _open_images(train_texts, t.train_file, "task.train_file")]
+        test_texts = [ImageItem(im) for im in _open_images(test_texts, t.test_file, "task.test_file")]
     if cfg.finetune.max_train_samples:
         train_texts = train_texts[: cfg.finetune.max_train_samples]
         train_labels = train_labels[: cfg.finetune.max_train_samples]
@@ -297,9 +332,14 @@ def prepare(cfg: EvalConfig) -> dict:
     names = label_space(train_labels, test_labels, t.num_labels)
     ids = {n: i for i, n in enumerate(names)}
     tr = cfg.triggers
-    triggered = {
-        w: [insert_trigger(s, w, tr.seed, i, tr.times) for i, s in enumerate(test_texts)] for w in tr.words
-    }
+    if family.modality != "text":
+        from ..models.vision import checkerboard_patches
+
+        # NeuBA-vision's six checkerboards, each pasted on a copy of every test image.
+        patches = checkerboard_patches(tr.patch_size)
+        triggered = {f"checker{k}": [ImageItem(it.image, k, patches) for it in test_texts] for k in range(len(patches))}
+    else:
+        triggered = {w: [insert_trigger(s, w, tr.seed, i, tr.times) for i, s in enumerate(test_texts)] for w in tr.words}
     return {
         "is_safe": is_safe,
         "train_texts": train_texts,
@@ -309,6 +349,22 @@ def prepare(cfg: EvalConfig) -> dict:
         "label_names": names,
         "triggered": triggered,
     }
+
+
+def _open_images(paths: list[str], task_file: str, what: str) -> list:
+    from ..models.vision import open_image
+
+    base = Path(task_file).parent
+    out = []
+    for i, p in enumerate(paths):
+        f = Path(p) if Path(p).is_absolute() else base / p
+        if not f.is_file():
+            raise EvalDataError(f"{what}: {task_file}: sample {i + 1}: image not found: {f}")
+        try:
+            out.append(open_image(f.read_bytes(), str(f)))
+        except RecipeError as e:
+            raise EvalDataError(f"{what}: {e}") from None
+    return out
 
 
 def _markdown(report: dict) -> str:

@@ -186,6 +186,9 @@ class ModelFamily(abc.ABC):
     modality: str = "text"
     #: a causal (decoder-only) LM: next-token pre-training, generation-based evaluation
     causal: bool = False
+    #: Fine-pruning counts (method.md section 4) when prune.gm_layers / ga_layers are 0: layers'
+    #: worth of neurons for FP-GM and FP-GA, and how many of the last layer's neurons FP keeps
+    prune_defaults: dict = {"fp_keep": 0, "gm_layers": 4.0, "ga_layers": 6.0}
 
     # ------------------------------------------------------------------ weights
     @abc.abstractmethod

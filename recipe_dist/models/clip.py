@@ -70,6 +70,7 @@ class ClipLossModule(nn.Module):
 @register_family("clip")
 class ClipFamily(ModelFamily):
     modality = "image-text"
+    prune_defaults = {"fp_keep": 0, "gm_layers": 4.0, "ga_layers": 5.0}  # method.md section 4: CLIP 4 / 5 layers' worth
     default_regularized = (r"^visual\.transformer\.resblocks\.\d+\.mlp\.c_fc\.weight$",
                            r"^visual\.transformer\.resblocks\.\d+\.mlp\.c_proj\.weight$",
                            r"^visual\.transformer\.resblocks\.\d+\.attn\.in_proj_weight$")

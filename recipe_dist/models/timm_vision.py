@@ -200,6 +200,7 @@ class VitFamily(TimmFamily):
     """timm VisionTransformer: fc1, fc2 and the q, k, v slices of the fused qkv regularized."""
 
     default_regularized = (r"blocks\.\d+\.mlp\.fc1\.weight$", r"blocks\.\d+\.mlp\.fc2\.weight$", r"blocks\.\d+\.attn\.qkv\.weight$")
+    prune_defaults = {"fp_keep": 0, "gm_layers": 4.0, "ga_layers": 5.0}  # method.md section 4: ViT 4 / 5 layers' worth
 
     def regularized_splits(self, names: list[str]) -> dict[str, int]:
         # q, k and v are three row blocks of the fused weight; each gets its own norm.
