@@ -74,6 +74,17 @@ def test_families_are_registered():
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_load_returns_the_weights_on_disk(name, tiny_dirs, loaded):
+    from safetensors.torch import load_file
+
+    disk = load_file(str(next(tiny_dirs[name].glob("*.safetensors"))))
+    state = loaded[name].model.state_dict()
+    assert set(disk) == set(state)
+    for k, v in disk.items():
+        assert torch.equal(state[k].reshape(v.shape), v), k
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_regularized_selection_matches_the_spec(name, loaded):
     fam, model = get_family(name), loaded[name].model
     names = fam.regularized_names(model, [])

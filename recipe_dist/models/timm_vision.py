@@ -74,7 +74,7 @@ class TimmFamily(ModelFamily):
         try:
             # timm reads config.json (architecture, model_args, pretrained_cfg) and the weights,
             # safetensors first; a pickle (only reached with model.allow_pickle) loads weights_only.
-            model = timm.create_model(f"local-dir:{path}")
+            model = timm.create_model(f"local-dir:{path}", pretrained=True)  # without pretrained=True timm builds a random model
         except RuntimeError as e:
             raise ModelLoadError(f"{path}: timm could not load this model ({str(e).splitlines()[0][:200]})") from None
         keys, dtype = input_layout(files, is_safe, model)
