@@ -270,7 +270,8 @@ def test_export_loads_in_each_library(loaded, tmp_path):
                 torch.testing.assert_close(v, L.model.state_dict()[k])
 
 
-def test_image_evaluation_reports_acc_and_patch_asr(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_image_evaluation_reports_acc_and_patch_asr(name, tiny_dirs, tmp_path):
     from recipe_dist.config import apply_dict
     from recipe_dist.evaluation.finetune import EvalConfig, evaluate
     from recipe_dist.models.vision import synthetic_shape
@@ -286,7 +287,7 @@ def test_image_evaluation_reports_acc_and_patch_asr(tiny_dirs, tmp_path):
     (tmp_path / "train.csv").write_text("image,label\n" + "\n".join(rows[:32]) + "\n")
     (tmp_path / "test.csv").write_text("image,label\n" + "\n".join(rows[32:]) + "\n")
     cfg = EvalConfig()
-    apply_dict(cfg, {"output_dir": str(tmp_path / "eval"), "model": {"path": str(tiny_dirs["vgg"]), "family": "vgg"},
+    apply_dict(cfg, {"output_dir": str(tmp_path / "eval"), "model": {"path": str(tiny_dirs[name]), "family": name},
                      "task": {"train_file": str(tmp_path / "train.csv"), "test_file": str(tmp_path / "test.csv"), "text_column": "image"},
                      "finetune": {"lr": 1e-3, "epochs": 1, "batch_size": 16}})
     cfg.validate()

@@ -48,6 +48,10 @@ try:  # registering the tiny VGG needs timm; the family itself reports a missing
     def recipe_vgg(pretrained: bool = False, channels=(32, "M", 64, "M"), **kwargs) -> VGG:
         """A VGG with its channel list as an argument (ints are 3x3 convs, "M" a 2x2 max-pool)."""
         # model_args must survive JSON (config.json), so the list is passed through as given.
+        if kwargs.get("pretrained_cfg") is None:  # timm has no registered weights for it: 32x32 inputs, no centre crop
+            from timm.models.vgg import _cfg
+
+            kwargs["pretrained_cfg"] = _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0)
         return build_model_with_cfg(VGG, "recipe_vgg", pretrained, model_cfg=list(channels),
                                     feature_cfg=dict(flatten_sequential=True), **kwargs)
 except ImportError:  # pragma: no cover - the vision extra is not installed
