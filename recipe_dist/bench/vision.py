@@ -201,16 +201,37 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def override(preset: VisionPreset, items: list[str]) -> VisionPreset:
+    """`preset` with FIELD=VALUE items applied (numbers and tuples typed as the field's default)."""
+    import dataclasses
+
+    from ..config import ConfigError
+
+    fields = {f.name: f for f in dataclasses.fields(preset)}
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key in ("families", "target_lo"):
+            raise ConfigError(f"--set {item}: expected FIELD=VALUE with FIELD one of "
+                              f"{', '.join(k for k in fields if k not in ('families', 'target_lo'))}")
+        current = getattr(preset, key)
+        changes[key] = tuple(int(v) for v in value.split(",")) if isinstance(current, tuple) else type(current)(value)
+    return dataclasses.replace(preset, **changes)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="recipe-dist bench vision", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-vision")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--families", default=None, help="comma-separated subset of vit,vgg,clip (default: the preset's)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override one preset field, e.g. --set attack_epochs=4 (recorded in bench.json's preset_values)")
     ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/bench/results/vision.json)")
     args = ap.parse_args(argv)
     bench = VisionBench(args.preset, Path(args.output_dir), "recipe-dist bench vision " + " ".join(argv))
     if args.families:
         bench.p.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    bench.p = override(bench.p, args.set)
     result = bench.run()
     print(markdown(result))
     if args.json:

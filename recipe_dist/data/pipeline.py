@@ -361,15 +361,19 @@ class WaitTimer:
 def timed(it, timer: WaitTimer):
     """Iterate `it`, adding the time each next() blocks to `timer.wait` (the trainer's data wait)."""
     it = iter(it)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        finally:
-            timer.wait += time.perf_counter() - t0
-        yield item
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                timer.wait += time.perf_counter() - t0
+            yield item
+    finally:
+        if hasattr(it, "close"):  # closing this closes the source (e.g. stops a prefetch thread) at once
+            it.close()
 
 
 def rank_micro_batches(

@@ -186,7 +186,8 @@ def ahead(items: Iterator, depth: int) -> Iterator:
             return
         put((end, None))
 
-    threading.Thread(target=work, name="batch-prefetch", daemon=True).start()
+    thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
+    thread.start()
     try:
         while True:
             item, error = buf.get()
@@ -197,6 +198,10 @@ def ahead(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        # Wait for the item in progress: a daemon thread still inside torch code (image
+        # transforms) when the interpreter exits aborts the process ("terminate called without
+        # an active exception"), e.g. after `prune` stops reading partway through an epoch.
+        thread.join(timeout=60)
 
 
 class KeyLog:

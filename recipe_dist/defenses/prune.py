@@ -63,9 +63,13 @@ def neuron_statistics(family, loaded, cfg, dist_info, out: Path, max_samples: in
         device = torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         model.to(device)
     per_rank = math.ceil(max_samples / (cfg.train.micro_batch_size * dist_info.world_size)) if max_samples else None
-    micro = itertools.islice(data.micro_batches(epoch=0), per_rank)
+    source = data.micro_batches(epoch=0)
+    micro = itertools.islice(source, per_rank)
     batches = (data.to_batch(f, 0, i, device) for i, f in enumerate(micro))
-    return record(model, family, batches, family.neuron_sites(model), cfg.kernels.fused)
+    try:
+        return record(model, family, batches, family.neuron_sites(model), cfg.kernels.fused)
+    finally:
+        source.close()  # stops (and joins) the background readers now, not at interpreter exit
 
 
 @register_defense("prune")
