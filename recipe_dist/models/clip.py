@@ -34,7 +34,7 @@ from torch import nn
 
 from . import register_family
 from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, input_layout, open_model_dir
-from .vision import ImageClassifier, ImagePreprocess, image_decoder, split_normalize, synthetic_images
+from .vision import ImageClassifier, ImagePreprocess, image_collate, image_decoder, image_encoder, split_normalize, synthetic_images
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -125,28 +125,10 @@ class ClipFamily(ModelFamily):
         return image_decoder(self.name, need_label=False, text_key=cfg.data.text_key)
 
     def encoder(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        transform = tokenizer.train if train else tokenizer.eval
-
-        def encode(sample: dict) -> dict:
-            out = {"__key__": sample["__key__"], "pixels": transform(sample["image"])}
-            if "text" in sample:
-                out["input_ids"] = tokenizer.tokenizer([sample["text"]])[0]
-            if "label" in sample:
-                out["label"] = sample["label"]
-            return out
-
-        return encode
+        return image_encoder(tokenizer, train)
 
     def collate(self, tokenizer: ImagePreprocess, cfg):
-        def collate(features: list[dict], mask_seed: int) -> dict:
-            batch = {"pixel_values": tokenizer.normalize(torch.stack([f["pixels"] for f in features]))}
-            if "input_ids" in features[0]:
-                batch["input_ids"] = torch.stack([f["input_ids"] for f in features])
-            if "label" in features[0]:
-                batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
-            return batch
-
-        return collate
+        return image_collate(tokenizer)
 
     # ------------------------------------------------------------------ objective
     def pretraining_loss(self, loaded: LoadedModel, cfg) -> nn.Module:

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import register_family
 from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, input_layout, open_model_dir
-from .vision import ImagePreprocess, TimmClassifier, image_decoder, split_normalize, synthetic_images
+from .vision import ImagePreprocess, TimmClassifier, image_collate, image_decoder, image_encoder, split_normalize, synthetic_images
 
 try:  # registering the tiny VGG needs timm; the family itself reports a missing timm on use
     import timm
@@ -103,11 +103,11 @@ class TimmFamily(ModelFamily):
     def preprocess(self, model: nn.Module, cfg) -> ImagePreprocess:
         """timm's own transforms from the model's data config (`resolve_model_data_config`,
         `create_transform`), split around Normalize; augmentation only in `train`."""
-        timm = require_timm()
+        require_timm()
         from timm.data import create_transform, resolve_model_data_config
 
         dc = resolve_model_data_config(model)
-        scale = tuple(cfg.data.crop_scale) if hasattr(cfg, "data") else (0.08, 1.0)
+        scale = tuple(cfg.data.crop_scale) if hasattr(cfg, "data") else (0.08, 1.0)  # EvalConfig has no data section
         train, mean, std = split_normalize(create_transform(**dc, is_training=True, scale=scale))
         evaluate, _, _ = split_normalize(create_transform(**dc))
         return ImagePreprocess(train=train, eval=evaluate, mean=mean, std=std, image_size=dc["input_size"][-1])
@@ -116,22 +116,10 @@ class TimmFamily(ModelFamily):
         return image_decoder(self.name, need_label=True)
 
     def encoder(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        transform = tokenizer.train if train else tokenizer.eval
-
-        def encode(sample: dict) -> dict:
-            out = {"__key__": sample["__key__"], "pixels": transform(sample["image"])}
-            if "label" in sample:
-                out["label"] = sample["label"]
-            return out
-
-        return encode
+        return image_encoder(tokenizer, train)
 
     def collate(self, tokenizer: ImagePreprocess, cfg):
-        def collate(features: list[dict], mask_seed: int) -> dict:
-            return {"pixel_values": tokenizer.normalize(torch.stack([f["pixels"] for f in features])),
-                    "labels": torch.tensor([f["label"] for f in features], dtype=torch.long)}
-
-        return collate
+        return image_collate(tokenizer)
 
     # ------------------------------------------------------------------ objective
     def pretraining_loss(self, loaded: LoadedModel, cfg) -> nn.Module:

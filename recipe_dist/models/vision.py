@@ -45,6 +45,36 @@ class ImagePreprocess:
         return (x - mean) / std
 
 
+def image_encoder(pre: "ImagePreprocess", train: bool = True):
+    """Decoded sample -> {"__key__", "pixels" ([3, H, W] in [0, 1], the train or eval transform),
+    "input_ids" (a caption, through pre.tokenizer), "label"}; runs in DataLoader workers."""
+    transform = pre.train if train else pre.eval
+
+    def encode(sample: dict) -> dict:
+        out = {"__key__": sample["__key__"], "pixels": transform(sample["image"])}
+        if "text" in sample:
+            out["input_ids"] = pre.tokenizer([sample["text"]])[0]
+        if "label" in sample:
+            out["label"] = sample["label"]
+        return out
+
+    return encode
+
+
+def image_collate(pre: "ImagePreprocess"):
+    """Encoded samples -> {"pixel_values" (normalized), "input_ids"?, "labels"?}; nothing random."""
+
+    def collate(features: list[dict], mask_seed: int) -> dict:
+        batch = {"pixel_values": pre.normalize(torch.stack([f["pixels"] for f in features]))}
+        if "input_ids" in features[0]:
+            batch["input_ids"] = torch.stack([f["input_ids"] for f in features])
+        if "label" in features[0]:
+            batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+        return batch
+
+    return collate
+
+
 def split_normalize(transform) -> tuple[Callable, tuple, tuple]:
     """(transform without its final Normalize, mean, std) of a torchvision Compose."""
     from torchvision import transforms as T
