@@ -444,6 +444,48 @@ class DefenseBench:
         print(markdown(result))
         return result
 
+    def layer_scan(self, seeds: list[int]) -> dict:
+        """Which layers carry the backdoor (issue 10, part 5): for each layer, the backdoored PTM
+        with that layer's FFN (intermediate.dense and output.dense) re-initialised as BERT
+        initialises it, fine-tuned and scored on a HELD-OUT part of SST-2 train (the last 872
+        sentences, which no fine-tuning here reads), never on the reported dev set."""
+        import torch
+
+        from ..config import RunConfig
+        from ..models import get_family
+
+        held = self.out / "heldout"
+        if not (held / "test.tsv").is_file():
+            lines = (self.sst2 / "train.tsv").read_text().splitlines()
+            if len(lines) - 1 < self.p.task_train + 872:
+                raise ConfigError(f"--layer-scan: {self.sst2 / 'train.tsv'} has too few sentences for a held-out part")
+            held.mkdir(parents=True, exist_ok=True)
+            (held / "test.tsv").write_text("\n".join([lines[0], *lines[-872:]]) + "\n")
+        train, test = self.sst2 / "train.tsv", held / "test.tsv"
+        backdoored = self.out / f"attack-{self.p.attack}" / "model"
+        family, cfg = get_family("bert"), RunConfig()
+        rows = {"backdoored": self.evaluate("heldout-backdoored", backdoored, train, test, seeds)}
+        layers = json.loads((backdoored / "config.json").read_text())["num_hidden_layers"]
+        for layer in range(layers):
+            target = self.out / f"reinit-ffn-L{layer}" / "model"
+            if not (target / "model.safetensors").is_file():
+                loaded = family.load(backdoored, cfg)
+                std = loaded.model.config.initializer_range
+                gen = torch.Generator().manual_seed(layer)
+                state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+                for part in ("intermediate.dense", "output.dense"):
+                    name = f"bert.encoder.layer.{layer}.{part}"
+                    state[f"{name}.weight"] = torch.randn(state[f"{name}.weight"].shape, generator=gen) * std
+                    state[f"{name}.bias"] = torch.zeros_like(state[f"{name}.bias"])
+                family.export(loaded, state, target)
+            rows[f"reinit_ffn_L{layer}"] = self.evaluate(f"heldout-reinit-ffn-L{layer}", target, train, test, seeds)
+        table = {"test": f"{test} (the last 872 sentences of SST-2 train)", "seeds": seeds,
+                 "rows": {k: {m: r[m] for m in ("acc", "aasr", "masr")} for k, r in rows.items()}}
+        (self.out / "layer_scan.json").write_text(json.dumps(table, indent=2) + "\n")
+        for k, r in table["rows"].items():
+            print(f"| {k} | {r['acc']:.2f} | {r['aasr']:.2f} | {r['masr']:.2f} |")
+        return table
+
     def neuron_table(self, backdoored: Path, test: Path) -> dict | None:
         """The paper's Table 10 at this scale: poison-only neurons and the overlap ratio of the
         backdoored PTM and of the RECIPE-purified one (`recipe-dist analyze` on the first 500 test
@@ -548,6 +590,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bookcorpus", default="../shared/data/bookcorpus/train.tsv", help="BookCorpus sentences, .tsv with a sentence column (minilm preset)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override one preset field, e.g. --set purify_trainable=family --set purify_lr=2e-4 (recorded in bench.json)")
+    ap.add_argument("--layer-scan", action="store_true",
+                    help="after the attack stage exists: per layer, ACC/AASR of the backdoored PTM with that layer's FFN "
+                         "re-initialised, on a held-out part of SST-2 train (seed 1); writes OUTPUT_DIR/layer_scan.json")
     ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
                     help="print the markdown table of a results file (e.g. recipe_dist/bench/results/minilm-por.json) and exit")
     args = ap.parse_args(argv)
@@ -557,6 +602,9 @@ def main(argv: list[str]) -> int:
     bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus),
                          command="recipe-dist bench defense " + " ".join(argv))
     bench.p = override(bench.p, args.set)
+    if args.layer_scan:
+        bench.layer_scan([1])
+        return 0
     bench.run([r for r in args.rows.split(",") if r.strip()] or None)
     return 0
 
