@@ -141,6 +141,33 @@ def test_fused_qkv_is_regularized_per_slice(name, loaded):
     torch.testing.assert_close(params[fused].grad, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pickle_weights_never_run_their_payload(name, tiny_dirs, tmp_path):
+    import pickle
+    import shutil
+
+    from recipe_dist.models import ModelLoadError
+
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_dirs[name], evil)
+    for f in evil.glob("*.safetensors"):
+        f.unlink()
+    (evil / ("open_clip_pytorch_model.bin" if name == "clip" else "pytorch_model.bin")).write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(ModelLoadError, match="allow_pickle"):  # refused before any file is opened
+        get_family(name).load(evil, _cfg())
+    cfg = _cfg()
+    cfg.model.allow_pickle = True  # opted in: the library still unpickles with weights_only=True
+    with pytest.raises(ModelLoadError):
+        get_family(name).load(evil, cfg)
+    assert not marker.exists()
+
+
 def test_patch_trigger_lands_on_the_bottom_right_pixels():
     patches = checkerboard_patches(4)
     assert patches.shape == (6, 3, 4, 4)

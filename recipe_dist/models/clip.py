@@ -27,6 +27,7 @@ Choices made here:
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ class ClipFamily(ModelFamily):
         try:
             model, train, evaluate = open_clip.create_model_and_transforms(f"local-dir:{path}", weights_only=True)
             tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as e:  # weights_only refuses unsafe pickles
             raise ModelLoadError(f"{path}: open_clip could not load this model ({str(e).splitlines()[0][:200]})") from None
         keys, dtype = input_layout(files, is_safe, model)
         model = model.float()

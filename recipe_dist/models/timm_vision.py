@@ -28,6 +28,7 @@ Choices made here:
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ class TimmFamily(ModelFamily):
             # timm reads config.json (architecture, model_args, pretrained_cfg) and the weights,
             # safetensors first; a pickle (only reached with model.allow_pickle) loads weights_only.
             model = timm.create_model(f"local-dir:{path}", pretrained=True)  # without pretrained=True timm builds a random model
-        except RuntimeError as e:
+        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:  # weights_only refuses unsafe pickles
             raise ModelLoadError(f"{path}: timm could not load this model ({str(e).splitlines()[0][:200]})") from None
         keys, dtype = input_layout(files, is_safe, model)
         model = model.float()
