@@ -137,6 +137,7 @@ def test_epur_score_is_drift_over_log_of_floored_frequency():
 # ------------------------------------------------------------------ the commands
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_prune_cli_zeroes_the_chosen_neurons_and_loads_like_the_input(tmp_path, tiny_bert_dir):
     out = tmp_path / "fp-gm"
     run_cli(["prune", "--config", TINY, "--model.path", tiny_bert_dir, "--output_dir", out, "--prune.variant=fp-gm",

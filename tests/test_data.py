@@ -329,6 +329,7 @@ def test_missing_text_key_is_data_error(stream_urls):
 # ------------------------------------------------------------------ purify with missing shards (subprocess)
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_purify_missing_shards_exits_2_naming_path(tmp_path):
     spec = f"{tmp_path}/missing-{{000000..000001}}.tar"
     proc = subprocess.run(

@@ -131,6 +131,7 @@ def _dir_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_missing_label_column_is_one_clear_line(tmp_path, tiny_bert_dir):
     train, test = _dataset(tmp_path, 8, 4)
     bad = _write_tsv(tmp_path / "nolabel.tsv", [("a dog sees a red book .", 1)], header=("sentence", "target"))

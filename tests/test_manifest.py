@@ -77,6 +77,7 @@ def test_a_damaged_manifest_is_one_line(shard_set):
         manifest.counts(urls)
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_purify_on_shards_with_a_manifest_trains_on_every_sample(tmp_path, shard_set, tiny_bert_dir):
     folder, urls = shard_set
     out = tmp_path / "run"

@@ -59,6 +59,7 @@ def test_fresh_run_refuses_a_finished_runs_directory(finished):
     assert digest(finished) == before
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_overwrite_moves_the_old_run_aside(tmp_path, finished):
     out = tmp_path / "run"
     import shutil
@@ -105,6 +106,7 @@ def test_resume_and_pruning_ignore_another_runs_checkpoints(tmp_path, finished):
 # ------------------------------------------------------------------ 2. non-finite guards
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_diverging_run_stops_names_the_last_good_checkpoint_and_exports_nothing(tmp_path):
     out = tmp_path / "run"
     proc = purify(out, "--optim.lr=1e30", "--checkpoint.every_steps=1", "--model.trainable=all")
@@ -129,6 +131,7 @@ def test_norm_gradient_at_zero_is_zero_not_nan():
     assert torch.isfinite(lin.weight.grad).all() and torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_evaluate_refuses_non_finite_weights_and_one_class_test_sets(tmp_path, tiny_bert_dir):
     import shutil
 
@@ -259,6 +262,7 @@ def test_sigint_leaves_no_partial_checkpoint_and_no_traceback(tmp_path):
     assert not (out / "model").exists()
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_shards_bad_jsonl_leaves_nothing_and_a_reused_prefix_is_refused(tmp_path):
     lines = [json.dumps({"text": f"sentence {i}"}) for i in range(30)] + ["{not json"]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")

@@ -389,6 +389,7 @@ def test_too_few_shards_is_an_error_unless_resampled(shards):
 # ------------------------------------------------------------------ loader benchmark
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_bench_loader_against_moto(s3, shards, local_run, capsys):
     rc = cli.main(["bench", "loader", "--local", shards["local"], "--remote", f"s3://{BUCKET}/aux/",
                    "--endpoint-url", s3["endpoint"], "--passes", "1", "--run", str(local_run)])

@@ -205,6 +205,7 @@ def test_neuba_vision_collate_poisons_only_the_patch_before_normalization(loaded
         get_attack("por", get_family("vit"))
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_image_shard_without_label_is_a_clear_error(tmp_path):
     from recipe_dist.data.shards import write_shards
     from recipe_dist.models.vision import synthetic_images
@@ -220,6 +221,7 @@ def test_image_shard_without_label_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a real CLI process: CI-only, to keep the fast lane under 2 minutes
 def test_shards_pack_an_image_folder_and_a_caption_csv(tmp_path):
     import webdataset as wds
 
