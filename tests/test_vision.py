@@ -107,7 +107,9 @@ def test_regularized_selection_matches_the_spec(name, loaded):
 def test_loss_pt_equals_the_library_loss(name, loaded):
     L = loaded[name]
     batch = _batch(name, loaded)
-    ours = get_family(name).pretraining_loss(L, _cfg())(**batch)
+    cfg = _cfg()
+    cfg.train = types.SimpleNamespace(zero_stage=2)
+    ours = get_family(name).pretraining_loss(L, cfg)(**batch)
     with torch.no_grad():
         if name == "clip":
             # CLIP's symmetric InfoNCE written out, against which open_clip's ClipLoss is checked too
@@ -128,7 +130,9 @@ def test_fused_qkv_is_regularized_per_slice(name, loaded):
     L, fam = loaded[name], get_family(name)
     model = L.model
     names = fam.regularized_names(model, [])
-    task = Regularized(fam.pretraining_loss(L, _cfg()), model, names, 1.0, pt_weight=0.0, splits=fam.regularized_splits(names))
+    cfg = _cfg()
+    cfg.train = types.SimpleNamespace(zero_stage=0)
+    task = Regularized(fam.pretraining_loss(L, cfg), model, names, 1.0, pt_weight=0.0, splits=fam.regularized_splits(names))
     model.zero_grad()
     out = task(**_batch(name, loaded))
     out["loss"].backward()
@@ -166,6 +170,16 @@ def test_pickle_weights_never_run_their_payload(name, tiny_dirs, tmp_path):
     with pytest.raises(ModelLoadError):
         get_family(name).load(evil, cfg)
     assert not marker.exists()
+
+
+def test_clip_refuses_zero3_in_one_line(loaded):
+    from recipe_dist.models import ModelLoadError
+
+    cfg = _cfg()
+    cfg.train = types.SimpleNamespace(zero_stage=3)
+    with pytest.raises(ModelLoadError, match="zero_stage=3") as ei:
+        get_family("clip").pretraining_loss(loaded["clip"], cfg)
+    assert "\n" not in str(ei.value)
 
 
 def test_patch_trigger_lands_on_the_bottom_right_pixels():

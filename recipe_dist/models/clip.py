@@ -133,6 +133,9 @@ class ClipFamily(ModelFamily):
 
     # ------------------------------------------------------------------ objective
     def pretraining_loss(self, loaded: LoadedModel, cfg) -> nn.Module:
+        if cfg.train.zero_stage == 3:  # see the module docstring: out_proj.weight would stay partitioned
+            raise ModelLoadError("train.zero_stage=3: the clip family runs at ZeRO 0-2 (torch's MultiheadAttention reads "
+                                 "out_proj.weight outside out_proj's forward, which ZeRO-3 does not gather)")
         return ClipLossModule(loaded.model)
 
     def regularized_splits(self, names: list[str]) -> dict[str, int]:
