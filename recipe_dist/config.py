@@ -200,7 +200,7 @@ class RegularizerConfig:
 class AttackConfig:
     """Used by `recipe-dist attack` only (building backdoored test models, method.md section 2)."""
 
-    name: Literal["por", "neuba", "badpre", "trigger-phrase"] = _f("por", "attack method (trigger-phrase: the decoder lab's, for gpt2/llama)")
+    name: Literal["por", "neuba", "badpre", "trigger-phrase"] = _f("por", "attack method (trigger-phrase: the decoder lab's, for gpt2/llama; neuba on vit/vgg/clip is NeuBA-vision's checkerboard patches)")
     triggers: list[str] = _f(["cf", "tq", "mn", "bb", "mb"], "trigger words (POR, BadPre; trigger-phrase uses the first); NeuBA needs 6 single-token ones (see configs/attack/neuba-bert.yaml)", check=NOT_EMPTY)
     insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1", check=gt(0))
     target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d", check=gt(0))
