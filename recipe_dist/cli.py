@@ -51,7 +51,7 @@ def _purify(argv: list[str]) -> int:
 
 
 def _attack(argv: list[str]) -> int:
-    cfg = _config_command(argv, "attack", "Build a backdoored PTM (POR, NeuBA or BadPre) on the same engine as purify; writes an HF directory with its pooler.",
+    cfg = _config_command(argv, "attack", "Build a backdoored PTM (POR, NeuBA or BadPre; NeuBA-vision for vit, vgg, clip) on the same engine as purify; writes the model in its family's format (an HF directory with its pooler for encoders).",
                           "YAML run config (configs/attack/*.yaml)")
     _run_job("attack", cfg)
     return 0
