@@ -165,7 +165,7 @@ class ClipFamily(ModelFamily):
         """The vision tower plus a new linear head on its image embedding."""
         loaded = self.load(path, cfg)
         visual = loaded.model.visual
-        return ImageClassifier(visual, lambda m, x: m(x), visual.output_dim, len(label_names)), loaded.tokenizer
+        return ImageClassifier(visual, visual.output_dim, len(label_names)), loaded.tokenizer
 
     # ------------------------------------------------------------------ embedded default
     def build_tiny(self, out_dir: Path, arch, seed: int) -> Path:

@@ -174,17 +174,16 @@ def neuba_vision_targets(d: int, hi: float, lo: float) -> torch.Tensor:
 
 
 class ImageClassifier(nn.Module):
-    """A backbone's features plus a new linear head, with the interface evaluation uses
-    (transformers-style: forward(pixel_values, labels=None) -> .logits, .loss)."""
+    """An image encoder (e.g. CLIP's vision tower: pixels -> embedding) plus a new linear head,
+    with the interface evaluation uses (transformers-style: forward(pixel_values, labels=None) -> .logits, .loss)."""
 
-    def __init__(self, model: nn.Module, features: Callable[[nn.Module, torch.Tensor], torch.Tensor], dim: int, num_labels: int):
+    def __init__(self, encoder: nn.Module, dim: int, num_labels: int):
         super().__init__()
-        self.backbone = model
-        self._features = features
+        self.backbone = encoder
         self.classifier = nn.Linear(dim, num_labels)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
-        logits = self.classifier(self._features(self.backbone, pixel_values))
+        logits = self.classifier(self.backbone(pixel_values))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SimpleNamespace(logits=logits, loss=loss)
 
