@@ -77,6 +77,9 @@ class DefensePreset:
     finemix_rho: float = 0.5
     finemix_epochs: int = 1
     finemix_epur_topn: int = 200
+    # The held-out part of the task's training file that `--layer-scan` and `--search` score on
+    # (its last `holdout` rows; fine-tuning reads only the first `task_train`), never the test set.
+    holdout: int = 872
 
 
 # The reference-scale MiniLM presets (issue 10): MiniLM-L6 plus a fitted MLM head is the PTM, the
@@ -105,12 +108,13 @@ PRESETS = {
     "smoke": DefensePreset(model="tiny", aux_samples=256, max_length=32, attack_lr=3e-4, attack_steps=8, attack_batch=16,
                            purify_lr=1e-3, purify_steps=4, purify_batch=32, purify_trainable="all",
                            task_train=96, finetune_lr=2e-5, finetune_epochs=1, finetune_batch=32, seeds=[1, 2], lambdas=[0.5],
-                           fit_head_epochs=0.5, prune_gm_layers=0.67, prune_ga_layers=1.0, finemix_samples=32),
+                           fit_head_epochs=0.5, prune_gm_layers=0.67, prune_ga_layers=1.0, finemix_samples=32, holdout=32),
 }
 
 # Row ids in the order of value (issue 10): what shows purification first, the sweeps last.
 ROW_IDS = ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
-           "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean", "fp", "fp_gm", "fp_ga", "finemix", "finemix_epur"]
+           "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean", "fp", "fp_gm", "fp_ga", "finemix", "finemix_epur",
+           "recipe_selected"]
 ROW_LABELS = {
     "clean": "clean PTM", "backdoored": "backdoored, no defense", "recipe": "RECIPE λ=1 (pooler kept)",
     "recipe_pooler_reset": "RECIPE λ=1 + pooler reset", "lambda0": "only L_PT (λ=0)", "reg_only": "only the regularizer",
@@ -118,7 +122,39 @@ ROW_LABELS = {
     "recipe_on_clean": "RECIPE on the clean PTM", "fp": "Fine-pruning FP (last layer)", "fp_gm": "Fine-pruning FP-GM",
     "fp_ga": "Fine-pruning FP-GA", "finemix": "Fine-mixing (downstream: small clean task subset)",
     "finemix_epur": "Fine-mixing + E-PUR (downstream: small clean task subset)",
+    "recipe_selected": "RECIPE, setting selected on held-out train (`--search`)",
 }
+
+# The part-5 search (issue 10, `--search`): purification settings, fixed before any run, each an
+# overlay on the preset's RECIPE row (`epochs` replaces its budget). They vary what is regularized
+# and trains, the lr, lambda and the budget; every stronger setting has its lambda=0 twin, so the
+# regularizer's effect is told apart from that of more or faster continued pre-training. Each is
+# scored on the held-out end of the task's TRAINING file. The selection rule is fixed too: the
+# lowest held-out AASR among the candidates whose held-out ACC is at most 2 points below the
+# backdoored model's.
+BERT_FFN = [r"\.intermediate\.dense\.weight$", r"\.layer\.\d+\.output\.dense\.weight$"]
+SEARCH = {
+    "recipe": {},                                                       # the RECIPE row as specified
+    "lambda0": {"regularizer": {"lam": 0.0}},                           # its lambda=0 twin
+    "ffn-lr1e-4-e1": {"model": {"regularized": BERT_FFN}, "optim": {"lr": 1e-4}, "epochs": 1.0},
+    "ffn-lr1e-4-e1-lambda0": {"model": {"regularized": BERT_FFN}, "optim": {"lr": 1e-4}, "epochs": 1.0, "regularizer": {"lam": 0.0}},
+    "in-lr1e-4-e1": {"optim": {"lr": 1e-4}, "epochs": 1.0},
+    "ffn-lr2e-4-e1": {"model": {"regularized": BERT_FFN}, "optim": {"lr": 2e-4}, "epochs": 1.0},
+    "ffn-lr2e-4-e1-lambda0": {"model": {"regularized": BERT_FFN}, "optim": {"lr": 2e-4}, "epochs": 1.0, "regularizer": {"lam": 0.0}},
+    "ffn-lam4-lr1e-4-e1": {"model": {"regularized": BERT_FFN}, "optim": {"lr": 1e-4}, "epochs": 1.0, "regularizer": {"lam": 4.0}},
+    "ffn-all-lr1e-4-e1": {"model": {"regularized": BERT_FFN, "trainable": "all"}, "optim": {"lr": 1e-4}, "epochs": 1.0},
+}
+# Stages the search shares with the table's rows (the same purified model, not a second run).
+SEARCH_STAGES = {"recipe": "purify-lam1", "lambda0": "purify-lam0"}
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """`base` with `overlay` merged in, nested dicts key by key."""
+    out = dict(base)
+    for k, v in overlay.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
 
 
 def minilm_path() -> Path:
@@ -257,7 +293,9 @@ class DefenseBench:
                                   num_attention_heads=demo.num_attention_heads, intermediate_size=demo.intermediate_size)
             build_tiny_bert(ptm, arch, seed=0)
             pretrain_tiny_bert(ptm, demo.pretrain_steps if self.name != "smoke" else 20, max_length=self.p.max_length)
-        demo.task_train, demo.task_test = (self.p.task_train, 500) if self.name != "smoke" else (96, 64)
+        # The synthetic task is prefix-stable, so the held-out rows appended here leave the first
+        # task_train rows (all that fine-tuning reads) as they were.
+        demo.task_train, demo.task_test = (self.p.task_train + self.p.holdout, 500) if self.name != "smoke" else (96 + self.p.holdout, 64)
         train, test = write_task(self.out / "task", demo)
         return ptm, "", train, test
 
@@ -277,6 +315,29 @@ class DefenseBench:
         done = f"{summary['steps']} steps" if "steps" in summary else "done"
         self.say(f"{name}: {done} in {summary.get('wall_time_s', 0):.0f} s")
         return run_dir / "model"
+
+    def purify_config(self, lam: float = 1.0, pt_weight: float = 1.0, epochs: float | None = None) -> dict:
+        """The RECIPE row's purify config; `epochs` replaces the preset's budget."""
+        p = self.p
+        if epochs is not None:
+            budget = {"epochs": epochs, "max_steps": 0}
+        else:
+            budget = {"max_steps": p.purify_steps} if p.purify_steps else {"epochs": p.purify_epochs}
+        return {"model": {"trainable": p.purify_trainable}, "optim": {"lr": p.purify_lr},
+                "train": {**budget, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
+                "regularizer": {"lam": lam, "pt_weight": pt_weight}}
+
+    def purify(self, name: str, model: Path, aux: str, cfg: dict) -> tuple[Path, dict]:
+        """A `recipe-dist purify` stage and the row config it reports (steps, wall time, ||W|| ratios)."""
+        model_dir = self.run_job("purify", name, model, aux, cfg)
+        summary = json.loads((model_dir.parent / "summary.json").read_text())
+        return model_dir, {**cfg, "steps": summary["steps"], "wall_time_s": summary.get("wall_time_s"),
+                           "norm_ratio": norm_ratios(model_dir.parent)}
+
+    def search_config(self, cid: str) -> dict:
+        """Candidate `cid` of SEARCH as a purify config."""
+        overlay = dict(SEARCH[cid])
+        return merged(self.purify_config(epochs=overlay.pop("epochs", None)), overlay)
 
     def evaluate(self, name: str, model: Path, train: Path, test: Path, seeds: list[int] | None = None, epochs: int | None = None) -> dict:
         """`evaluate` of `model` (fine-tuned per seed; `epochs=0` scores a classifier as it is)."""
@@ -376,15 +437,8 @@ class DefenseBench:
             "train": {"max_steps": p.attack_steps, "micro_batch_size": p.attack_batch, "global_batch_size": p.attack_batch}})
 
         def purify(name: str, model: Path, lam: float, pt_weight: float = 1.0, small: bool = False) -> tuple[Path, dict]:
-            epochs = p.small_purify_epochs if small and p.small_purify_epochs > 0 else p.purify_epochs
-            budget = {"max_steps": p.purify_steps} if p.purify_steps else {"epochs": epochs}
-            cfg = {"model": {"trainable": p.purify_trainable}, "optim": {"lr": p.purify_lr},
-                   "train": {**budget, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
-                   "regularizer": {"lam": lam, "pt_weight": pt_weight}}
-            model_dir = self.run_job("purify", name, model, aux, cfg)
-            summary = json.loads((model_dir.parent / "summary.json").read_text())
-            return model_dir, {**cfg, "steps": summary["steps"], "wall_time_s": summary.get("wall_time_s"),
-                               "norm_ratio": norm_ratios(model_dir.parent)}
+            epochs = p.small_purify_epochs if small and p.small_purify_epochs > 0 else None
+            return self.purify(name, model, aux, self.purify_config(lam, pt_weight, epochs))
 
         def reset(name: str, model: Path) -> Path:
             target = self.out / name / "model"
@@ -403,6 +457,7 @@ class DefenseBench:
             "lambda0": lambda: purify("purify-lam0", backdoored, 0.0),
             "reg_only": lambda: purify("purify-regonly", backdoored, 1.0, pt_weight=0.0, small=small),
             "recipe_on_clean": lambda: purify("purify-clean", ptm, 1.0, small=small),
+            "recipe_selected": lambda: self.selected(backdoored, aux),
         }
         def prune(variant: str) -> tuple[Path, dict]:
             extra = {"prune": {"variant": variant, "gm_layers": p.prune_gm_layers, "ga_layers": p.prune_ga_layers},
@@ -444,27 +499,82 @@ class DefenseBench:
         print(markdown(result))
         return result
 
+    def heldout(self, train: Path) -> Path:
+        """The held-out test file: the last `holdout` rows of the task's training file, which no
+        fine-tuning here reads (it reads the first `task_train`). Tuning happens on it, never on
+        the test set the table reports."""
+        held = self.out / "heldout" / "test.tsv"
+        if not held.is_file():
+            lines = train.read_text().splitlines()
+            if len(lines) - 1 < self.p.task_train + self.p.holdout:
+                raise ConfigError(f"{train}: {len(lines) - 1} rows, too few for {self.p.task_train} training rows "
+                                  f"and a held-out part of {self.p.holdout} (preset field holdout)")
+            held.parent.mkdir(parents=True, exist_ok=True)
+            held.write_text("\n".join([lines[0], *lines[-self.p.holdout:]]) + "\n")
+        return held
+
+    def held_name(self, name: str, seeds: list[int]) -> str:
+        # Seed 1 alone keeps the names of the first held-out runs (the layer scan's), so they are reused.
+        return f"heldout-{name}" + ("" if seeds == [1] else "-s" + "-".join(map(str, seeds)))
+
+    def search(self, seeds: list[int]) -> dict:
+        """Issue 10, part 5: every SEARCH candidate purified from the backdoored PTM and scored on
+        the held-out part of the task's training file with `seeds`; OUTPUT_DIR/search.json holds
+        each candidate's config, steps, wall time, ||W|| ratios and scores, and the selection."""
+        p = self.p
+        _, aux, train, _ = self.prepare()
+        held = self.heldout(train)
+        backdoored = self.out / f"attack-{p.attack}" / "model"
+        if not (backdoored / "config.json").is_file():
+            raise RecipeError(f"--search: no backdoored model at {backdoored}; run the table's backdoored row first")
+        base = self.evaluate(self.held_name("backdoored", seeds), backdoored, train, held, seeds)
+        cached = self.out / "search.json"
+        result = {"test": f"{held} (the last {p.holdout} rows of {train})", "seeds": seeds,
+                  "rule": "lowest held-out AASR with held-out ACC >= backdoored ACC - 2",
+                  "backdoored": {m: base[m] for m in ("acc", "aasr", "masr")}, "candidates": {}}
+        for cid in SEARCH:
+            cfg = self.search_config(cid)
+            stage = SEARCH_STAGES.get(cid, f"search-{cid}")
+            marker = self.out / stage / "candidate.json"
+            if marker.is_file() and json.loads(marker.read_text()) != cfg:
+                raise ConfigError(f"--search: {self.out / stage} was built with another setting than candidate {cid}; "
+                                  "remove that directory to rebuild it")
+            model, config = self.purify(stage, backdoored, aux, cfg)
+            marker.write_text(json.dumps(cfg, indent=2) + "\n")
+            r = self.evaluate(self.held_name(cid, seeds), model, train, held, seeds)
+            result["candidates"][cid] = {"config": config, **{m: r[m] for m in ("acc", "aasr", "masr")},
+                                         "per_seed": {m: [s[m] for s in r["per_seed"]] for m in ("acc", "aasr", "masr")}}
+            ok = {k: c for k, c in result["candidates"].items() if c["acc"] >= base["acc"] - 2.0}
+            result["selected"] = min(ok, key=lambda k: ok[k]["aasr"]) if ok else None
+            result["commit"], result["date"], result["machine"] = git_commit(), time.strftime("%Y-%m-%d"), machine()
+            cached.write_text(json.dumps(result, indent=2) + "\n")
+        print(search_markdown(result), end="")
+        return result
+
+    def selected(self, backdoored: Path, aux: str) -> tuple[Path, dict]:
+        """The row `recipe_selected`: the search's selected candidate (the same purified model) for the table."""
+        found = self.out / "search.json"
+        if not found.is_file() or not json.loads(found.read_text()).get("selected"):
+            raise RecipeError(f"row recipe_selected: no selection in {found}; run --search first")
+        cid = json.loads(found.read_text())["selected"]
+        model, config = self.purify(SEARCH_STAGES.get(cid, f"search-{cid}"), backdoored, aux, self.search_config(cid))
+        return model, {**config, "candidate": cid}
+
     def layer_scan(self, seeds: list[int]) -> dict:
         """Which layers carry the backdoor (issue 10, part 5): for each layer, the backdoored PTM
         with that layer's FFN (intermediate.dense and output.dense) re-initialised as BERT
-        initialises it, fine-tuned and scored on a HELD-OUT part of SST-2 train (the last 872
-        sentences, which no fine-tuning here reads), never on the reported dev set."""
+        initialises it, fine-tuned and scored on the held-out part of the task's training file,
+        never on the reported test set."""
         import torch
 
         from ..config import RunConfig
         from ..models import get_family
 
-        held = self.out / "heldout"
-        if not (held / "test.tsv").is_file():
-            lines = (self.sst2 / "train.tsv").read_text().splitlines()
-            if len(lines) - 1 < self.p.task_train + 872:
-                raise ConfigError(f"--layer-scan: {self.sst2 / 'train.tsv'} has too few sentences for a held-out part")
-            held.mkdir(parents=True, exist_ok=True)
-            (held / "test.tsv").write_text("\n".join([lines[0], *lines[-872:]]) + "\n")
-        train, test = self.sst2 / "train.tsv", held / "test.tsv"
+        _, _, train, _ = self.prepare()
+        test = self.heldout(train)
         backdoored = self.out / f"attack-{self.p.attack}" / "model"
         family, cfg = get_family("bert"), RunConfig()
-        rows = {"backdoored": self.evaluate("heldout-backdoored", backdoored, train, test, seeds)}
+        rows = {"backdoored": self.evaluate(self.held_name("backdoored", seeds), backdoored, train, test, seeds)}
         layers = json.loads((backdoored / "config.json").read_text())["num_hidden_layers"]
         for layer in range(layers):
             target = self.out / f"reinit-ffn-L{layer}" / "model"
@@ -478,7 +588,7 @@ class DefenseBench:
                     state[f"{name}.weight"] = torch.randn(state[f"{name}.weight"].shape, generator=gen) * std
                     state[f"{name}.bias"] = torch.zeros_like(state[f"{name}.bias"])
                 family.export(loaded, state, target)
-            rows[f"reinit_ffn_L{layer}"] = self.evaluate(f"heldout-reinit-ffn-L{layer}", target, train, test, seeds)
+            rows[f"reinit_ffn_L{layer}"] = self.evaluate(self.held_name(f"reinit-ffn-L{layer}", seeds), target, train, test, seeds)
         table = {"test": f"{test} (the last 872 sentences of SST-2 train)", "seeds": seeds,
                  "rows": {k: {m: r[m] for m in ("acc", "aasr", "masr")} for k, r in rows.items()}}
         (self.out / "layer_scan.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -554,6 +664,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def search_markdown(result: dict) -> str:
+    b = result["backdoored"]
+    lines = [f"Held-out search ({result['test']}; seeds {result['seeds']}; rule: {result['rule']}):", "",
+             "| candidate | trains / regularized | lr | λ | steps | ACC | AASR | MASR | ‖W‖ last/first |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| backdoored, no defense | | | | | {b['acc']:.2f} | {b['aasr']:.2f} | {b['masr']:.2f} | |"]
+    for cid, c in result["candidates"].items():
+        cfg = c["config"]
+        regularized = "FFN in+out" if cfg.get("model", {}).get("regularized") else "FFN in"
+        trains = "all" if cfg.get("model", {}).get("trainable") == "all" else "regularized"
+        ratios = list(cfg.get("norm_ratio", {}).values())
+        star = " **(selected)**" if cid == result.get("selected") else ""
+        lines.append(f"| `{cid}`{star} | {trains} / {regularized} | {cfg['optim']['lr']:g} | {cfg['regularizer']['lam']:g} | {cfg['steps']} "
+                     f"| {c['acc']:.2f} | {c['aasr']:.2f} | {c['masr']:.2f} | {f'{min(ratios):.3g}-{max(ratios):.3g}' if ratios else ''} |")
+    lines += ["", f"{result['date']}, {result['machine']}, commit {result['commit'][:10]}", ""]
+    return "\n".join(lines)
+
+
 def override(preset: DefensePreset, items: list[str]) -> DefensePreset:
     """A copy of `preset` with FIELD=VALUE overrides, typed like the field they replace."""
     import dataclasses
@@ -593,6 +721,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--layer-scan", action="store_true",
                     help="after the attack stage exists: per layer, ACC/AASR of the backdoored PTM with that layer's FFN "
                          "re-initialised, on a held-out part of SST-2 train (seed 1); writes OUTPUT_DIR/layer_scan.json")
+    ap.add_argument("--search", action="store_true",
+                    help="after the attack stage exists: purify with every SEARCH setting and score each on the held-out part "
+                         "of the task's training file; writes OUTPUT_DIR/search.json with the selection the row recipe_selected uses")
+    ap.add_argument("--seeds", default="1", help="fine-tuning seeds of --layer-scan and --search (default 1)")
     ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
                     help="print the markdown table of a results file (e.g. recipe_dist/bench/results/minilm-por.json) and exit")
     args = ap.parse_args(argv)
@@ -602,8 +734,12 @@ def main(argv: list[str]) -> int:
     bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus),
                          command="recipe-dist bench defense " + " ".join(argv))
     bench.p = override(bench.p, args.set)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if args.layer_scan:
-        bench.layer_scan([1])
+        bench.layer_scan(seeds)
+        return 0
+    if args.search:
+        bench.search(seeds)
         return 0
     bench.run([r for r in args.rows.split(",") if r.strip()] or None)
     return 0
