@@ -53,6 +53,23 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     assert (out / "eval-backdoored-classifiers" / "seed2" / "model" / "config.json").is_file()
     # Table 10's analogue: poison-only neurons before and after RECIPE.
     assert set(result["neurons"]["models"]) == {"backdoored", "recipe"} and "poison-only neurons" in proc.stdout
+    # The part-5 search: candidates scored on the held-out end of the task's TRAINING file (never
+    # the test set), each with its own setting, and the selection rule applied to their numbers.
+    run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--search", "--candidates", "ffn-lr1e-4-e1,ffn-lr1e-4-e1-lambda0"])
+    search = json.loads((out / "search.json").read_text())
+    train_rows = (out / "task" / "train.tsv").read_text().splitlines()
+    held_rows = (out / "heldout" / "test.tsv").read_text().splitlines()
+    assert held_rows[1:] == train_rows[-32:] and not set(held_rows[1:]) & set(train_rows[1:97])
+    cands = search["candidates"]
+    assert list(cands) == ["ffn-lr1e-4-e1", "ffn-lr1e-4-e1-lambda0"]
+    assert any(".output.dense.weight" in k and "attention" not in k for k in cands["ffn-lr1e-4-e1"]["config"]["norm_ratio"])
+    assert cands["ffn-lr1e-4-e1"]["config"]["optim"]["lr"] == 1e-4 and cands["ffn-lr1e-4-e1-lambda0"]["config"]["regularizer"]["lam"] == 0.0
+    eligible = {k: c["aasr"] for k, c in cands.items() if c["acc"] >= search["backdoored"]["acc"] - 2.0}
+    assert search["selected"] == (min(eligible, key=eligible.get) if eligible else None)
+    if search["selected"]:
+        picked = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--rows", "recipe_selected"])
+        assert "recipe-dist purify" not in picked.stdout  # the searched model itself, not a second purification
+        assert json.loads((out / "bench.json").read_text())["rows"]["recipe_selected"]["config"]["candidate"] == search["selected"]
     # A second run reuses every finished stage.
     again = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])
     assert "recipe-dist purify" not in again.stdout and "recipe-dist prune" not in again.stdout and "recipe-dist finemix" not in again.stdout

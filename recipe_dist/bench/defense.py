@@ -471,7 +471,10 @@ class DefenseBench:
         for lam in p.lambdas:
             builders[f"lambda{lam:g}"] = lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam, small=small)
         downstream = {"finemix", "finemix_epur"}  # built per seed in `finemix`, not by a builder
-        wanted = [r for r in ROW_IDS if (r in builders or r in downstream) and (not only or r in only)]
+        # recipe_selected exists once `--search` has selected a setting; until then "every row" skips it.
+        searched = (self.out / "search.json").is_file() and json.loads((self.out / "search.json").read_text()).get("selected")
+        wanted = [r for r in ROW_IDS if (r in builders or r in downstream) and (r in (only or [])
+                                                                               or not only and (r != "recipe_selected" or searched))]
         unknown = sorted(set(only or []) - set(builders) - downstream)
         if unknown:
             raise ConfigError(f"--rows: unknown row id(s) {', '.join(unknown)} (known: {', '.join(r for r in ROW_IDS if r in builders or r in downstream)})")
@@ -517,10 +520,11 @@ class DefenseBench:
         # Seed 1 alone keeps the names of the first held-out runs (the layer scan's), so they are reused.
         return f"heldout-{name}" + ("" if seeds == [1] else "-s" + "-".join(map(str, seeds)))
 
-    def search(self, seeds: list[int]) -> dict:
+    def search(self, seeds: list[int], candidates: list[str] | None = None) -> dict:
         """Issue 10, part 5: every SEARCH candidate purified from the backdoored PTM and scored on
         the held-out part of the task's training file with `seeds`; OUTPUT_DIR/search.json holds
-        each candidate's config, steps, wall time, ||W|| ratios and scores, and the selection."""
+        each candidate's config, steps, wall time, ||W|| ratios and scores, and the selection.
+        `candidates` limits this run to those ids; candidates scored earlier stay in search.json."""
         p = self.p
         _, aux, train, _ = self.prepare()
         held = self.heldout(train)
@@ -532,7 +536,21 @@ class DefenseBench:
         result = {"test": f"{held} (the last {p.holdout} rows of {train})", "seeds": seeds,
                   "rule": "lowest held-out AASR with held-out ACC >= backdoored ACC - 2",
                   "backdoored": {m: base[m] for m in ("acc", "aasr", "masr")}, "candidates": {}}
-        for cid in SEARCH:
+        if cached.is_file():  # candidates scored earlier (e.g. with --candidates) are kept
+            earlier = json.loads(cached.read_text())
+            if earlier["seeds"] == seeds and earlier["test"] == result["test"]:
+                result["candidates"] = earlier["candidates"]
+
+        def save() -> None:
+            ok = {k: c for k, c in result["candidates"].items() if c["acc"] >= base["acc"] - 2.0}
+            result["selected"] = min(ok, key=lambda k: ok[k]["aasr"]) if ok else None
+            result["commit"], result["date"], result["machine"] = git_commit(), time.strftime("%Y-%m-%d"), machine()
+            cached.write_text(json.dumps(result, indent=2) + "\n")
+
+        unknown = sorted(set(candidates or []) - set(SEARCH))
+        if unknown:
+            raise ConfigError(f"--candidates: unknown candidate(s) {', '.join(unknown)} (known: {', '.join(SEARCH)})")
+        for cid in [c for c in SEARCH if not candidates or c in candidates]:
             cfg = self.search_config(cid)
             stage = SEARCH_STAGES.get(cid, f"search-{cid}")
             marker = self.out / stage / "candidate.json"
@@ -544,10 +562,8 @@ class DefenseBench:
             r = self.evaluate(self.held_name(cid, seeds), model, train, held, seeds)
             result["candidates"][cid] = {"config": config, **{m: r[m] for m in ("acc", "aasr", "masr")},
                                          "per_seed": {m: [s[m] for s in r["per_seed"]] for m in ("acc", "aasr", "masr")}}
-            ok = {k: c for k, c in result["candidates"].items() if c["acc"] >= base["acc"] - 2.0}
-            result["selected"] = min(ok, key=lambda k: ok[k]["aasr"]) if ok else None
-            result["commit"], result["date"], result["machine"] = git_commit(), time.strftime("%Y-%m-%d"), machine()
-            cached.write_text(json.dumps(result, indent=2) + "\n")
+            save()
+        save()
         print(search_markdown(result), end="")
         return result
 
@@ -724,6 +740,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--search", action="store_true",
                     help="after the attack stage exists: purify with every SEARCH setting and score each on the held-out part "
                          "of the task's training file; writes OUTPUT_DIR/search.json with the selection the row recipe_selected uses")
+    ap.add_argument("--candidates", default="", help=f"comma-separated --search candidates to run now (default: all: {', '.join(SEARCH)})")
     ap.add_argument("--seeds", default="1", help="fine-tuning seeds of --layer-scan and --search (default 1)")
     ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
                     help="print the markdown table of a results file (e.g. recipe_dist/bench/results/minilm-por.json) and exit")
@@ -739,7 +756,7 @@ def main(argv: list[str]) -> int:
         bench.layer_scan(seeds)
         return 0
     if args.search:
-        bench.search(seeds)
+        bench.search(seeds, [c for c in args.candidates.split(",") if c.strip()] or None)
         return 0
     bench.run([r for r in args.rows.split(",") if r.strip()] or None)
     return 0
