@@ -743,10 +743,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--candidates", default="", help=f"comma-separated --search candidates to run now (default: all: {', '.join(SEARCH)})")
     ap.add_argument("--seeds", default="1", help="fine-tuning seeds of --layer-scan and --search (default 1)")
     ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
-                    help="print the markdown table of a results file (e.g. recipe_dist/bench/results/minilm-por.json) and exit")
+                    help="print the markdown table of a results file (e.g. recipe_dist/bench/results/minilm-por.json, "
+                         "or a search.json) and exit")
     args = ap.parse_args(argv)
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        result = json.loads(Path(args.render).read_text())
+        print(search_markdown(result) if "candidates" in result else markdown(result), end="")
         return 0
     bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus),
                          command="recipe-dist bench defense " + " ".join(argv))
