@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 
 import torch
 import torch.distributed as dist
@@ -34,11 +35,31 @@ class Preemption:
         for name in signals:
             sig = getattr(signal, "SIG" + name)
             self._previous[sig] = signal.signal(sig, self._handle)
+        # Ctrl-C keeps Python's behaviour (KeyboardInterrupt at once) and also leaves a flag that
+        # the step loop checks (`interrupted`): Python drops a KeyboardInterrupt raised while the
+        # main thread runs a finalizer (a generator closed by the garbage collector, a __del__),
+        # printing "Exception ignored", and the run would go on to the end as if Ctrl-C had never
+        # been pressed (the likely cause of one SIGINT-test run that finished with exit 0). Only
+        # where SIGINT still has Python's default handler, in the main thread.
+        self.interrupt_pending = False
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, _frame) -> None:
-        # Async-signal context: set the flag and return; the step loop acts on it.
+        # Async-signal context: set the flag and return; the step loop acts on it. The first signal
+        # names the stop: SLURM sends TERM to every task when the job requeues itself, which
+        # arrives after the save and must not rename the USR1 that started it in the log line.
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+
+    def _interrupt(self, signum, frame) -> None:
+        self.interrupt_pending = True
+        raise KeyboardInterrupt
+
+    def interrupted(self) -> bool:
+        """Whether Ctrl-C was pressed (see __init__); the step loop raises KeyboardInterrupt on it."""
+        return self.interrupt_pending
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -234,6 +234,8 @@ class Trainer:
         """Why the loop ends after `step`, if it does: done, stop_at (train.stop_at_step) or preempted.
         With the engine it is called at every step on every rank: the preemption flag is agreed by a
         collective, so every rank stops after the same step (preempt.py)."""
+        if self.preemption.interrupted():
+            raise KeyboardInterrupt  # a Ctrl-C that Python dropped on the way (preempt.py)
         preempted = engine is not None and self.preemption.agreed(engine.device)
         if step >= total:
             return "done"

@@ -112,12 +112,14 @@ def test_interrupted_job_requeues_resumes_and_ends_bit_identical(cluster, refere
 
 @pytest.mark.slow
 def test_time_limit_signal_saves_requeues_and_finishes(cluster, tmp_path):
-    # A 2-minute limit with the warning 60 s before it: every allocation is signalled about 60 s in,
-    # saves and requeues itself, until one reaches the end. 2,000 steps: the first allocation,
-    # beside the reference run, gets through 280-670 of them on the 2-core machine (25-30 s of it
-    # is start-up), so it is always signalled mid-run; more steps only add allocations (3,000 took
-    # up to five, 5,000 four). Periodic checkpoints are sparse: the signal's own save is what this
-    # test is about, and 80 periodic saves per run cost about 10 s.
+    # A 2-minute limit with the warning 60 s before it: every allocation is signalled 30-60 s in
+    # (slurmctld checks limits periodically), saves and requeues itself, until one reaches the end.
+    # 2,000 steps: on the idle machine the first allocation, beside the reference run, is
+    # signalled after about 470 of them (17 s of start-up), on a loaded one after 300-800; more
+    # steps only add allocations (5,000 took four). Periodic checkpoints are sparse, since the
+    # signal's own save is what this test is about and 80 periodic saves per run cost about 10 s.
+    # The log must name USR1, the signal that stopped the run, not the TERM that SLURM sends every
+    # task when the job requeues itself (it once did: the handler let the later signal rename it).
     steps = [{"--train.max_steps": "--train.max_steps=2000", "--checkpoint.every_steps": "--checkpoint.every_steps=1000"}.get(a.split("=")[0], a)
              for a in LONG]
     out = tmp_path / "run"
