@@ -544,7 +544,8 @@ class DefenseBench:
         def save() -> None:
             ok = {k: c for k, c in result["candidates"].items() if c["acc"] >= base["acc"] - 2.0}
             result["selected"] = min(ok, key=lambda k: ok[k]["aasr"]) if ok else None
-            result["commit"], result["date"], result["machine"] = git_commit(), time.strftime("%Y-%m-%d"), machine()
+            result["command"], result["commit"] = self.command, git_commit()
+            result["date"], result["machine"] = time.strftime("%Y-%m-%d"), machine()
             cached.write_text(json.dumps(result, indent=2) + "\n")
 
         unknown = sorted(set(candidates or []) - set(SEARCH))
@@ -694,7 +695,8 @@ def search_markdown(result: dict) -> str:
         star = " **(selected)**" if cid == result.get("selected") else ""
         lines.append(f"| `{cid}`{star} | {trains} / {regularized} | {cfg['optim']['lr']:g} | {cfg['regularizer']['lam']:g} | {cfg['steps']} "
                      f"| {c['acc']:.2f} | {c['aasr']:.2f} | {c['masr']:.2f} | {f'{min(ratios):.3g}-{max(ratios):.3g}' if ratios else ''} |")
-    lines += ["", f"{result['date']}, {result['machine']}, commit {result['commit'][:10]}", ""]
+    lines += ["", f"{result['date']}, {result['machine']}, commit {result['commit'][:10]}"
+              + (f"; command: `{result['command']}`" if result.get("command") else ""), ""]
     return "\n".join(lines)
 
 
