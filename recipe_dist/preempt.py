@@ -35,13 +35,14 @@ class Preemption:
         for name in signals:
             sig = getattr(signal, "SIG" + name)
             self._previous[sig] = signal.signal(sig, self._handle)
-        # Ctrl-C keeps Python's behaviour (KeyboardInterrupt at once) and also leaves a flag that
-        # the step loop checks (`interrupted`): Python drops a KeyboardInterrupt raised while the
-        # main thread runs a finalizer (a generator closed by the garbage collector, a __del__),
-        # printing "Exception ignored", and the run would go on to the end as if Ctrl-C had never
-        # been pressed (the likely cause of one SIGINT-test run that finished with exit 0). Only
-        # where SIGINT still has Python's default handler, in the main thread.
+        # Ctrl-C leaves a flag that the step loop checks (`interrupted`) and raises KeyboardInterrupt
+        # at once outside it (`_interrupt`): Python drops a KeyboardInterrupt raised while the main
+        # thread runs a finalizer (a generator closed by the garbage collector, a __del__), printing
+        # "Exception ignored" with a traceback, and the run went on to the end as if Ctrl-C had never
+        # been pressed (the SIGINT test, on the idle machine). Only where SIGINT still has Python's
+        # default handler, in the main thread.
         self.interrupt_pending = False
+        self.deferring = False  # set by the trainer's step loop: Ctrl-C then stops at the next step boundary
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
@@ -54,8 +55,12 @@ class Preemption:
         self.requested = True
 
     def _interrupt(self, signum, frame) -> None:
-        self.interrupt_pending = True
-        raise KeyboardInterrupt
+        # In the step loop the flag is enough (the loop raises KeyboardInterrupt at the next step
+        # boundary, before that step's save, so nothing partial is written and no finalizer can
+        # drop it); a second Ctrl-C, or one outside the loop (loading, export), raises at once.
+        again, self.interrupt_pending = self.interrupt_pending, True
+        if again or not self.deferring:
+            raise KeyboardInterrupt
 
     def interrupted(self) -> bool:
         """Whether Ctrl-C was pressed (see __init__); the step loop raises KeyboardInterrupt on it."""

@@ -132,6 +132,7 @@ class Trainer:
             keys = KeyLog(self.out / "keys", self.dist.rank, self.dist.world_size, step) if cfg.data.record_keys else None
             bar = tqdm(total=total, initial=step, disable=not self.dist.is_main, desc=self.name, unit="step", dynamic_ncols=True)
             stopping = self._stopping(step, total)  # a resume may start at the end
+            self.preemption.deferring = True  # Ctrl-C from here on stops at a step boundary (preempt.py)
             while stopping is None:
                 epoch, done_in_epoch = divmod(step, data.steps_per_epoch)
                 micro = done_in_epoch * data.grad_accum
@@ -158,6 +159,7 @@ class Trainer:
                         self.checkpointer.save(engine, step, samples)
                     if stopping:
                         break
+            self.preemption.deferring = False
             bar.close()
             metrics.close()
             if keys:
