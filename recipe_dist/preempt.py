@@ -38,9 +38,10 @@ class Preemption:
         # Ctrl-C leaves a flag that the step loop checks (`interrupted`) and raises KeyboardInterrupt
         # at once outside it (`_interrupt`): Python drops a KeyboardInterrupt raised while the main
         # thread runs a finalizer (a generator closed by the garbage collector, a __del__), printing
-        # "Exception ignored" with a traceback, and the run went on to the end as if Ctrl-C had never
-        # been pressed (the SIGINT test, on the idle machine). Only where SIGINT still has Python's
-        # default handler, in the main thread.
+        # "Exception ignored" with a traceback, and the run would go on to the end as if Ctrl-C had
+        # never been pressed. Only where SIGINT still has Python's default handler, in the main
+        # thread: a process started with SIGINT ignored (a background job of a non-interactive
+        # shell) keeps ignoring it, as Python itself does.
         self.interrupt_pending = False
         self.deferring = False  # set by the trainer's step loop: Ctrl-C then stops at the next step boundary
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:

@@ -301,7 +301,11 @@ def test_sigint_leaves_no_partial_checkpoint_and_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "recipe_dist", "purify", "--config", str(TINY), "--output_dir", str(out),
            "--data.synthetic_samples=4000", "--train.micro_batch_size=8", "--train.global_batch_size=8", "--train.epochs=3",
            "--checkpoint.every_steps=5"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child gets SIGINT's default disposition whatever this process inherited: pytest run as a
+    # background job of a non-interactive shell (`nohup ... &`) ignores SIGINT, its children
+    # inherit that across exec, and the run then (rightly) went on to the end with exit 0.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "checkpoints").glob("step_*[0-9]")):
         time.sleep(0.2)
