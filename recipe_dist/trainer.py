@@ -237,7 +237,7 @@ class Trainer:
         With the engine it is called at every step on every rank: the preemption flag is agreed by a
         collective, so every rank stops after the same step (preempt.py)."""
         if self.preemption.interrupted():
-            raise KeyboardInterrupt  # a Ctrl-C that Python dropped on the way (preempt.py)
+            raise KeyboardInterrupt  # Ctrl-C in the loop is acted on here, before this step's save (preempt.py)
         preempted = engine is not None and self.preemption.agreed(engine.device)
         if step >= total:
             return "done"
