@@ -74,3 +74,22 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     again = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])
     assert "recipe-dist purify" not in again.stdout and "recipe-dist prune" not in again.stdout and "recipe-dist finemix" not in again.stdout
     assert "reusing" in again.stdout
+
+
+def test_small_rows_take_the_small_setting_with_their_own_lambda(tmp_path):
+    from recipe_dist.bench.defense import SEARCH, DefenseBench
+
+    bench = DefenseBench("minilm-por", tmp_path, tmp_path, tmp_path)
+    setting = SEARCH[bench.p.small_setting]
+    swept = bench.row_config(0.5, small=True)
+    assert swept["optim"]["lr"] == setting["optim"]["lr"] and swept["train"]["epochs"] == setting["epochs"]
+    assert swept["regularizer"] == {"lam": 0.5, "pt_weight": 1.0}
+    assert bench.row_config(1.0, pt_weight=0.0, small=True)["regularizer"] == {"lam": 1.0, "pt_weight": 0.0}
+    # The table's own rows keep the reference budget.
+    ref = bench.row_config(1.0)
+    assert ref["optim"]["lr"] == 2e-5 and ref["train"]["epochs"] == 4.0
+    # The small setting at lambda 1 is the search candidate itself: recipe_selected's model.
+    assert bench.row_config(1.0, small=True) == bench.search_config(bench.p.small_setting)
+    # A preset without a small setting runs its small rows at small_purify_epochs of its own lr.
+    tiny = DefenseBench("smoke", tmp_path, tmp_path, tmp_path)
+    assert tiny.row_config(0.5, small=True) == tiny.purify_config(0.5)

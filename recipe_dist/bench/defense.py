@@ -13,7 +13,8 @@ finished once its summary.json / eval.json exists), so an interrupted benchmark 
 
 Row ids (issue 10): clean, backdoored, pooler_reset, recipe, recipe_pooler_reset (the purified
 model without its pooler, as the reference code's export), lambda0, reg_only, lambda0.1,
-lambda0.5, lambda1.5, recipe_on_clean. `--rows a,b` runs only those now; rows already in
+lambda0.5, lambda1.5, recipe_on_clean (the last five at the preset's small setting where it has one),
+lambda0_small (lambda 0 at that setting). `--rows a,b` runs only those now; rows already in
 bench.json are kept. bench.json holds command, commit, date, machine, recommended, rows (mean,
 per-seed values, seeds, config with the per-layer ||W|| ratio) and paired AASR differences.
 
@@ -65,6 +66,10 @@ class DefensePreset:
     seeds: list = field(default_factory=lambda: [1, 2])
     lambdas: list = field(default_factory=lambda: [0.1, 0.5, 1.5])
     small_purify_epochs: float = 0.0  # > 0: the lambda sweep, reg_only and recipe_on_clean run at this smaller budget (said in their row)
+    # A SEARCH candidate whose lr, budget and regularized set the small rows take instead (their
+    # lambda and pt_weight stay the row's): the sweep then varies the recommended setting, which
+    # is what a user of it would change, rather than a quarter of the reference budget.
+    small_setting: str = ""
     recommended: str = "recipe"     # the row id of the setting the product recommends
     # Fine-pruning counts in layers' worth of neurons. method.md gives 4 (GM) and 6 (GA) for the
     # 12-layer BERT-base; a shallower model keeps the same share of its depth (L6: 2 and 3).
@@ -90,7 +95,8 @@ class DefensePreset:
 _MINILM_REF = dict(model="minilm", aux_samples=20000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
                    purify_lr=2e-5, purify_steps=0, purify_batch=32, purify_trainable="family", task_train=3000,
                    finetune_lr=5e-5, finetune_epochs=3, finetune_batch=32, fit_head_epochs=1.0, fit_head_lr=1e-3,
-                   test_split="dev", seeds=[1, 2, 3], small_purify_epochs=1.0, prune_gm_layers=2.0, prune_ga_layers=3.0)
+                   test_split="dev", seeds=[1, 2, 3], small_purify_epochs=1.0, small_setting="in-lr1e-4-e1",
+                   prune_gm_layers=2.0, prune_ga_layers=3.0)
 
 PRESETS = {
     "minilm-por": DefensePreset(**_MINILM_REF, attack="por", purify_epochs=4.0),
@@ -114,7 +120,7 @@ PRESETS = {
 # Row ids in the order of value (issue 10): what shows purification first, the sweeps last.
 ROW_IDS = ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
            "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean", "fp", "fp_gm", "fp_ga", "finemix", "finemix_epur",
-           "recipe_selected"]
+           "recipe_selected", "lambda0_small"]
 ROW_LABELS = {
     "clean": "clean PTM", "backdoored": "backdoored, no defense", "recipe": "RECIPE λ=1 (pooler kept)",
     "recipe_pooler_reset": "RECIPE λ=1 + pooler reset", "lambda0": "only L_PT (λ=0)", "reg_only": "only the regularizer",
@@ -123,6 +129,7 @@ ROW_LABELS = {
     "fp_ga": "Fine-pruning FP-GA", "finemix": "Fine-mixing (downstream: small clean task subset)",
     "finemix_epur": "Fine-mixing + E-PUR (downstream: small clean task subset)",
     "recipe_selected": "RECIPE, setting selected on held-out train (`--search`)",
+    "lambda0_small": "only L_PT (λ=0) at the small rows' setting",
 }
 
 # The part-5 search (issue 10, `--search`): purification settings, fixed before any run, each an
@@ -327,6 +334,14 @@ class DefenseBench:
                 "train": {**budget, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
                 "regularizer": {"lam": lam, "pt_weight": pt_weight}}
 
+    def row_config(self, lam: float, pt_weight: float = 1.0, small: bool = False) -> dict:
+        """A purifying row's config: the RECIPE row's with this lambda and pt_weight; a small row
+        takes the preset's small_setting (a SEARCH candidate) or else small_purify_epochs."""
+        p = self.p
+        if small and p.small_setting:
+            return merged(self.search_config(p.small_setting), {"regularizer": {"lam": lam, "pt_weight": pt_weight}})
+        return self.purify_config(lam, pt_weight, p.small_purify_epochs if small and p.small_purify_epochs > 0 else None)
+
     def purify(self, name: str, model: Path, aux: str, cfg: dict) -> tuple[Path, dict]:
         """A `recipe-dist purify` stage and the row config it reports (steps, wall time, ||W|| ratios)."""
         model_dir = self.run_job("purify", name, model, aux, cfg)
@@ -409,7 +424,8 @@ class DefenseBench:
             "wall_time_s": round(time.time() - self.t0, 1),
             "rows": rows,
             "paired": {f"{self.p.recommended}-vs-{other}": paired(rows, self.p.recommended, other)
-                       for other in ("lambda0", "pooler_reset", "reg_only") if paired(rows, self.p.recommended, other)},
+                       for other in ("lambda0", "lambda0_small", "pooler_reset", "reg_only", "recipe")
+                       if other != self.p.recommended and paired(rows, self.p.recommended, other)},
         }
         (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         (self.out / "bench.md").write_text(markdown(result))
@@ -437,8 +453,8 @@ class DefenseBench:
             "train": {"max_steps": p.attack_steps, "micro_batch_size": p.attack_batch, "global_batch_size": p.attack_batch}})
 
         def purify(name: str, model: Path, lam: float, pt_weight: float = 1.0, small: bool = False) -> tuple[Path, dict]:
-            epochs = p.small_purify_epochs if small and p.small_purify_epochs > 0 else None
-            return self.purify(name, model, aux, self.purify_config(lam, pt_weight, epochs))
+            model_dir, config = self.purify(name, model, aux, self.row_config(lam, pt_weight, small))
+            return model_dir, {**config, "setting": p.small_setting} if small and p.small_setting else config
 
         def reset(name: str, model: Path) -> Path:
             target = self.out / name / "model"
@@ -446,7 +462,7 @@ class DefenseBench:
                 drop_pooler(model, target)
             return target
 
-        small = p.small_purify_epochs > 0 and not p.purify_steps
+        small = bool(p.small_setting) or p.small_purify_epochs > 0 and not p.purify_steps
         builders = {
             "clean": lambda: (ptm, {"model": "the PTM" + (" with its fitted MLM head" if p.fit_head_epochs > 0 else "")}),
             "backdoored": lambda: (backdoored, {"attack": p.attack, "attack_steps": p.attack_steps, "attack_lr": p.attack_lr}),
@@ -468,6 +484,8 @@ class DefenseBench:
                                "pruned_per_layer": report["pruned_per_layer"], "samples": report["samples"]}
 
         builders.update({"fp": lambda: prune("fp"), "fp_gm": lambda: prune("fp-gm"), "fp_ga": lambda: prune("fp-ga")})
+        if small:  # the lambda=0 twin of the small rows' setting (the sweep's own ablation)
+            builders["lambda0_small"] = lambda: purify("purify-lam0-small", backdoored, 0.0, small=True)
         for lam in p.lambdas:
             builders[f"lambda{lam:g}"] = lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam, small=small)
         downstream = {"finemix", "finemix_epur"}  # built per seed in `finemix`, not by a builder
