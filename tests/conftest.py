@@ -41,3 +41,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     arch = TinyArchConfig(hidden_size=32, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), arch, seed=0)
+
+
+# The longest files first: xdist (--dist loadfile, pyproject) hands a worker its next file when it
+# is free, so starting the 7-minute SLURM file last would leave one worker running it alone at the
+# end. Longest-first keeps both workers busy until close to the end (measured per file, 2 cores).
+LONGEST_FIRST = ["test_slurm.py", "test_bench_defense.py", "test_causal_lm.py", "test_resume.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept

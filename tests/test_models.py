@@ -290,3 +290,12 @@ def test_static_masking_is_per_sample_and_fixed(tiny_bert_dir):
     batch = collate([a, encode({"__key__": "k-3", "text": "a dog ."})], mask_seed=0)
     assert batch["labels"].shape == batch["input_ids"].shape
     assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all()
+
+
+def test_a_text_family_does_not_import_the_vision_stack():
+    # Every stage and rank is a fresh process: importing timm/torchvision/open_clip for a BERT job
+    # cost about 3 s of start-up each. A family's lookup imports only up to its own module.
+    code = ("import sys; from recipe_dist.models import get_family; get_family('bert'); "
+            "print(sorted(m for m in ('timm', 'torchvision', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
