@@ -12,6 +12,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Deterministic CPU kernels for bit-identical comparisons; quiet tokenizers in forked workers.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two xdist workers share the 2 cores: a worker's own torch work (e.g. pre-training a tiny PTM
+    # in-process) on 2 intra-op threads beside the other worker ran 5x slower (32 s -> 166 s), the
+    # threads spinning for a core the other worker holds. One thread each, like the tests'
+    # subprocesses (OMP_NUM_THREADS=1 in run_cli).
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def free_port() -> int:
