@@ -95,7 +95,7 @@ class DefensePreset:
 _MINILM_REF = dict(model="minilm", aux_samples=20000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
                    purify_lr=2e-5, purify_steps=0, purify_batch=32, purify_trainable="family", task_train=3000,
                    finetune_lr=5e-5, finetune_epochs=3, finetune_batch=32, fit_head_epochs=1.0, fit_head_lr=1e-3,
-                   test_split="dev", seeds=[1, 2, 3], small_purify_epochs=1.0, small_setting="in-lr1e-4-e1",
+                   test_split="dev", seeds=[1, 2, 3], small_setting="in-lr1e-4-e1",
                    prune_gm_layers=2.0, prune_ga_layers=3.0)
 
 PRESETS = {
