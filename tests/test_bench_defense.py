@@ -93,3 +93,18 @@ def test_small_rows_take_the_small_setting_with_their_own_lambda(tmp_path):
     # A preset without a small setting runs its small rows at small_purify_epochs of its own lr.
     tiny = DefenseBench("smoke", tmp_path, tmp_path, tmp_path)
     assert tiny.row_config(0.5, small=True) == tiny.purify_config(0.5)
+
+
+def test_a_cached_score_of_another_model_is_refused(tmp_path):
+    """Stages are reused by name: a row whose model changed (recipe_selected after a new search)
+    must not inherit the old model's score."""
+    from recipe_dist.bench.defense import DefenseBench
+    from recipe_dist.config import ConfigError
+
+    bench = DefenseBench("smoke", tmp_path, tmp_path, tmp_path)
+    (tmp_path / "eval-recipe_selected").mkdir()
+    old = tmp_path / "search-in-lr1e-4-e1" / "model"
+    (tmp_path / "eval-recipe_selected" / "eval.json").write_text(json.dumps({"model": str(old), "acc": 86.0}))
+    assert bench.evaluate("recipe_selected", old, tmp_path, tmp_path)["acc"] == 86.0  # the same model: reused
+    with pytest.raises(ConfigError, match=r"eval-recipe_selected/eval.json: scores .*search-in-lr1e-4-e1/model, not .*in-lr2e-4-e1"):
+        bench.evaluate("recipe_selected", tmp_path / "search-in-lr2e-4-e1" / "model", tmp_path, tmp_path)
