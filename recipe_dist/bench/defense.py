@@ -14,7 +14,9 @@ finished once its summary.json / eval.json exists), so an interrupted benchmark 
 Row ids (issue 10): clean, backdoored, pooler_reset, recipe, recipe_pooler_reset (the purified
 model without its pooler, as the reference code's export), lambda0, reg_only, lambda0.1,
 lambda0.5, lambda1.5, recipe_on_clean (the last five at the preset's small setting where it has one),
-lambda0_small (lambda 0 at that setting). `--rows a,b` runs only those now; rows already in
+lambda0_small and lambda1_small (lambda 0 and 1 at that setting); once `--search` has selected a
+setting, recipe_selected and lambda0_selected (that setting at lambda 1 and its lambda=0 twin).
+`--rows a,b` runs only those now; rows already in
 bench.json are kept. bench.json holds command, commit, date, machine, recommended, rows (mean,
 per-seed values, seeds, config with the per-layer ||W|| ratio) and paired AASR differences.
 
@@ -120,7 +122,7 @@ PRESETS = {
 # Row ids in the order of value (issue 10): what shows purification first, the sweeps last.
 ROW_IDS = ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
            "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean", "fp", "fp_gm", "fp_ga", "finemix", "finemix_epur",
-           "recipe_selected", "lambda0_small"]
+           "recipe_selected", "lambda0_selected", "lambda0_small", "lambda1_small"]
 ROW_LABELS = {
     "clean": "clean PTM", "backdoored": "backdoored, no defense", "recipe": "RECIPE λ=1 (pooler kept)",
     "recipe_pooler_reset": "RECIPE λ=1 + pooler reset", "lambda0": "only L_PT (λ=0)", "reg_only": "only the regularizer",
@@ -130,6 +132,8 @@ ROW_LABELS = {
     "finemix_epur": "Fine-mixing + E-PUR (downstream: small clean task subset)",
     "recipe_selected": "RECIPE, setting selected on held-out train (`--search`)",
     "lambda0_small": "only L_PT (λ=0) at the small rows' setting",
+    "lambda0_selected": "only L_PT (λ=0) at the selected setting",
+    "lambda1_small": "RECIPE λ=1 at the small rows' setting",
 }
 
 # The part-5 search (issue 10, `--search`): purification settings, fixed before any run, each an
@@ -438,7 +442,8 @@ class DefenseBench:
             "wall_time_s": round(time.time() - self.t0, 1),
             "rows": rows,
             "paired": {f"{self.p.recommended}-vs-{other}": paired(rows, self.p.recommended, other)
-                       for other in ("lambda0", "lambda0_small", "pooler_reset", "reg_only", "recipe")
+                       for other in ("lambda0", "lambda0_selected", "lambda0_small", "pooler_reset", "reg_only", "recipe",
+                                     "lambda1_small")
                        if other != self.p.recommended and paired(rows, self.p.recommended, other)},
         }
         (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -488,6 +493,7 @@ class DefenseBench:
             "reg_only": lambda: purify("purify-regonly", backdoored, 1.0, pt_weight=0.0, small=small),
             "recipe_on_clean": lambda: purify("purify-clean", ptm, 1.0, small=small),
             "recipe_selected": lambda: self.selected(backdoored, aux),
+            "lambda0_selected": lambda: self.selected(backdoored, aux, lam=0.0),
         }
         def prune(variant: str) -> tuple[Path, dict]:
             extra = {"prune": {"variant": variant, "gm_layers": p.prune_gm_layers, "ga_layers": p.prune_ga_layers},
@@ -500,13 +506,15 @@ class DefenseBench:
         builders.update({"fp": lambda: prune("fp"), "fp_gm": lambda: prune("fp-gm"), "fp_ga": lambda: prune("fp-ga")})
         if small:  # the lambda=0 twin of the small rows' setting (the sweep's own ablation)
             builders["lambda0_small"] = lambda: purify("purify-lam0-small", backdoored, 0.0, small=True)
+        if p.small_setting:  # lambda=1 there is the search candidate itself: its stage, not a second run
+            builders["lambda1_small"] = lambda: purify(f"search-{p.small_setting}", backdoored, 1.0, small=True)
         for lam in p.lambdas:
             builders[f"lambda{lam:g}"] = lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam, small=small)
         downstream = {"finemix", "finemix_epur"}  # built per seed in `finemix`, not by a builder
-        # recipe_selected exists once `--search` has selected a setting; until then "every row" skips it.
+        # The selected rows exist once `--search` has selected a setting; until then "every row" skips them.
         searched = (self.out / "search.json").is_file() and json.loads((self.out / "search.json").read_text()).get("selected")
-        wanted = [r for r in ROW_IDS if (r in builders or r in downstream) and (r in (only or [])
-                                                                               or not only and (r != "recipe_selected" or searched))]
+        wanted = [r for r in ROW_IDS if (r in builders or r in downstream) and (
+            r in (only or []) or not only and (r not in ("recipe_selected", "lambda0_selected") or searched))]
         unknown = sorted(set(only or []) - set(builders) - downstream)
         if unknown:
             raise ConfigError(f"--rows: unknown row id(s) {', '.join(unknown)} (known: {', '.join(r for r in ROW_IDS if r in builders or r in downstream)})")
@@ -600,13 +608,21 @@ class DefenseBench:
         print(search_markdown(result), end="")
         return result
 
-    def selected(self, backdoored: Path, aux: str) -> tuple[Path, dict]:
-        """The row `recipe_selected`: the search's selected candidate (the same purified model) for the table."""
+    def selected(self, backdoored: Path, aux: str, lam: float | None = None) -> tuple[Path, dict]:
+        """The row `recipe_selected`: the search's selected candidate (the same purified model) for
+        the table; with `lam`, that setting at this lambda (`lambda0_selected`: its lambda=0 twin,
+        the search's own twin stage when SEARCH has one)."""
         found = self.out / "search.json"
+        row = "recipe_selected" if lam is None else f"lambda{lam:g}_selected"
         if not found.is_file() or not json.loads(found.read_text()).get("selected"):
-            raise RecipeError(f"row recipe_selected: no selection in {found}; run --search first")
+            raise RecipeError(f"row {row}: no selection in {found}; run --search first")
         cid = json.loads(found.read_text())["selected"]
-        model, config = self.purify(SEARCH_STAGES.get(cid, f"search-{cid}"), backdoored, aux, self.search_config(cid))
+        cfg = self.search_config(cid)
+        if lam is not None:
+            cfg = merged(cfg, {"regularizer": {"lam": lam}})
+            twin = next((t for t in SEARCH if self.search_config(t) == cfg), f"{cid}-lambda{lam:g}")
+            cid = twin
+        model, config = self.purify(SEARCH_STAGES.get(cid, f"search-{cid}"), backdoored, aux, cfg)
         return model, {**config, "candidate": cid}
 
     def layer_scan(self, seeds: list[int]) -> dict:
