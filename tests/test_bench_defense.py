@@ -67,9 +67,21 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     eligible = {k: c["aasr"] for k, c in cands.items() if c["acc"] >= search["backdoored"]["acc"] - 2.0}
     assert search["selected"] == (min(eligible, key=eligible.get) if eligible else None)
     if search["selected"]:
-        picked = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--rows", "recipe_selected"])
-        assert "recipe-dist purify" not in picked.stdout  # the searched model itself, not a second purification
-        assert json.loads((out / "bench.json").read_text())["rows"]["recipe_selected"]["config"]["candidate"] == search["selected"]
+        picked = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--rows",
+                          "recipe_selected,lambda0_selected,recipe_on_clean_selected"])
+        # The searched models themselves (the selection and its lambda=0 twin, both candidates
+        # here), not second purifications; only the clean PTM's purification is new.
+        sel = search["selected"]
+        assert [ln.split("] ")[-1] for ln in picked.stdout.splitlines() if "recipe-dist purify" in ln] == [
+            f"purify-clean-{sel}: recipe-dist purify"]
+        assert str(out / "fit-head" / "model") in (out / "configs" / f"purify-clean-{sel}.yaml").read_text()
+        rows = json.loads((out / "bench.json").read_text())["rows"]
+        assert rows["recipe_selected"]["config"]["candidate"] == search["selected"]
+        twin = rows["lambda0_selected"]["config"]
+        assert twin["regularizer"]["lam"] == 0.0 and twin["candidate"] == "ffn-lr1e-4-e1-lambda0"
+        assert twin["optim"] == rows["recipe_selected"]["config"]["optim"]
+        assert "recipe-vs-lambda0_selected" in json.loads((out / "bench.json").read_text())["paired"]
+        assert rows["recipe_on_clean_selected"]["config"]["optim"] == rows["recipe_selected"]["config"]["optim"]
     # A second run reuses every finished stage.
     again = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out])
     assert "recipe-dist purify" not in again.stdout and "recipe-dist prune" not in again.stdout and "recipe-dist finemix" not in again.stdout
@@ -108,3 +120,21 @@ def test_a_cached_score_of_another_model_is_refused(tmp_path):
     assert bench.evaluate("recipe_selected", old, tmp_path, tmp_path)["acc"] == 86.0  # the same model: reused
     with pytest.raises(ConfigError, match=r"eval-recipe_selected/eval.json: scores .*search-in-lr1e-4-e1/model, not .*in-lr2e-4-e1"):
         bench.evaluate("recipe_selected", tmp_path / "search-in-lr2e-4-e1" / "model", tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("config, candidate", [("bert-recommended.yaml", "ffn-all-lr1e-4-e1"), ("bert-fast.yaml", "in-lr1e-4-e1")])
+def test_shipped_configs_are_the_search_candidates_they_name(tmp_path, config, candidate):
+    """The configs a user runs are the settings the benchmark measured, field for field."""
+    from pathlib import Path
+
+    from recipe_dist.bench.defense import DefenseBench
+    from recipe_dist.config import load_config
+    from recipe_dist.models import get_family
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / config))
+    want = DefenseBench("minilm-por", tmp_path, tmp_path, tmp_path).search_config(candidate)
+    regularized = want["model"].get("regularized") or list(get_family("bert").default_regularized)
+    assert (cfg.model.regularized or list(get_family("bert").default_regularized)) == regularized
+    assert cfg.model.trainable == want["model"]["trainable"] and cfg.optim.lr == want["optim"]["lr"]
+    assert cfg.train.epochs == want["train"]["epochs"] and cfg.train.global_batch_size == want["train"]["global_batch_size"]
+    assert (cfg.regularizer.lam, cfg.regularizer.pt_weight) == (want["regularizer"]["lam"], want["regularizer"]["pt_weight"])

@@ -15,7 +15,8 @@ Row ids (issue 10): clean, backdoored, pooler_reset, recipe, recipe_pooler_reset
 model without its pooler, as the reference code's export), lambda0, reg_only, lambda0.1,
 lambda0.5, lambda1.5, recipe_on_clean (the last five at the preset's small setting where it has one),
 lambda0_small and lambda1_small (lambda 0 and 1 at that setting); once `--search` has selected a
-setting, recipe_selected and lambda0_selected (that setting at lambda 1 and its lambda=0 twin).
+setting, recipe_selected, lambda0_selected and recipe_on_clean_selected (that setting at lambda
+1, its lambda=0 twin, and it applied to the clean PTM).
 `--rows a,b` runs only those now; rows already in
 bench.json are kept. bench.json holds command, commit, date, machine, recommended, rows (mean,
 per-seed values, seeds, config with the per-layer ||W|| ratio) and paired AASR differences.
@@ -122,7 +123,7 @@ PRESETS = {
 # Row ids in the order of value (issue 10): what shows purification first, the sweeps last.
 ROW_IDS = ["clean", "backdoored", "recipe", "recipe_pooler_reset", "pooler_reset", "lambda0", "reg_only",
            "lambda0.1", "lambda0.5", "lambda1.5", "recipe_on_clean", "fp", "fp_gm", "fp_ga", "finemix", "finemix_epur",
-           "recipe_selected", "lambda0_selected", "lambda0_small", "lambda1_small"]
+           "recipe_selected", "lambda0_selected", "recipe_on_clean_selected", "lambda0_small", "lambda1_small"]
 ROW_LABELS = {
     "clean": "clean PTM", "backdoored": "backdoored, no defense", "recipe": "RECIPE λ=1 (pooler kept)",
     "recipe_pooler_reset": "RECIPE λ=1 + pooler reset", "lambda0": "only L_PT (λ=0)", "reg_only": "only the regularizer",
@@ -133,6 +134,7 @@ ROW_LABELS = {
     "recipe_selected": "RECIPE, setting selected on held-out train (`--search`)",
     "lambda0_small": "only L_PT (λ=0) at the small rows' setting",
     "lambda0_selected": "only L_PT (λ=0) at the selected setting",
+    "recipe_on_clean_selected": "RECIPE at the selected setting on the clean PTM",
     "lambda1_small": "RECIPE λ=1 at the small rows' setting",
 }
 
@@ -494,6 +496,7 @@ class DefenseBench:
             "recipe_on_clean": lambda: purify("purify-clean", ptm, 1.0, small=small),
             "recipe_selected": lambda: self.selected(backdoored, aux),
             "lambda0_selected": lambda: self.selected(backdoored, aux, lam=0.0),
+            "recipe_on_clean_selected": lambda: self.selected(ptm, aux, stage_prefix="purify-clean-"),
         }
         def prune(variant: str) -> tuple[Path, dict]:
             extra = {"prune": {"variant": variant, "gm_layers": p.prune_gm_layers, "ga_layers": p.prune_ga_layers},
@@ -514,7 +517,7 @@ class DefenseBench:
         # The selected rows exist once `--search` has selected a setting; until then "every row" skips them.
         searched = (self.out / "search.json").is_file() and json.loads((self.out / "search.json").read_text()).get("selected")
         wanted = [r for r in ROW_IDS if (r in builders or r in downstream) and (
-            r in (only or []) or not only and (r not in ("recipe_selected", "lambda0_selected") or searched))]
+            r in (only or []) or not only and (not r.endswith("_selected") or searched))]
         unknown = sorted(set(only or []) - set(builders) - downstream)
         if unknown:
             raise ConfigError(f"--rows: unknown row id(s) {', '.join(unknown)} (known: {', '.join(r for r in ROW_IDS if r in builders or r in downstream)})")
@@ -608,21 +611,22 @@ class DefenseBench:
         print(search_markdown(result), end="")
         return result
 
-    def selected(self, backdoored: Path, aux: str, lam: float | None = None) -> tuple[Path, dict]:
+    def selected(self, source: Path, aux: str, lam: float | None = None, stage_prefix: str = "") -> tuple[Path, dict]:
         """The row `recipe_selected`: the search's selected candidate (the same purified model) for
         the table; with `lam`, that setting at this lambda (`lambda0_selected`: its lambda=0 twin,
-        the search's own twin stage when SEARCH has one)."""
+        the search's own twin stage when SEARCH has one); with `stage_prefix`, that setting run
+        on `source` in a stage of its own (`recipe_on_clean_selected`: on the clean PTM)."""
         found = self.out / "search.json"
-        row = "recipe_selected" if lam is None else f"lambda{lam:g}_selected"
         if not found.is_file() or not json.loads(found.read_text()).get("selected"):
-            raise RecipeError(f"row {row}: no selection in {found}; run --search first")
+            raise RecipeError(f"{found}: no selected setting; run --search before the rows *_selected")
         cid = json.loads(found.read_text())["selected"]
         cfg = self.search_config(cid)
         if lam is not None:
             cfg = merged(cfg, {"regularizer": {"lam": lam}})
             twin = next((t for t in SEARCH if self.search_config(t) == cfg), f"{cid}-lambda{lam:g}")
             cid = twin
-        model, config = self.purify(SEARCH_STAGES.get(cid, f"search-{cid}"), backdoored, aux, cfg)
+        stage = stage_prefix + cid if stage_prefix else SEARCH_STAGES.get(cid, f"search-{cid}")
+        model, config = self.purify(stage, source, aux, cfg)
         return model, {**config, "candidate": cid}
 
     def layer_scan(self, seeds: list[int]) -> dict:
