@@ -706,7 +706,9 @@ def markdown(result: dict) -> str:
         ratios = list(r["config"].get("norm_ratio", {}).values())
         ratio = f"{min(ratios):.3g}-{max(ratios):.3g}" if ratios else ""
         star = " **(recommended)**" if rid == result.get("recommended") else ""
-        star += f" [`{r['config']['setting']}`]" if r["config"].get("setting") else ""  # a small row's budget and lr
+        # the search setting a row ran at: a small row's (budget, lr) or the selected candidate
+        setting = r["config"].get("setting") or r["config"].get("candidate")
+        star += f" [`{setting}`]" if setting else ""
         lines.append(f"| {r['label']}{star} | `{rid}` | {r['acc']:.2f} ± {s['acc']:.2f} | {r['aasr']:.2f} ± {s['aasr']:.2f} "
                      f"| {r['masr']:.2f} ± {s['masr']:.2f} | {delta} | {ratio} |")
     seeds = sorted({s for r in rows.values() for s in r["seeds"]})
