@@ -169,6 +169,11 @@ SEARCH = {
 SEARCH_STAGES = {"recipe": "purify-lam1", "lambda0": "purify-lam0"}
 
 
+def search_stage(cid: str) -> str:
+    """The stage directory of SEARCH candidate `cid`, wherever a row or the search needs its model."""
+    return SEARCH_STAGES.get(cid, f"search-{cid}")
+
+
 def merged(base: dict, overlay: dict) -> dict:
     """`base` with `overlay` merged in, nested dicts key by key."""
     out = dict(base)
@@ -510,7 +515,7 @@ class DefenseBench:
         if small:  # the lambda=0 twin of the small rows' setting (the sweep's own ablation)
             builders["lambda0_small"] = lambda: purify("purify-lam0-small", backdoored, 0.0, small=True)
         if p.small_setting:  # lambda=1 there is the search candidate itself: its stage, not a second run
-            builders["lambda1_small"] = lambda: purify(f"search-{p.small_setting}", backdoored, 1.0, small=True)
+            builders["lambda1_small"] = lambda: purify(search_stage(p.small_setting), backdoored, 1.0, small=True)
         for lam in p.lambdas:
             builders[f"lambda{lam:g}"] = lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam, small=small)
         downstream = {"finemix", "finemix_epur"}  # built per seed in `finemix`, not by a builder
@@ -596,7 +601,7 @@ class DefenseBench:
             raise ConfigError(f"--candidates: unknown candidate(s) {', '.join(unknown)} (known: {', '.join(SEARCH)})")
         for cid in [c for c in SEARCH if not candidates or c in candidates]:
             cfg = self.search_config(cid)
-            stage = SEARCH_STAGES.get(cid, f"search-{cid}")
+            stage = search_stage(cid)
             marker = self.out / stage / "candidate.json"
             if marker.is_file() and json.loads(marker.read_text()) != cfg:
                 raise ConfigError(f"--search: {self.out / stage} was built with another setting than candidate {cid}; "
@@ -623,9 +628,8 @@ class DefenseBench:
         cfg = self.search_config(cid)
         if lam is not None:
             cfg = merged(cfg, {"regularizer": {"lam": lam}})
-            twin = next((t for t in SEARCH if self.search_config(t) == cfg), f"{cid}-lambda{lam:g}")
-            cid = twin
-        stage = stage_prefix + cid if stage_prefix else SEARCH_STAGES.get(cid, f"search-{cid}")
+            cid = next((t for t in SEARCH if self.search_config(t) == cfg), f"{cid}-lambda{lam:g}")
+        stage = stage_prefix + cid if stage_prefix else search_stage(cid)
         model, config = self.purify(stage, source, aux, cfg)
         return model, {**config, "candidate": cid}
 
