@@ -66,6 +66,12 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     assert cands["ffn-lr1e-4-e1"]["config"]["optim"]["lr"] == 1e-4 and cands["ffn-lr1e-4-e1-lambda0"]["config"]["regularizer"]["lam"] == 0.0
     eligible = {k: c["aasr"] for k, c in cands.items() if c["acc"] >= search["backdoored"]["acc"] - 2.0}
     assert search["selected"] == (min(eligible, key=eligible.get) if eligible else None)
+    # More held-out seeds for some candidates: a file of their own, the search of record untouched.
+    before = (out / "search.json").read_text()
+    run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--search", "--seeds", "1,2", "--candidates", "ffn-lr1e-4-e1"])
+    confirm = json.loads((out / "search-s1-2.json").read_text())
+    assert (out / "search.json").read_text() == before and list(confirm["candidates"]) == ["ffn-lr1e-4-e1"]
+    assert confirm["seeds"] == [1, 2] and len(confirm["candidates"]["ffn-lr1e-4-e1"]["per_seed"]["aasr"]) == 2
     if search["selected"]:
         picked = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--rows",
                           "recipe_selected,lambda0_selected,recipe_on_clean_selected"])

@@ -164,9 +164,24 @@ SEARCH = {
     "in-lr2e-4-e1": {"optim": {"lr": 2e-4}, "epochs": 1.0},
     "in-lr2e-4-e1-lambda0": {"optim": {"lr": 2e-4}, "epochs": 1.0, "regularizer": {"lam": 0.0}},
     "in-lr1e-4-e2": {"optim": {"lr": 1e-4}, "epochs": 2.0},
+    # Round 3 (2026-12-02), written down before it ran, same rule: the selected setting had no
+    # lambda=0 twin in the search (on dev its twin, lambda0_selected, reached 26.4 +- 7.7 against
+    # 20.3 +- 0.6). Scored here like any candidate, so if it wins the rule picks plain continued
+    # pre-training, and the README says so. Its model is the one lambda0_selected built (same stage).
+    # `--seeds 1,2,3 --candidates ffn-all-lr1e-4-e1,ffn-all-lr1e-4-e1-lambda0` then repeats the
+    # pair on three held-out seeds (search-s1-2-3.json): a paired test that never reads dev.
+    "ffn-all-lr1e-4-e1-lambda0": {"model": {"regularized": BERT_FFN, "trainable": "all"}, "optim": {"lr": 1e-4}, "epochs": 1.0,
+                                  "regularizer": {"lam": 0.0}},
 }
 # Stages the search shares with the table's rows (the same purified model, not a second run).
 SEARCH_STAGES = {"recipe": "purify-lam1", "lambda0": "purify-lam0"}
+
+
+def search_file(out: Path, seeds: list[int]) -> Path:
+    """Where `--search` with `seeds` keeps its scores: search.json for seed 1, the search of record
+    whose selection the *_selected rows use; any other seed set (a confirmation of some candidates
+    on more held-out seeds) writes search-s<seeds>.json beside it and selects nothing for the table."""
+    return out / ("search.json" if seeds == [1] else "search-s" + "-".join(map(str, seeds)) + ".json")
 
 
 def search_stage(cid: str) -> str:
@@ -571,8 +586,9 @@ class DefenseBench:
     def search(self, seeds: list[int], candidates: list[str] | None = None) -> dict:
         """Issue 10, part 5: every SEARCH candidate purified from the backdoored PTM and scored on
         the held-out part of the task's training file with `seeds`; OUTPUT_DIR/search.json holds
-        each candidate's config, steps, wall time, ||W|| ratios and scores, and the selection.
-        `candidates` limits this run to those ids; candidates scored earlier stay in search.json."""
+        each candidate's config, steps, wall time, ||W|| ratios and scores, and the selection
+        (other seed sets: see `search_file`). `candidates` limits this run to those ids;
+        candidates scored earlier stay in the file."""
         p = self.p
         _, aux, train, _ = self.prepare()
         held = self.heldout(train)
@@ -580,7 +596,7 @@ class DefenseBench:
         if not (backdoored / "config.json").is_file():
             raise RecipeError(f"--search: no backdoored model at {backdoored}; run the table's backdoored row first")
         base = self.evaluate(self.held_name("backdoored", seeds), backdoored, train, held, seeds)
-        cached = self.out / "search.json"
+        cached = search_file(self.out, seeds)
         result = {"test": f"{held} (the last {p.holdout} rows of {train})", "seeds": seeds,
                   "rule": "lowest held-out AASR with held-out ACC >= backdoored ACC - 2",
                   "backdoored": {m: base[m] for m in ("acc", "aasr", "masr")}, "candidates": {}}
@@ -800,7 +816,8 @@ def main(argv: list[str]) -> int:
                          "re-initialised, on a held-out part of SST-2 train (seed 1); writes OUTPUT_DIR/layer_scan.json")
     ap.add_argument("--search", action="store_true",
                     help="after the attack stage exists: purify with every SEARCH setting and score each on the held-out part "
-                         "of the task's training file; writes OUTPUT_DIR/search.json with the selection the row recipe_selected uses")
+                         "of the task's training file; writes OUTPUT_DIR/search.json with the selection the row recipe_selected uses "
+                         "(with --seeds other than 1: search-s<seeds>.json, which selects nothing for the table)")
     ap.add_argument("--candidates", default="", help=f"comma-separated --search candidates to run now (default: all: {', '.join(SEARCH)})")
     ap.add_argument("--seeds", default="1", help="fine-tuning seeds of --layer-scan and --search (default 1)")
     ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
