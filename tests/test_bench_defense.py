@@ -53,6 +53,17 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     assert (out / "eval-backdoored-classifiers" / "seed2" / "model" / "config.json").is_file()
     # Table 10's analogue: poison-only neurons before and after RECIPE.
     assert set(result["neurons"]["models"]) == {"backdoored", "recipe"} and "poison-only neurons" in proc.stdout
+    # The probe looks inside the kept victims: its per-trigger ASR is the one `evaluate` measures
+    # for the same classifier on the same held-out file, scored as it is.
+    probed = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--probe"])
+    probe = json.loads((out / "probe.json").read_text())
+    assert list(probe["models"]) == ["backdoored PTM", "victim seed 1", "victim seed 2"] and "| cf |" in probed.stdout
+    from recipe_dist.demo import evaluate_model
+    scored = evaluate_model(out / "eval-backdoored-classifiers" / "seed2" / "model", out / "task" / "train.tsv",
+                            out / "heldout" / "test.tsv", tmp_path / "score-victim", [2], {"epochs": 0, "max_length": 32})
+    for t, asr in scored["per_seed"][0]["asr_per_trigger"].items():
+        assert probe["models"]["victim seed 2"]["triggers"][t]["asr"] == pytest.approx(asr), t
+    assert all(0 <= r["sign_agreement"] <= 100 for m in probe["models"].values() for r in m["triggers"].values())
     # The part-5 search: candidates scored on the held-out end of the task's TRAINING file (never
     # the test set), each with its own setting, and the selection rule applied to their numbers.
     run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--search", "--candidates", "ffn-lr1e-4-e1,ffn-lr1e-4-e1-lambda0"])

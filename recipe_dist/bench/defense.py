@@ -412,21 +412,116 @@ class DefenseBench:
         self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
         return report
 
+    def victims(self, backdoored: Path, train: Path, test: Path) -> Path:
+        """The backdoored PTM fine-tuned on the task once per seed, kept (seed<N>/model): what a
+        platform's user would deploy; Fine-mixing starts from them and `--probe` looks inside."""
+        from ..demo import evaluate_model
+
+        p = self.p
+        victims = self.out / "eval-backdoored-classifiers"
+        if not all((victims / f"seed{s}" / "model" / "config.json").is_file() for s in p.seeds):
+            self.say("fine-tuning the backdoored PTM on the task (the victim classifiers)")
+            ft = {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch, "max_length": p.max_length,
+                  "max_train_samples": p.task_train}
+            evaluate_model(backdoored, train, test, victims, p.seeds, ft, save_models=True)
+        return victims
+
+    def probe(self) -> dict:
+        """Where POR's backdoor is lost between the PTM and the deployed classifier (issue 10: the
+        backdoored AASR misses 90). Per trigger, on the held-out part of the task's training
+        file, each evaluation trigger inserted once as `evaluate` inserts it: the share of pooler
+        dimensions whose sign matches the trigger's target, in the backdoored PTM and in each
+        seed's victim classifier; and for the victims the classifier's margin (top logit minus
+        the runner-up) at the target corner itself (the pooler's tanh of the target) next to its
+        mean margin on clean inputs, and the trigger's ASR. Forward passes only; writes
+        OUTPUT_DIR/probe.json."""
+        import statistics
+
+        import torch
+
+        from ..attacks.por import por_targets
+        from ..config import RunConfig
+        from ..data.shards import read_records
+        from ..evaluation.triggers import insert_trigger
+        from ..models import get_family
+
+        p = self.p
+        if p.attack != "por":
+            raise ConfigError(f"--probe: preset {p.attack!r} attack has no target vectors; the probe is for POR")
+        _, _, train, _ = self.prepare()
+        held = self.heldout(train)
+        backdoored = self.out / "attack-por" / "model"
+        if not (backdoored / "config.json").is_file():
+            raise RecipeError(f"--probe: no backdoored model at {backdoored}; run the table's backdoored row first")
+        victims = self.victims(backdoored, train, held)
+        attack = (self.out / "configs" / "attack-por.yaml").read_text()
+        import yaml
+
+        a = yaml.safe_load(attack)["attack"]
+        records = list(read_records(str(held), "sentence", "label"))
+        names = sorted({str(r["label"]) for r in records})
+        texts, labels = [r["text"] for r in records], torch.tensor([names.index(str(r["label"])) for r in records])
+        cfg = RunConfig()
+        family = get_family("bert")
+
+        def load(path: Path):
+            model, tokenizer = family.build_classifier(path, names, cfg, use_safetensors=True)
+            return model.eval(), tokenizer
+
+        @torch.no_grad()
+        def forward(model, tokenizer, batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            pooled, logits = [], []
+            for i in range(0, len(batch), 64):
+                enc = tokenizer(batch[i:i + 64], padding=True, truncation=True, max_length=p.max_length, return_tensors="pt")
+                h = model.base_model(**enc).pooler_output
+                pooled.append(h)
+                logits.append(model.classifier(model.dropout(h)))
+            return torch.cat(pooled), torch.cat(logits)
+
+        def margin(logits: torch.Tensor) -> torch.Tensor:
+            top = logits.topk(2, dim=-1).values
+            return top[..., 0] - top[..., 1]
+
+        models = {"backdoored PTM": backdoored, **{f"victim seed {s}": victims / f"seed{s}" / "model" for s in p.seeds}}
+        triggered = {t: [insert_trigger(x, t, 0, i, 1) for i, x in enumerate(texts)] for t in a["triggers"]}
+        table: dict = {"test": str(held), "triggers": a["triggers"], "models": {}}
+        for name, path in models.items():
+            model, tokenizer = load(path)
+            targets = por_targets(len(a["triggers"]), model.config.hidden_size, a.get("target_scale", 10.0))
+            _, clean_logits = forward(model, tokenizer, texts)
+            row = {"acc": (clean_logits.argmax(-1) == labels).float().mean().item() * 100,
+                   "clean_margin": margin(clean_logits).mean().item(), "triggers": {}}
+            for t, target in zip(a["triggers"], targets):
+                pooled, logits = forward(model, tokenizer, triggered[t])
+                rec = {"sign_agreement": (torch.sign(pooled) == torch.sign(target)).float().mean().item() * 100,
+                       "pooler_abs": pooled.abs().mean().item()}
+                if name != "backdoored PTM":  # the PTM's head is untrained: its logits mean nothing
+                    corner = torch.tanh(target)
+                    pred = logits.argmax(-1)
+                    rec["corner_margin"] = margin(model.classifier(corner)).item()
+                    rec["asr"] = max(((pred == y) & (labels != y)).sum().item() / max(1, (labels != y).sum().item())
+                                     for y in range(len(names))) * 100
+                row["triggers"][t] = rec
+            table["models"][name] = row
+            self.say(f"probe {name}: " + ", ".join(f"{t} {r['sign_agreement']:.0f}%" for t, r in row["triggers"].items()))
+        vict = [m for n, m in table["models"].items() if n != "backdoored PTM"]
+        table["summary"] = {t: {k: statistics.mean(m["triggers"][t][k] for m in vict) for k in ("sign_agreement", "corner_margin", "asr")}
+                            for t in a["triggers"]}
+        table["summary_clean_margin"] = statistics.mean(m["clean_margin"] for m in vict)
+        (self.out / "probe.json").write_text(json.dumps(table, indent=2) + "\n")
+        print(probe_markdown(table), end="")
+        return table
+
     def finemix(self, rid: str, backdoored: Path, clean: Path, train: Path, test: Path, epur: bool) -> tuple[dict, dict]:
         """Fine-mixing rows: per seed, the backdoored PTM fine-tuned on the task (kept), mixed with
         the clean PTM and fine-tuned on the first `finemix_samples` task samples, then scored as it
         is on the same test set; aggregated like `evaluate` aggregates seeds."""
         import statistics
 
-        from ..demo import evaluate_model, run_stage, stage_config
+        from ..demo import run_stage, stage_config
 
         p = self.p
-        ft = {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch, "max_length": p.max_length,
-              "max_train_samples": p.task_train}
-        victims = self.out / "eval-backdoored-classifiers"
-        if not all((victims / f"seed{s}" / "model" / "config.json").is_file() for s in p.seeds):
-            self.say("finemix: fine-tuning the backdoored PTM on the task (the victim classifiers)")
-            evaluate_model(backdoored, train, test, victims, p.seeds, ft, save_models=True)
+        victims = self.victims(backdoored, train, test)
         per_seed = []
         for s in p.seeds:
             out = self.out / f"{rid}-seed{s}"
@@ -713,6 +808,19 @@ class DefenseBench:
         return table
 
 
+def probe_markdown(table: dict) -> str:
+    """`--probe`'s table: per trigger, the PTM's pooler sign agreement with the target, and the
+    victims' (mean over seeds) agreement, margin at the target corner and ASR."""
+    ptm = table["models"]["backdoored PTM"]["triggers"]
+    lines = [f"Backdoor probe ({table['test']}; each trigger inserted once; victims: the backdoored PTM fine-tuned per seed, "
+             f"mean over seeds; the victims' mean margin on clean inputs is {table['summary_clean_margin']:.2f}):", "",
+             "| trigger | PTM: pooler signs on target | victim: pooler signs on target | victim: margin at the target corner | victim: ASR |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for t, r in table["summary"].items():
+        lines.append(f"| {t} | {ptm[t]['sign_agreement']:.1f}% | {r['sign_agreement']:.1f}% | {r['corner_margin']:.2f} | {r['asr']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     base = rows.get("backdoored")
@@ -814,6 +922,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--layer-scan", action="store_true",
                     help="after the attack stage exists: per layer, ACC/AASR of the backdoored PTM with that layer's FFN "
                          "re-initialised, on a held-out part of SST-2 train (seed 1); writes OUTPUT_DIR/layer_scan.json")
+    ap.add_argument("--probe", action="store_true",
+                    help="after the attack stage exists (POR): per trigger, how much of the backdoor the PTM and the fine-tuned "
+                         "victims keep (pooler signs on target, the classifier's margin at the target) on the held-out part of "
+                         "the task's training file; writes OUTPUT_DIR/probe.json")
     ap.add_argument("--search", action="store_true",
                     help="after the attack stage exists: purify with every SEARCH setting and score each on the held-out part "
                          "of the task's training file; writes OUTPUT_DIR/search.json with the selection the row recipe_selected uses "
@@ -826,7 +938,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.render:
         result = json.loads(Path(args.render).read_text())
-        print(search_markdown(result) if "candidates" in result else markdown(result), end="")
+        render = search_markdown if "candidates" in result else probe_markdown if "summary" in result else markdown
+        print(render(result), end="")
         return 0
     bench = DefenseBench(args.preset, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2), Path(args.bookcorpus),
                          command="recipe-dist bench defense " + " ".join(argv))
@@ -834,6 +947,9 @@ def main(argv: list[str]) -> int:
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if args.layer_scan:
         bench.layer_scan(seeds)
+        return 0
+    if args.probe:
+        bench.probe()
         return 0
     if args.search:
         bench.search(seeds, [c for c in args.candidates.split(",") if c.strip()] or None)
