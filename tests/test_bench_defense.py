@@ -1,6 +1,7 @@
 """`recipe-dist bench defense`: every row runs on the smoke preset; the pooler-reset row really drops the pooler."""
 
 import json
+import shutil
 
 import pytest
 
@@ -53,6 +54,15 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     assert (out / "eval-backdoored-classifiers" / "seed2" / "model" / "config.json").is_file()
     # Table 10's analogue: poison-only neurons before and after RECIPE.
     assert set(result["neurons"]["models"]) == {"backdoored", "recipe"} and "poison-only neurons" in proc.stdout
+    # A stage interrupted after its last checkpoint (summary and export missing) continues from
+    # its checkpoints instead of starting over, and exports the same weights.
+    attack = out / "attack-por"
+    weights = (attack / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(attack / "model")
+    (attack / "summary.json").unlink()
+    resumed = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--rows", "backdoored"])
+    assert "attack-por: resuming the interrupted stage" in resumed.stdout
+    assert (attack / "model" / "model.safetensors").read_bytes() == weights and (attack / "summary.json").is_file()
     # The probe looks inside the kept victims: its per-trigger ASR is the one `evaluate` measures
     # for the same classifier on the same held-out file, scored as it is.
     probed = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--probe"])

@@ -348,8 +348,15 @@ class DefenseBench:
         if (run_dir / "summary.json").is_file() and (run_dir / "model" / "model.safetensors").is_file():
             self.say(f"{name}: reusing {run_dir}")
             return run_dir / "model"
-        shutil.rmtree(run_dir, ignore_errors=True)
         cfg = stage_config(model, run_dir, self.p.aux_samples, self.p.max_length, extra, train_urls=aux)
+        if any((run_dir / "checkpoints").glob("step_*")):
+            # An interrupted stage (a session or job that ended mid-run) continues from its newest
+            # complete checkpoint; the trainer refuses, naming the setting, if this stage's config
+            # now differs in anything that changes the result, so nothing is silently mixed.
+            cfg.resume = "auto"
+            self.say(f"{name}: resuming the interrupted stage in {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # no checkpoint: nothing of it is worth keeping
         self.say(f"{name}: recipe-dist {cmd}")
         run_stage(cmd, cfg, self.out / "configs" / f"{name}.yaml")
         summary = json.loads((run_dir / "summary.json").read_text())
