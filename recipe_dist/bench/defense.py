@@ -882,7 +882,9 @@ def search_markdown(result: dict) -> str:
         regularized = "FFN in+out" if cfg.get("model", {}).get("regularized") else "FFN in"
         trains = "all" if cfg.get("model", {}).get("trainable") == "all" else "regularized"
         ratios = list(cfg.get("norm_ratio", {}).values())
-        star = " **(selected)**" if cid == result.get("selected") else ""
+        # Only the seed-1 search selects for the table (search_file); elsewhere the rule's pick is information.
+        pick = "selected" if result["seeds"] == [1] else "the rule's pick on these seeds; the table's selection is seed 1's"
+        star = f" **({pick})**" if cid == result.get("selected") else ""
         lines.append(f"| `{cid}`{star} | {trains} / {regularized} | {cfg['optim']['lr']:g} | {cfg['regularizer']['lam']:g} | {cfg['steps']} "
                      f"| {c['acc']:.2f} | {c['aasr']:.2f} | {c['masr']:.2f} | {f'{min(ratios):.3g}-{max(ratios):.3g}' if ratios else ''} |")
     lines += ["", f"{result['date']}, {result['machine']}, commit {result['commit'][:10]}"
