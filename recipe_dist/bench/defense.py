@@ -103,7 +103,13 @@ _MINILM_REF = dict(model="minilm", aux_samples=20000, max_length=64, attack_lr=5
 
 PRESETS = {
     "minilm-por": DefensePreset(**_MINILM_REF, attack="por", purify_epochs=4.0),
-    "minilm-badpre": DefensePreset(**_MINILM_REF, attack="badpre", purify_epochs=8.0),
+    # BadPre's signal is weak (the gradient toward a uniform prediction is the small mean of a
+    # noisy one): 250 steps at lr 5e-5 left no backdoor (AASR 20.3 vs the clean 16.6), 1,000 at
+    # lr 1e-4 gives one (82.5). Its small rows run the setting recommended against POR
+    # (configs/bert-recommended.yaml = SEARCH's ffn-all-lr1e-4-e1): lambda1_small is that setting,
+    # lambda0_small its lambda=0 twin; it is not searched again on BadPre.
+    "minilm-badpre": DefensePreset(**{**_MINILM_REF, "attack_lr": 1e-4, "attack_steps": 1000, "small_setting": "ffn-all-lr1e-4-e1"},
+                                   attack="badpre", purify_epochs=8.0, recommended="lambda1_small"),
     # The first CPU-scale preset (2026-11-21): no head fitting, 1/20 of the reference budget.
     "minilm": DefensePreset(model="minilm", aux_samples=4000, max_length=64, attack_lr=5e-5, attack_steps=250, attack_batch=16,
                             purify_lr=5e-4, purify_steps=60, purify_batch=32, purify_trainable="all",
