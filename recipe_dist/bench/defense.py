@@ -451,6 +451,7 @@ class DefenseBench:
         import statistics
 
         import torch
+        import yaml
 
         from ..attacks.por import por_targets
         from ..config import RunConfig
@@ -467,10 +468,7 @@ class DefenseBench:
         if not (backdoored / "config.json").is_file():
             raise RecipeError(f"--probe: no backdoored model at {backdoored}; run the table's backdoored row first")
         victims = self.victims(backdoored, train, held)
-        attack = (self.out / "configs" / "attack-por.yaml").read_text()
-        import yaml
-
-        a = yaml.safe_load(attack)["attack"]
+        a = yaml.safe_load((self.out / "configs" / "attack-por.yaml").read_text())["attack"]
         records = list(read_records(str(held), "sentence", "label"))
         names = sorted({str(r["label"]) for r in records})
         texts, labels = [r["text"] for r in records], torch.tensor([names.index(str(r["label"])) for r in records])
