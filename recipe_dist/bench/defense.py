@@ -641,7 +641,8 @@ class DefenseBench:
             builders[f"lambda{lam:g}"] = lambda lam=lam: purify(f"purify-lam{lam:g}", backdoored, lam, small=small)
         downstream = {"finemix", "finemix_epur"}  # built per seed in `finemix`, not by a builder
         # The selected rows exist once `--search` has selected a setting; until then "every row" skips them.
-        searched = (self.out / "search.json").is_file() and json.loads((self.out / "search.json").read_text()).get("selected")
+        record = search_file(self.out, [1])
+        searched = record.is_file() and json.loads(record.read_text()).get("selected")
         wanted = [r for r in ROW_IDS if (r in builders or r in downstream) and (
             r in (only or []) or not only and (not r.endswith("_selected") or searched))]
         unknown = sorted(set(only or []) - set(builders) - downstream)
@@ -743,7 +744,7 @@ class DefenseBench:
         the table; with `lam`, that setting at this lambda (`lambda0_selected`: its lambda=0 twin,
         the search's own twin stage when SEARCH has one); with `stage_prefix`, that setting run
         on `source` in a stage of its own (`recipe_on_clean_selected`: on the clean PTM)."""
-        found = self.out / "search.json"
+        found = search_file(self.out, [1])
         if not found.is_file() or not json.loads(found.read_text()).get("selected"):
             raise RecipeError(f"{found}: no selected setting; run --search before the rows *_selected")
         cid = json.loads(found.read_text())["selected"]
