@@ -415,15 +415,17 @@ class DefenseBench:
                                   "move that directory away to score this model")
             self.say(f"eval {name}: reusing {out / 'eval.json'}")
             return cached
-        p = self.p
-        seeds = seeds or p.seeds
+        seeds = seeds or self.p.seeds
         self.say(f"eval {name}: fine-tune x{len(seeds)} seeds" if epochs != 0 else f"eval {name}: score as it is")
-        report = evaluate_model(model, train, test, out, seeds, {
-            "lr": p.finetune_lr, "epochs": p.finetune_epochs if epochs is None else epochs, "batch_size": p.finetune_batch,
-            "max_length": p.max_length, "max_train_samples": p.task_train,
-        })
+        report = evaluate_model(model, train, test, out, seeds, self.finetune(epochs))
         self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
         return report
+
+    def finetune(self, epochs: int | None = None) -> dict:
+        """The fixed downstream fine-tuning every row is scored with (`epochs` replaces its epochs)."""
+        p = self.p
+        return {"lr": p.finetune_lr, "epochs": p.finetune_epochs if epochs is None else epochs, "batch_size": p.finetune_batch,
+                "max_length": p.max_length, "max_train_samples": p.task_train}
 
     def victims(self, backdoored: Path, train: Path, test: Path) -> Path:
         """The backdoored PTM fine-tuned on the task once per seed, kept (seed<N>/model): what a
@@ -434,9 +436,7 @@ class DefenseBench:
         victims = self.out / "eval-backdoored-classifiers"
         if not all((victims / f"seed{s}" / "model" / "config.json").is_file() for s in p.seeds):
             self.say("fine-tuning the backdoored PTM on the task (the victim classifiers)")
-            ft = {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch, "max_length": p.max_length,
-                  "max_train_samples": p.task_train}
-            evaluate_model(backdoored, train, test, victims, p.seeds, ft, save_models=True)
+            evaluate_model(backdoored, train, test, victims, p.seeds, self.finetune(), save_models=True)
         return victims
 
     def probe(self) -> dict:
