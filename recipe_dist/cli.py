@@ -109,10 +109,16 @@ def _fit_head(argv: list[str]) -> int:
         return 0
     family = trainer.job.family
     out = Path(cfg.output_dir)
-    before = masked_lm_metrics(trainer.model_dir, family, cfg, trainer.urls, known.eval_samples)
-    after = masked_lm_metrics(out / "model", family, cfg, trainer.urls, known.eval_samples)
-    report = {"input": str(trainer.model_dir), "output": str(out / "model"),
-              "scored_on": f"the first {before['samples']} samples of data.train_urls (also seen in training), static masks",
+    if cfg.fit_head.eval_urls:
+        from .data.pipeline import shard_urls
+
+        urls, where = shard_urls(cfg.fit_head.eval_urls), "fit_head.eval_urls (held out from training)"
+    else:
+        urls, where = trainer.urls, "data.train_urls (also seen in training)"
+    before = masked_lm_metrics(trainer.model_dir, family, cfg, urls, known.eval_samples)
+    after = masked_lm_metrics(out / "model", family, cfg, urls, known.eval_samples)
+    report = {"input": str(trainer.model_dir), "output": str(out / "model"), "scope": cfg.fit_head.scope,
+              "scored_on": f"the first {before['samples']} samples of {where}, static masks",
               "before": before, "after": after}
     (out / "fit_head.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"fit-head: masked-LM loss {before['loss']:.4f} -> {after['loss']:.4f}, accuracy {before['accuracy']:.2f}% -> "
@@ -182,6 +188,10 @@ def _shards(argv: list[str]) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--text-column", default=None, help="text column/key (default: text, sentence, ...)")
     ap.add_argument("--label-column", default=None, help="label column/key, stored as 'cls' (default: label if present)")
+    ap.add_argument("--wikitext", action="store_true", help="--input is WikiText's tokenized release (.txt): running text in "
+                    "--chunk-words chunks, headings dropped, ' @-@ ' joins undone")
+    ap.add_argument("--chunk-words", type=int, default=0, help="--wikitext: words per sample (default 64, as the POR reference)")
+    ap.add_argument("--unk", default="drop", choices=["drop", "[UNK]"], help="--wikitext: drop <unk> words or keep them as [UNK]")
     ap.add_argument("--overwrite", action="store_true", help="replace shards that already exist under --output (default: refuse)")
     return shards.main(ap.parse_args(argv))
 

@@ -274,6 +274,16 @@ class FinemixConfig:
 
 
 @dataclass
+class FitHeadConfig:
+    """`recipe-dist fit-head`: masked-LM training of an encoder's head (and, with scope=all, of the encoder too)."""
+
+    scope: Literal["head", "all"] = _f("head", "what trains: head (the head transform, its LayerNorm and decoder bias; the encoder "
+                                       "frozen) or all (encoder and head: continued masked-LM pre-training, no regularizer)")
+    eval_urls: str = _f("", "held-out shards scored before and after (masked-token loss and accuracy, static masks); empty scores "
+                        "the first --eval-samples training samples")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = _f("runs/purify", "run directory: model/, checkpoints/, tb/, config.yaml, summary.json",
                          check=Rule(lambda v: v.strip() != "", "must not be empty"))
@@ -291,6 +301,7 @@ class RunConfig:
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finemix: FinemixConfig = field(default_factory=FinemixConfig)
+    fit_head: FitHeadConfig = field(default_factory=FitHeadConfig)
 
     def validate(self) -> None:
         """Every field's declared domain (`check_fields`), then the rules that span fields."""

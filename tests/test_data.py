@@ -366,3 +366,28 @@ def test_ahead_keeps_order_and_raises_where_the_error_was():
     gen = ahead(iter(range(10**6)), 2)
     assert next(gen) == 0
     gen.close()  # the thread stops: nothing hangs
+
+
+def test_shards_from_wikitext_chunks_articles_and_undoes_its_tokenization(capsys, tmp_path):
+    src = tmp_path / "wiki.txt"
+    body = " ".join(f"w{i}" for i in range(10))
+    src.write_text(" \n = Alpha = \n \n a 1 @,@ 000 year @-@ old 3 @.@ 5 <unk> man . " + body + " \n"
+                   " = = Sub = = \n more words here \n = Beta = \n " + body[:-3] + " \n", encoding="utf-8")
+    out = tmp_path / "wt"
+    assert cli.main(["shards", "--input", str(src), "--wikitext", "--chunk-words", "8", "--output", str(out / "s")]) == 0
+    texts = [s["txt"] for s in wds.WebDataset(str(out / "s-000000.tar"), shardshuffle=False).decode()]
+    # Article Alpha: 6 + 10 + 3 words (<unk> dropped, the subheading too) in 8-word chunks, never
+    # spanning into Beta; Beta's 9 words end in a 1-word tail, under a quarter chunk: dropped.
+    assert texts[0] == "a 1,000 year-old 3.5 man . w0 w1"
+    assert all("<unk>" not in t and "@" not in t and "=" not in t for t in texts)
+    assert texts[1:3] == ["w2 w3 w4 w5 w6 w7 w8 w9", "more words here"]
+    assert texts[3:] == ["w0 w1 w2 w3 w4 w5 w6 w7"]
+    assert cli.main(["shards", "--input", str(src), "--wikitext", "--chunk-words", "8", "--unk", "[UNK]",
+                     "--output", str(tmp_path / "k" / "s")]) == 0
+    kept = [s["txt"] for s in wds.WebDataset(str(tmp_path / "k" / "s-000000.tar"), shardshuffle=False).decode()]
+    assert kept[0] == "a 1,000 year-old 3.5 [UNK] man . w0"
+
+
+def test_chunk_words_without_wikitext_is_an_error(capsys, tmp_path, txt):
+    rc = cli.main(["shards", "--input", str(txt), "--chunk-words", "8", "--output", str(tmp_path / "s")])
+    assert rc != 0 and "--chunk-words needs --wikitext" in capsys.readouterr().err

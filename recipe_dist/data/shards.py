@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -82,6 +83,56 @@ def read_records(path: str, text_column: str | None = None, label_column: str | 
                     yield {"text": line.strip()}
         else:
             raise ShardInputError(f"{path}: unsupported input type '{suffix}' (use .tsv, .csv, .jsonl or .txt)")
+
+
+# WikiText's tokenized release splits a hyphen, comma or decimal point inside a word or number
+# as " @-@ ", " @,@ ", " @.@ "; a heading line is "= Title =" (deeper levels "= = Sub = =").
+WIKITEXT_JOINS = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
+WIKITEXT_HEADING = re.compile(r"(= )+.*( =)+")
+
+
+def wikitext_records(path: str, chunk_words: int, unk: str = "drop") -> Iterator[dict]:
+    """Running text of a WikiText file in `chunk_words`-word chunks, as the POR reference reads
+    WikiText (64-word chunks). Headings are dropped (a top-level heading starts a new article, and
+    a chunk never spans two articles); the @-joins are undone; `<unk>` (a word the release
+    replaced, ~6% of words) is dropped (`unk="drop"`) or kept as the tokenizer's unknown token
+    (`unk="[UNK]"`), never left as the literal `<unk>` that WordPiece would split into four
+    pieces. An article's tail shorter than a quarter chunk is dropped."""
+    if chunk_words < 1:
+        raise ShardInputError(f"--chunk-words must be >= 1, got {chunk_words}")
+    if unk not in ("drop", "[UNK]"):
+        raise ShardInputError(f"--unk must be drop or [UNK], got {unk!r}")
+    fs, fpath = storage.filesystem(path)
+    try:
+        handle = storage.call(lambda: fs.open(fpath, "rt", encoding="utf-8"), path, what="input file")
+    except storage.DataError as e:
+        raise ShardInputError(str(e)) from None
+
+    def chunks(words: list[str]) -> Iterator[dict]:
+        for i in range(0, len(words), chunk_words):
+            piece = words[i : i + chunk_words]
+            if len(piece) * 4 >= chunk_words:
+                yield {"text": " ".join(piece)}
+
+    words: list[str] = []
+    with handle as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if WIKITEXT_HEADING.fullmatch(line):
+                if not line.startswith("= ="):  # a new article
+                    yield from chunks(words)
+                    words = []
+                continue
+            for marker, joined in WIKITEXT_JOINS.items():
+                line = line.replace(marker, joined)
+            for w in line.split():
+                if w != "<unk>":
+                    words.append(w)
+                elif unk != "drop":
+                    words.append(unk)
+    yield from chunks(words)
 
 
 FIELD_EXTENSIONS = {"text": "txt", "label": "cls"}
@@ -261,6 +312,10 @@ def main(args) -> int:
         recs = image_folder_records(args.image_folder)
     elif getattr(args, "captions", None):
         recs = caption_records(args.captions, args.image_column, args.caption_column)
+    elif getattr(args, "wikitext", False) or getattr(args, "chunk_words", 0):
+        if not getattr(args, "wikitext", False):
+            raise ShardInputError("--chunk-words needs --wikitext (chunks of running text)")
+        recs = wikitext_records(args.input, args.chunk_words or 64, args.unk)
     else:
         recs = read_records(args.input, args.text_column, args.label_column)
     try:

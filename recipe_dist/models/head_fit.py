@@ -1,4 +1,5 @@
-"""`recipe-dist fit-head`: fit the masked-LM head of an encoder that ships without one.
+"""`recipe-dist fit-head`: fit the masked-LM head of an encoder that ships without one
+(`--fit_head.scope=all`: then keep masked-LM training the encoder and head together).
 
 Sentence-transformers exports (MiniLM, MPNet, ...) keep only the encoder. Loaded as
 `*ForMaskedLM`, such a model gets a freshly initialised head transform (dense + LayerNorm) and
@@ -44,7 +45,9 @@ class HeadFitJob(FamilyJob):
         model = loaded.model
         head = set(head_parameter_names(model, self.family.head_attr))
         for n, p in model.named_parameters():
-            p.requires_grad_(n in head)
+            # scope=all: continued masked-LM pre-training of the whole model. The pooler gets no
+            # masked-LM gradient, so it stays frozen (and exported as it came).
+            p.requires_grad_(n in head or (cfg.fit_head.scope == "all" and ".pooler." not in n))
         loss = MaskedLMLoss(model, self.family.head_attr, fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
         return Regularized(loss, model, [], 0.0)
 
