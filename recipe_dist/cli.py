@@ -143,31 +143,6 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
-def _demo(argv: list[str]) -> int:
-    from .demo import PRESETS, run_demo
-
-    ap = argparse.ArgumentParser(
-        prog="recipe-dist demo",
-        description="The whole story on CPU, no downloads: build a tiny SYNTHETIC BERT PTM, backdoor it with POR, "
-        "evaluate, purify it with RECIPE through `purify`, evaluate again; prints one table, writes demo.json and report.md.",
-    )
-    ap.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where every stage's run directory goes (default: runs/demo)")
-    ap.add_argument("--preset", default="default", choices=sorted(PRESETS), help="stage sizes; smoke only checks the wiring")
-    args = ap.parse_args(argv)
-    run_demo(args.output_dir, args.preset)
-    return 0
-
-
-def _bench(argv: list[str]) -> int:
-    benches = {"decoder": "recipe_dist.bench.decoder", "defense": "recipe_dist.bench.defense", "loader": "recipe_dist.bench.loader", "memory": "recipe_dist.bench.memory", "step": "recipe_dist.bench.step", "vision": "recipe_dist.bench.vision"}
-    if not argv or argv[0] not in benches:
-        print(f"usage: recipe-dist bench {{{','.join(benches)}}} [options]", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import importlib
-
-    return importlib.import_module(benches[argv[0]]).main(argv[1:])
-
-
 def _shards(argv: list[str]) -> int:
     from .data import shards
 
@@ -231,19 +206,30 @@ def _slurm(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"prune": _prune, "finemix": _finemix, "analyze": _analyze, "dynamics": _dynamics, "slurm": _slurm, "demo": _demo, "bench": _bench, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
+COMMANDS = {"prune": _prune, "finemix": _finemix, "analyze": _analyze, "dynamics": _dynamics, "slurm": _slurm, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
+
+
+def plugin_commands() -> dict:
+    """Commands other packages add under the entry-point group `recipe_dist.commands` (each a
+    callable taking argv and returning an exit code). The lab (`recipe_dist.lab`: demo, bench)
+    plugs in this way, so the product never imports it."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="recipe_dist.commands") if ep.name not in COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: recipe-dist {{{','.join(COMMANDS)}}} [options]   (recipe-dist <command> --help)", file=sys.stderr)
+    plugins = plugin_commands()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in {**COMMANDS, **plugins}:
+        print(f"usage: recipe-dist {{{','.join([*COMMANDS, *plugins])}}} [options]   (recipe-dist <command> --help)", file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"recipe-dist: error: unknown command '{argv[0]}'", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        command = COMMANDS.get(argv[0]) or plugins[argv[0]].load()
+        return command(argv[1:])
     except RecipeError as e:
         _error_line(str(e))
         return 2

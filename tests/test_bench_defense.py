@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import run_cli
-from recipe_dist.bench.defense import drop_pooler
+from recipe_dist.lab.defense import drop_pooler
 
 
 def test_drop_pooler_gives_a_fresh_pooler_downstream(tiny_bert_dir, tmp_path):
@@ -68,7 +68,7 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     probed = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--probe"])
     probe = json.loads((out / "probe.json").read_text())
     assert list(probe["models"]) == ["backdoored PTM", "victim seed 1", "victim seed 2"] and "| cf |" in probed.stdout
-    from recipe_dist.demo import evaluate_model
+    from recipe_dist.lab.demo import evaluate_model
     scored = evaluate_model(out / "eval-backdoored-classifiers" / "seed2" / "model", out / "task" / "train.tsv",
                             out / "heldout" / "test.tsv", tmp_path / "score-victim", [2], {"epochs": 0, "max_length": 32})
     for t, asr in scored["per_seed"][0]["asr_per_trigger"].items():
@@ -116,7 +116,7 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
 
 
 def test_small_rows_take_the_small_setting_with_their_own_lambda(tmp_path):
-    from recipe_dist.bench.defense import SEARCH, DefenseBench
+    from recipe_dist.lab.defense import SEARCH, DefenseBench
 
     bench = DefenseBench("minilm-por", tmp_path, tmp_path, tmp_path)
     setting = SEARCH[bench.p.small_setting]
@@ -137,7 +137,7 @@ def test_small_rows_take_the_small_setting_with_their_own_lambda(tmp_path):
 def test_a_cached_score_of_another_model_is_refused(tmp_path):
     """Stages are reused by name: a row whose model changed (recipe_selected after a new search)
     must not inherit the old model's score."""
-    from recipe_dist.bench.defense import DefenseBench
+    from recipe_dist.lab.defense import DefenseBench
     from recipe_dist.config import ConfigError
 
     bench = DefenseBench("smoke", tmp_path, tmp_path, tmp_path)
@@ -154,7 +154,7 @@ def test_shipped_configs_are_the_search_candidates_they_name(tmp_path, config, c
     """The configs a user runs are the settings the benchmark measured, field for field."""
     from pathlib import Path
 
-    from recipe_dist.bench.defense import DefenseBench
+    from recipe_dist.lab.defense import DefenseBench
     from recipe_dist.config import load_config
     from recipe_dist.models import get_family
 

@@ -31,7 +31,7 @@ from recipe_dist.data.pipeline import (
     shard_samples,
     shard_urls,
 )
-from recipe_dist.bench.fault_proxy import FaultProxy
+from recipe_dist.lab.fault_proxy import FaultProxy
 from recipe_dist.metrics import read_scalars
 
 TINY = REPO / "configs" / "tiny-bert.yaml"

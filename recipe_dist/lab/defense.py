@@ -329,7 +329,7 @@ class DefenseBench:
             spec = str(shards / f"bookcorpus-{{000000..{n_shards - 1:06d}}}.tar")
             return ptm, spec, self.sst2 / "train.tsv", test
         from ..config import TinyArchConfig
-        from ..demo import DemoPreset, write_task
+        from .demo import DemoPreset, write_task
         from ..models.mlm import build_tiny_bert
         from ..models.tiny_ptm import pretrain_tiny_bert
 
@@ -348,7 +348,7 @@ class DefenseBench:
 
     # ------------------------------------------------------------------ stages
     def run_job(self, cmd: str, name: str, model: Path, aux: str, extra: dict) -> Path:
-        from ..demo import run_stage, stage_config
+        from .demo import run_stage, stage_config
 
         run_dir = self.out / name
         if (run_dir / "summary.json").is_file() and (run_dir / "model" / "model.safetensors").is_file():
@@ -403,7 +403,7 @@ class DefenseBench:
 
     def evaluate(self, name: str, model: Path, train: Path, test: Path, seeds: list[int] | None = None, epochs: int | None = None) -> dict:
         """`evaluate` of `model` (fine-tuned per seed; `epochs=0` scores a classifier as it is)."""
-        from ..demo import evaluate_model
+        from .demo import evaluate_model
 
         out = self.out / f"eval-{name}"
         if (out / "eval.json").is_file():
@@ -430,7 +430,7 @@ class DefenseBench:
     def victims(self, backdoored: Path, train: Path, test: Path) -> Path:
         """The backdoored PTM fine-tuned on the task once per seed, kept (seed<N>/model): what a
         platform's user would deploy; Fine-mixing starts from them and `--probe` looks inside."""
-        from ..demo import evaluate_model
+        from .demo import evaluate_model
 
         p = self.p
         victims = self.out / "eval-backdoored-classifiers"
@@ -529,7 +529,7 @@ class DefenseBench:
         is on the same test set; aggregated like `evaluate` aggregates seeds."""
         import statistics
 
-        from ..demo import run_stage, stage_config
+        from .demo import run_stage, stage_config
 
         p = self.p
         victims = self.victims(backdoored, train, test)
@@ -947,7 +947,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--candidates", default="", help=f"comma-separated --search candidates to run now (default: all: {', '.join(SEARCH)})")
     ap.add_argument("--seeds", default="1", help="fine-tuning seeds of --layer-scan and --search (default 1)")
     ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
-                    help="print the markdown table of a results file (e.g. recipe_dist/bench/results/minilm-por.json, "
+                    help="print the markdown table of a results file (e.g. recipe_dist/lab/results/minilm-por.json, "
                          "or a search.json) and exit")
     args = ap.parse_args(argv)
     if args.render:

@@ -74,7 +74,7 @@ class DecoderBench:
         print(f"[bench decoder {time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
     def stage(self, cmd: str, name: str, model: Path | None, extra: dict) -> Path:
-        from ..demo import run_stage, stage_config
+        from .demo import run_stage, stage_config
 
         run_dir = self.out / name
         if (run_dir / "summary.json").is_file():
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="recipe-dist bench decoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-decoder")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/bench/results/decoder-llama.json)")
+    ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/decoder-llama.json)")
     args = ap.parse_args(argv)
     bench = DecoderBench(args.preset, Path(args.output_dir), "recipe-dist bench decoder " + " ".join(argv))
     result = bench.run()

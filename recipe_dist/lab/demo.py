@@ -24,8 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, Trainable, apply_dict, dump_yaml
-from .errors import RecipeError
+from ..config import ConfigError, RunConfig, Trainable, apply_dict, dump_yaml
+from ..errors import RecipeError
 
 
 @dataclass
@@ -82,7 +82,7 @@ def run_stage(cmd: str, cfg: RunConfig, path: Path) -> None:
 
 
 def write_task(out: Path, p: DemoPreset) -> tuple[Path, Path]:
-    from .data import synthetic
+    from ..data import synthetic
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -116,7 +116,7 @@ def stage_config(model_path: Path, output_dir: Path, aux_samples: int, max_lengt
 def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list[int], finetune: dict, **extra) -> dict:
     """`recipe-dist evaluate` in-process: `finetune` holds the finetune.* keys (lr, epochs, ...);
     `extra` any other top-level EvalConfig keys (e.g. save_models=True)."""
-    from .evaluation.finetune import EvalConfig, evaluate
+    from ..evaluation.finetune import EvalConfig, evaluate
 
     cfg = EvalConfig()
     apply_dict(cfg, {
@@ -139,10 +139,10 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def run_demo(output_dir: Path, preset: str = "default") -> dict:
-    from .config import TinyArchConfig
-    from .models.mlm import build_tiny_bert
-    from .models.tiny_ptm import pretrain_tiny_bert
-    from .report import write_report
+    from ..config import TinyArchConfig
+    from ..models.mlm import build_tiny_bert
+    from ..models.tiny_ptm import pretrain_tiny_bert
+    from ..report import write_report
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")

@@ -95,7 +95,7 @@ class VisionBench:
         print(f"[bench vision {time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
     def stage(self, cmd: str, family: str, name: str, model: Path | None, extra: dict) -> Path:
-        from ..demo import run_stage, stage_config
+        from .demo import run_stage, stage_config
 
         run_dir = self.out / family / name
         if (run_dir / "summary.json").is_file():
@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--families", default=None, help="comma-separated subset of vit,vgg,clip (default: the preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override one preset field, e.g. --set attack_epochs=4 (recorded in bench.json's preset_values)")
-    ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/bench/results/vision.json)")
+    ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/vision.json)")
     args = ap.parse_args(argv)
     bench = VisionBench(args.preset, Path(args.output_dir), "recipe-dist bench vision " + " ".join(argv))
     if args.families:
