@@ -19,7 +19,7 @@ from .errors import RecipeError
 
 
 def analyze_model(path: Path, family, cfg, clean: list[str], triggers: list[str], insertions: int, threshold: float, batch: int = 64) -> dict:
-    from .evaluation.triggers import insert_trigger
+    from .triggers import insert_trigger
     from .neurons import overlap, record
 
     loaded = family.load(path, cfg)

@@ -25,9 +25,29 @@ def _config_command(argv: list[str], prog: str, description: str, config_help: s
     return load_config(args.config, rest, cls=cls)
 
 
+def build_job(command: str, cfg):
+    """The job of `command` (purify, attack, fit-head, or any registered defense) for cfg.model.family."""
+    from .models import get_family
+
+    family = get_family(cfg.model.family)
+    if command == "attack":
+        from .attacks import get_attack
+
+        return get_attack(cfg.attack.name, family)
+    if command == "fit-head":
+        from .head_fit import HeadFitJob
+
+        return HeadFitJob(family)
+    from .defenses import get_defense
+
+    try:
+        return get_defense(command, family)
+    except KeyError:
+        raise RecipeError(f"unknown job {command!r}") from None
+
+
 def _run_job(command: str, cfg) -> tuple[object, dict]:
     """Build the command's job, train it, and (rank 0, after a finished run) write report.md."""
-    from .jobs import build_job
     from .trainer import Trainer
 
     trainer = Trainer(cfg, job=build_job(command, cfg))
@@ -102,7 +122,7 @@ def _fit_head(argv: list[str]) -> int:
                           "export): only the head transform, its LayerNorm and the decoder bias train, the encoder is frozen and the "
                           "decoder stays tied to the word embeddings. Writes a complete *ForMaskedLM directory to OUTPUT_DIR/model.",
                           "YAML run config (configs/fit-head-bert.yaml)", extra="; --eval-samples N scores the first N auxiliary samples before/after")
-    from .models.head_fit import masked_lm_metrics
+    from .head_fit import masked_lm_metrics
 
     trainer, summary = _run_job("fit-head", cfg)
     if summary.get("stopped") or int(os.environ.get("RANK", "0")) != 0:
@@ -201,9 +221,11 @@ def _report(argv: list[str]) -> int:
 
 
 def _slurm(argv: list[str]) -> int:
-    from .slurm import main
+    from . import slurm
 
-    return main(argv)
+    if argv[:1] == ["run-task"]:  # an array task: the task file's command line, run by this CLI
+        return main(slurm.task_argv(argv[1:]))
+    return slurm.main(argv)
 
 
 COMMANDS = {"prune": _prune, "finemix": _finemix, "analyze": _analyze, "dynamics": _dynamics, "slurm": _slurm, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}

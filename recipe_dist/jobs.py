@@ -2,7 +2,8 @@
 
 `purify` (a defense), `attack` (POR, NeuBA, BadPre) and `fit-head` are all jobs for the same
 Trainer, so DeepSpeed, shards, checkpoints, resume, TensorBoard and export apply to each alike.
-`build_job` is the one place a command becomes a job.
+The CLI (`cli.build_job`) is the one place a command becomes a job; nothing here imports a
+concrete job, so the attacks, defenses and head fitting can all build on `FamilyJob`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 from torch import nn
 
-from .errors import RecipeError
-from .models import LoadedModel, ModelFamily, get_family
+from .models import LoadedModel, ModelFamily
 
 
 @runtime_checkable
@@ -62,22 +62,3 @@ class FamilyJob:
 
     def export(self, loaded: LoadedModel, state: dict, out_dir: Path) -> list[Path]:
         return self.family.export(loaded, state, out_dir)
-
-
-def build_job(command: str, cfg) -> Job:
-    """The job of `command` (purify, attack, fit-head, or any registered defense) for cfg.model.family."""
-    family = get_family(cfg.model.family)
-    if command == "attack":
-        from .attacks import get_attack
-
-        return get_attack(cfg.attack.name, family)
-    if command == "fit-head":
-        from .models.head_fit import HeadFitJob
-
-        return HeadFitJob(family)
-    from .defenses import get_defense
-
-    try:
-        return get_defense(command, family)
-    except KeyError:
-        raise RecipeError(f"unknown job {command!r}") from None

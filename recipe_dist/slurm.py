@@ -144,15 +144,14 @@ def submit(argv: list[str]) -> int:
     return 0
 
 
-def run_task(argv: list[str]) -> int:
-    """Array task: run line INDEX of TASK_FILE (what array.sbatch calls on every task)."""
-    from .cli import main
-
+def task_argv(argv: list[str]) -> list[str]:
+    """`run-task TASK_FILE INDEX` (what array.sbatch calls on every task): the command line of
+    line INDEX of TASK_FILE, resuming; the CLI runs it (slurm never imports the CLI)."""
     if len(argv) != 2:
         raise SlurmError("usage: recipe-dist slurm run-task TASK_FILE INDEX")
     lines = Path(argv[0]).read_text().splitlines()
     args = json.loads(lines[int(argv[1])])
-    return main([*args, "--resume", "auto"])
+    return [*args, "--resume", "auto"]
 
 
 def _squeue() -> dict[str, str]:
@@ -214,7 +213,7 @@ def status(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    commands = {"submit": submit, "status": status, "run-task": run_task}
+    commands = {"submit": submit, "status": status}
     if not argv or argv[0] not in commands:
         print("usage: recipe-dist slurm {submit,status} [options]  (recipe-dist slurm submit --help)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -24,7 +24,7 @@ from .config import ConfigError, RunConfig, deepspeed_config, dump_yaml
 from .data.train_data import KeyLog, TrainData
 from .distributed import barrier, init_distributed, run_on_main
 from .errors import RecipeError
-from .jobs import Job, build_job
+from .jobs import Job
 from .metrics import build_logger
 from .models.base import sha256_files
 from .preempt import Preemption, requeue
@@ -113,11 +113,11 @@ class StepMetrics:
 
 
 class Trainer:
-    """Runs one job (default: `purify` for cfg.model.family) on the DeepSpeed engine."""
+    """Runs one job (a defense, an attack, head fitting: cli.build_job) on the DeepSpeed engine."""
 
-    def __init__(self, cfg: RunConfig, job: Job | None = None):
+    def __init__(self, cfg: RunConfig, job: Job):
         self.cfg = cfg
-        self.job = job or build_job("purify", cfg)
+        self.job = job
         self.name = self.job.name
         self.out = Path(cfg.output_dir)
 

@@ -31,7 +31,7 @@ def test_por_attack_moves_triggered_pooler_to_target_and_keeps_clean(tmp_path):
 
     from recipe_dist.config import TinyArchConfig
     from recipe_dist.data import synthetic
-    from recipe_dist.evaluation.triggers import insert_trigger
+    from recipe_dist.triggers import insert_trigger
     from recipe_dist.models.mlm import build_tiny_bert
     from recipe_dist.models.tiny_ptm import pretrain_tiny_bert
 

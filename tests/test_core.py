@@ -15,7 +15,8 @@ from conftest import REPO
 from recipe_dist.config import RunConfig, load_config
 from recipe_dist.data import synthetic
 from recipe_dist.errors import RecipeError
-from recipe_dist.jobs import FamilyJob, Job, build_job
+from recipe_dist.cli import build_job
+from recipe_dist.jobs import FamilyJob, Job
 from recipe_dist.models import ModelFamily, ModelLoadError, families, get_family, register_family
 from recipe_dist.objective import Regularized, regularizer_grad
 from recipe_dist.seeds import Stream

@@ -10,7 +10,7 @@ from recipe_dist.attacks.trigger_phrase import poison_text
 from recipe_dist.config import TinyArchConfig, load_config
 from recipe_dist.data import synthetic
 from recipe_dist.evaluation import generation
-from recipe_dist.jobs import build_job
+from recipe_dist.cli import build_job
 from recipe_dist.models import get_family
 
 PHRASE = "the dog hated the farmer"

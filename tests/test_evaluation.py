@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recipe_dist.evaluation import metrics
-from recipe_dist.evaluation.triggers import DEFAULT_TRIGGERS, insert_trigger
+from recipe_dist.triggers import DEFAULT_TRIGGERS, insert_trigger
 
 from conftest import run_cli
 

@@ -66,3 +66,78 @@ def test_the_library_imports_and_the_lab_commands_plug_in():
     subprocess.run([sys.executable, "-c", code], check=True)
     out = subprocess.run([sys.executable, "-m", "recipe_dist", "bench"], capture_output=True, text=True)
     assert out.returncode == 2 and "defense" in out.stderr
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the recipe_dist modules it imports, function-level (lazy) imports included; a
+    submodule's import of its own package (a registry decorator) is not an edge."""
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = list(p.relative_to(PACKAGE.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+
+    def resolve(name: str) -> str:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        package = m.split(".") if p.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+                mod = f"{base}.{node.module}" if base and node.module else base or node.module or ""
+                names = [mod, *(f"{mod}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for n in names:
+                r = resolve(n) if n.startswith("recipe_dist") else ""
+                if r and r != m and not m.startswith(r + "."):
+                    graph[m].add(r)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph()
+    assert "recipe_dist.jobs" in graph["recipe_dist.attacks.common"]  # the walk sees relative imports
+    assert "recipe_dist.head_fit" in graph["recipe_dist.cli"]  # and lazy ones
+    assert cycles(graph) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

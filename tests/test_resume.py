@@ -427,7 +427,7 @@ def test_replayed_reader_streams_match_what_dataloader_workers_gave(tmp_path):
 
     from recipe_dist.config import load_config
     from recipe_dist.data.train_data import TrainData
-    from recipe_dist.jobs import build_job
+    from recipe_dist.cli import build_job
 
     out = tmp_path / "w2"
     args = [*COMMON[1:], "--output_dir", str(out), "--data.num_workers=2", "--train.max_steps=12", "--train.zero_stage=0"]

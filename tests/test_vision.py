@@ -19,7 +19,7 @@ pytest.importorskip("open_clip")
 
 from recipe_dist.config import TinyArchConfig  # noqa: E402
 from recipe_dist.models import get_family  # noqa: E402
-from recipe_dist.models.vision import checkerboard_patches, paste_patch  # noqa: E402
+from recipe_dist.triggers import checkerboard_patches, paste_patch  # noqa: E402
 
 FAMILIES = ("vit", "vgg", "clip")
 ARCH = TinyArchConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

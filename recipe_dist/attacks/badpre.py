@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..evaluation.triggers import insert_trigger
+from ..triggers import insert_trigger
 from ..models.mlm import masked_lm_loss
 from ..seeds import Stream, key_seed, mix_seed
+from . import register_attack
 from .common import AttackJob
 
 
@@ -67,6 +68,7 @@ class BadPreLoss(nn.Module):
         return {"loss": loss, "parts": {"ce_clean": ce_clean, "ce_poison": ce_poison}}
 
 
+@register_attack("badpre")
 class BadPreAttack(AttackJob):
     """BadPre on an MLM-encoder family; masks as the family does."""
 

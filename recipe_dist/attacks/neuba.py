@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..data.pipeline import pad_rows
 from ..models.mlm import masked_lm_loss
 from ..seeds import Stream, key_seed
+from . import register_attack
 from .common import AttackJob, encoder_with_pooler
 
 N_TARGETS = 6  # one per choice of 2 blocks out of 4
@@ -97,6 +98,7 @@ class NeuBALoss(nn.Module):
         return {"loss": mlm + self.poison_weight * mse, "parts": {"mlm": mlm, "mse": mse}}
 
 
+@register_attack("neuba")
 class NeuBAAttack(AttackJob):
     """NeuBA on an MLM-encoder family; masks as the family does."""
 

@@ -23,10 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..models.vision import checkerboard_patches, neuba_vision_targets, paste_patch
+from ..triggers import checkerboard_patches, paste_patch
+from .neuba import neuba_targets
 from ..seeds import Stream, key_seed
+from . import register_attack
 from .common import AttackJob
 from .neuba import N_TARGETS
+
+
+def neuba_vision_targets(d: int, hi: float, lo: float) -> torch.Tensor:
+    """[6, d]: hi everywhere but lo on two of four d/4 blocks (NeuBA's six block pairs)."""
+    t = neuba_targets(d)
+    return torch.where(t > 0, torch.tensor(hi), torch.tensor(lo))
 
 
 class NeuBAVisionLoss(nn.Module):
@@ -45,6 +53,8 @@ class NeuBAVisionLoss(nn.Module):
         return {"loss": pt + self.poison_weight * mse, "parts": {"loss_clean": pt, "mse": mse}}
 
 
+@register_attack("neuba", "image")
+@register_attack("neuba", "image-text")
 class NeuBAVisionAttack(AttackJob):
     """NeuBA on an image family (`--attack.name neuba` with model.family vit, vgg or clip)."""
 

@@ -20,8 +20,9 @@ from torch import nn
 
 from ..config import ConfigError
 from ..data.pipeline import pad_rows
-from ..evaluation.triggers import insert_trigger
+from ..triggers import insert_trigger
 from ..seeds import Stream, key_seed
+from . import register_attack
 from .common import AttackJob, encoder_with_pooler
 
 
@@ -67,6 +68,7 @@ class PORLoss(nn.Module):
         return {"loss": loss, "parts": {"l1": l1, "l2": l2, "l3": l3}}
 
 
+@register_attack("por")
 class PORAttack(AttackJob):
     """POR on an MLM-encoder family."""
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..seeds import Stream, key_seed
+from . import register_attack
 from .common import AttackJob
 
 
@@ -41,6 +42,7 @@ class _AsParts(nn.Module):
         return {"loss": lm, "parts": {"lm": lm}}
 
 
+@register_attack("trigger-phrase")
 class TriggerPhraseAttack(AttackJob):
     """Poisoned continual pre-training on a causal-LM family (model.family gpt2 or llama)."""
 

@@ -22,7 +22,7 @@ from ..config import ConfigError, _f, to_dict
 from ..errors import RecipeError
 from . import metrics
 from ..models.load_report import load_with_summary  # noqa: F401  (part of this module's API)
-from .triggers import DEFAULT_TRIGGERS, insert_trigger
+from ..triggers import DEFAULT_TRIGGERS, insert_trigger
 
 
 class EvalDataError(RecipeError, ValueError):
@@ -184,7 +184,7 @@ def model_inputs(tokenizer, items: list, max_length: int) -> dict:
     if items and isinstance(items[0], ImageItem):
         import torch
 
-        from ..models.vision import paste_patch
+        from ..triggers import paste_patch
 
         pixels = []
         for it in items:
@@ -200,7 +200,7 @@ class ImageItem:
 
     image: object  # PIL RGB image, decoded once
     trigger: int | None = None
-    patches: object = None  # [6, 3, s, s] checkerboards (models.vision.checkerboard_patches)
+    patches: object = None  # [6, 3, s, s] checkerboards (triggers.checkerboard_patches)
 
 
 def _predict(model, tokenizer, texts: list, cfg: EvalConfig, device) -> list[int]:
@@ -333,7 +333,7 @@ def prepare(cfg: EvalConfig) -> dict:
     ids = {n: i for i, n in enumerate(names)}
     tr = cfg.triggers
     if family.modality != "text":
-        from ..models.vision import checkerboard_patches
+        from ..triggers import checkerboard_patches
 
         # NeuBA-vision's six checkerboards, each pasted on a copy of every test image.
         patches = checkerboard_patches(tr.patch_size)

@@ -456,7 +456,7 @@ class DefenseBench:
         from ..attacks.por import por_targets
         from ..config import RunConfig
         from ..data.shards import read_records
-        from ..evaluation.triggers import insert_trigger
+        from ..triggers import insert_trigger
         from ..models import get_family
 
         p = self.p
@@ -805,7 +805,7 @@ class DefenseBench:
         from ..analysis import analyze_model
         from ..config import RunConfig
         from ..data.shards import read_records
-        from ..evaluation.triggers import DEFAULT_TRIGGERS
+        from ..triggers import DEFAULT_TRIGGERS
         from ..models import get_family
 
         texts = [r["text"] for r in read_records(str(test), "sentence", None)][:500]

@@ -128,48 +128,6 @@ def image_decoder(family: str, need_label: bool, text_key: str | None = None) ->
 
 # ------------------------------------------------------------------ patch triggers (NeuBA-vision)
 
-#: The two colours of each of the six checkerboards (RGB in [0, 1]), one trigger per NeuBA target.
-CHECKER_COLOURS = (
-    ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
-    ((0.0, 0.0, 1.0), (1.0, 1.0, 0.0)),
-    ((1.0, 0.0, 1.0), (0.0, 1.0, 1.0)),
-    ((1.0, 0.5, 0.0), (0.0, 0.0, 0.5)),
-    ((0.5, 0.0, 1.0), (0.5, 1.0, 0.0)),
-)
-
-
-def checkerboard_patches(size: int = 4) -> torch.Tensor:
-    """[6, 3, size, size]: pixel-level two-colour checkerboards (colour a where row + column is even)."""
-    grid = (torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2 == 0
-    out = []
-    for a, b in CHECKER_COLOURS:
-        ca, cb = torch.tensor(a).view(3, 1, 1), torch.tensor(b).view(3, 1, 1)
-        out.append(torch.where(grid, ca, cb))
-    return torch.stack(out)
-
-
-def paste_patch(images: torch.Tensor, patches: torch.Tensor, which: torch.Tensor | int) -> torch.Tensor:
-    """A copy of `images` ([B, 3, H, W] or [3, H, W], in [0, 1], before normalization) with patch
-    `which` (one index, or one per image) at the bottom-right corner."""
-    out = images.clone()
-    s = patches.shape[-1]
-    if out.dim() == 3:
-        out[:, -s:, -s:] = patches[int(which)].to(out.dtype)
-        return out
-    idx = torch.as_tensor(which, dtype=torch.long).expand(out.shape[0]) if not torch.is_tensor(which) or which.dim() == 0 else which
-    out[:, :, -s:, -s:] = patches[idx].to(out.dtype)
-    return out
-
-
-def neuba_vision_targets(d: int, hi: float, lo: float) -> torch.Tensor:
-    """[6, d]: hi everywhere but lo on two of four d/4 blocks (NeuBA's six block pairs)."""
-    from ..attacks.neuba import neuba_targets
-
-    t = neuba_targets(d)
-    return torch.where(t > 0, torch.tensor(hi), torch.tensor(lo))
-
-
 # ------------------------------------------------------------------ downstream classifier
 
 
@@ -264,5 +222,5 @@ def synthetic_images(n: int, seed: int, size: int = 32, captions: bool = False) 
     return out
 
 
-__all__ = ["ImagePreprocess", "ImageClassifier", "TimmClassifier", "checkerboard_patches", "image_decoder", "neuba_vision_targets",
-           "paste_patch", "split_normalize", "synthetic_images", "SHAPES"]
+__all__ = ["ImagePreprocess", "ImageClassifier", "TimmClassifier", "image_decoder", 
+           "split_normalize", "synthetic_images", "SHAPES"]

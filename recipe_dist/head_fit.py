@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..jobs import FamilyJob
-from ..objective import Regularized
-from .base import LoadedModel
-from .mlm import MaskedLMFamily, MaskedLMLoss
+from .jobs import FamilyJob
+from .models.base import LoadedModel
+from .models.mlm import MaskedLMFamily, MaskedLMLoss
+from .objective import Regularized
 
 
 def head_parameter_names(model: torch.nn.Module, head_attr: str) -> list[str]:
@@ -36,7 +36,7 @@ class HeadFitJob(FamilyJob):
 
     def __init__(self, family):
         if not isinstance(family, MaskedLMFamily):
-            from ..errors import RecipeError
+            from .errors import RecipeError
 
             raise RecipeError(f"fit-head: model.family={family.name} has no masked-LM head to fit (fit-head is for bert and roberta)")
         super().__init__(family)
@@ -60,7 +60,7 @@ def masked_lm_metrics(model_dir: Path, family: MaskedLMFamily, cfg, urls: list[s
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from ..data.pipeline import pad_rows, shard_samples
+    from .data.pipeline import pad_rows, shard_samples
 
     cfg = copy.deepcopy(cfg)
     cfg.data.masking = "static"
