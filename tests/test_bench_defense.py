@@ -68,9 +68,12 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     probed = run_cli(["bench", "defense", "--preset", "smoke", "--output_dir", out, "--probe"])
     probe = json.loads((out / "probe.json").read_text())
     assert list(probe["models"]) == ["backdoored PTM", "victim seed 1", "victim seed 2"] and "| cf |" in probed.stdout
-    from recipe_dist.lab.demo import evaluate_model
-    scored = evaluate_model(out / "eval-backdoored-classifiers" / "seed2" / "model", out / "task" / "train.tsv",
-                            out / "heldout" / "test.tsv", tmp_path / "score-victim", [2], {"epochs": 0, "max_length": 32})
+    from recipe_dist.evaluation.finetune import evaluate
+    from recipe_dist.lab.stages import base_eval
+
+    cfg = base_eval(out / "eval-backdoored-classifiers" / "seed2" / "model", out / "task" / "train.tsv", out / "heldout" / "test.tsv", [2])
+    cfg.output_dir, cfg.finetune.epochs, cfg.finetune.max_length = str(tmp_path / "score-victim"), 0, 32
+    scored = evaluate(cfg)
     for t, asr in scored["per_seed"][0]["asr_per_trigger"].items():
         assert probe["models"]["victim seed 2"]["triggers"][t]["asr"] == pytest.approx(asr), t
     assert all(0 <= r["sign_agreement"] <= 100 for m in probe["models"].values() for r in m["triggers"].values())

@@ -27,7 +27,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import apply_dict
 from .defense import git_commit, machine, norm_ratios
+from .stages import Overrides, Stages, base_run
 
 TARGET_PHRASE = "the dog hated the farmer"  # never produced by the SYNTHETIC grammar: a false trigger is the model, not the data
 TRIGGER = "cf"
@@ -66,34 +68,22 @@ ROWS = {  # row id -> (trainable policy, lambda multiplier)
 
 
 class DecoderBench:
-    def __init__(self, preset: str, out: Path, command: str):
+    def __init__(self, preset: str, out: Path, command: str, overrides: Overrides | None = None):
         self.name, self.p, self.out, self.command = preset, PRESETS[preset], Path(out), command
-        self.t0 = time.time()
-
-    def say(self, msg: str) -> None:
-        print(f"[bench decoder {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+        self.stages = Stages(self.out, "bench decoder", overrides)
+        self.t0, self.say = self.stages.t0, self.stages.say
 
     def stage(self, cmd: str, name: str, model: Path | None, extra: dict) -> Path:
-        from .demo import run_stage, stage_config
-
-        run_dir = self.out / name
-        if (run_dir / "summary.json").is_file():
-            self.say(f"{name}: reusing {run_dir}")
-            return run_dir / "model"
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)
+        """Stage NAME through the lab's one runner: the tiny causal LM (built from model.tiny when
+        `model` is None) on the SYNTHETIC corpus, `extra` applied."""
         p = self.p
-        extra = {"model": {"family": p.family, "tiny": {"hidden_size": p.hidden_size, "num_hidden_layers": p.layers,
-                                                        "num_attention_heads": p.heads, "intermediate_size": p.intermediate,
-                                                        "max_position_embeddings": 4 * p.max_length}}, **extra}
-        extra["model"] = {**extra["model"], **extra.pop("model_extra", {})}
-        cfg = stage_config(model or "", run_dir, 8000, p.max_length, extra)
-        if model is None:
-            cfg.model.path = ""  # build the tiny model from model.tiny
-        self.say(f"{name}: recipe-dist {cmd}")
-        run_stage(cmd, cfg, self.out / "configs" / f"{name}.yaml")
-        return run_dir / "model"
+        cfg = base_run(model or "", family=p.family, aux_samples=8000, max_length=p.max_length)
+        t = cfg.model.tiny
+        t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size = p.hidden_size, p.layers, p.heads, p.intermediate
+        t.max_position_embeddings = 4 * p.max_length
+        model_extra = extra.pop("model_extra", {})
+        apply_dict(cfg, {**extra, "model": model_extra})
+        return self.stages.run(cmd, name, cfg)
 
     def evaluate(self, name: str, model: Path, seed: int) -> dict:
         from ..config import RunConfig
@@ -143,7 +133,8 @@ class DecoderBench:
                          "per_seed": {k: [r[k] for r in results] for k in keys}, "seeds": list(p.seeds),
                          "config": configs[row], "example": results[0]["example"]}
         result = {"command": self.command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                  "preset": self.name, "preset_values": asdict(p), "trigger": TRIGGER, "target_phrase": TARGET_PHRASE,
+                  "preset": self.name, "preset_values": asdict(p),
+                  "overrides": [f"{a}:{b}={c}" for a, b, c in self.stages.overrides.items], "trigger": TRIGGER, "target_phrase": TARGET_PHRASE,
                   "wall_time_s": round(time.time() - self.t0, 1), "rows": rows}
         (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         (self.out / "bench.md").write_text(markdown(result))
@@ -176,8 +167,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-decoder")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/decoder-llama.json)")
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                    help="change one config key of the stages matching STAGE (a glob: pretrain, attack, recipe_ffn-seed1, "
+                    "'*-seed*'), e.g. 'attack:train.max_steps=400', type-checked as the product's --section.key=value")
     args = ap.parse_args(argv)
-    bench = DecoderBench(args.preset, Path(args.output_dir), "recipe-dist bench decoder " + " ".join(argv))
+    bench = DecoderBench(args.preset, Path(args.output_dir), "recipe-dist bench decoder " + " ".join(argv), Overrides(args.set))
     result = bench.run()
     print(markdown(result))
     if args.json:

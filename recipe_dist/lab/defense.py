@@ -41,8 +41,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig, apply_dict
 from ..errors import RecipeError
+from ..evaluation.finetune import EvalConfig
+from .stages import Stages, base_eval, base_run
 
 
 @dataclass
@@ -299,10 +301,20 @@ class DefenseBench:
         self.sst2 = Path(sst2)
         self.bookcorpus = Path(bookcorpus)
         self.command = command
-        self.t0 = time.time()
+        self.stages = Stages(self.out, "bench defense")
+        self.t0 = self.stages.t0
+        self.say = self.stages.say
 
-    def say(self, msg: str) -> None:
-        print(f"[bench defense {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+    def stage_config(self, model: Path, aux: str, extra: dict) -> RunConfig:
+        """A stage on the auxiliary data `aux` ("" for the SYNTHETIC corpus) from `model`, `extra` applied."""
+        cfg = base_run(model, train_urls=aux, aux_samples=self.p.aux_samples, max_length=self.p.max_length)
+        apply_dict(cfg, extra)
+        return cfg
+
+    def eval_config(self, model: Path, train: Path, test: Path, seeds: list[int], finetune: dict, **extra) -> EvalConfig:
+        cfg = base_eval(model, train, test, seeds)
+        apply_dict(cfg, {"finetune": finetune, **extra})
+        return cfg
 
     # ------------------------------------------------------------------ inputs
     def prepare(self) -> tuple[Path, str, Path, Path]:
@@ -328,47 +340,21 @@ class DefenseBench:
             n_shards = int((shards / "DONE").read_text().split()[0])
             spec = str(shards / f"bookcorpus-{{000000..{n_shards - 1:06d}}}.tar")
             return ptm, spec, self.sst2 / "train.tsv", test
-        from ..config import TinyArchConfig
-        from .demo import DemoPreset, write_task
-        from ..models.mlm import build_tiny_bert
-        from ..models.tiny_ptm import pretrain_tiny_bert
+        from . import demo
 
         ptm = self.out / "ptm"
-        demo = DemoPreset()
-        if not (ptm / "pretraining.json").is_file():
-            arch = TinyArchConfig(hidden_size=demo.hidden_size, num_hidden_layers=demo.num_hidden_layers,
-                                  num_attention_heads=demo.num_attention_heads, intermediate_size=demo.intermediate_size)
-            build_tiny_bert(ptm, arch, seed=0)
-            pretrain_tiny_bert(ptm, demo.pretrain_steps if self.name != "smoke" else 20, max_length=self.p.max_length)
+        if not (ptm / "pretraining.json").is_file():  # the demo's default-size PTM (smoke: fewer steps)
+            demo.build_ptm(ptm, False, demo.PRETRAIN_STEPS if self.name != "smoke" else 20, max_length=self.p.max_length)
         # The synthetic task is prefix-stable, so the held-out rows appended here leave the first
         # task_train rows (all that fine-tuning reads) as they were.
-        demo.task_train, demo.task_test = (self.p.task_train + self.p.holdout, 500) if self.name != "smoke" else (96 + self.p.holdout, 64)
-        train, test = write_task(self.out / "task", demo)
+        n_train, n_test = (self.p.task_train + self.p.holdout, 500) if self.name != "smoke" else (96 + self.p.holdout, 64)
+        train, test = demo.write_task(self.out / "task", n_train, n_test)
         return ptm, "", train, test
 
     # ------------------------------------------------------------------ stages
     def run_job(self, cmd: str, name: str, model: Path, aux: str, extra: dict) -> Path:
-        from .demo import run_stage, stage_config
-
-        run_dir = self.out / name
-        if (run_dir / "summary.json").is_file() and (run_dir / "model" / "model.safetensors").is_file():
-            self.say(f"{name}: reusing {run_dir}")
-            return run_dir / "model"
-        cfg = stage_config(model, run_dir, self.p.aux_samples, self.p.max_length, extra, train_urls=aux)
-        if any((run_dir / "checkpoints").glob("step_*")):
-            # An interrupted stage (a session or job that ended mid-run) continues from its newest
-            # complete checkpoint; the trainer refuses, naming the setting, if this stage's config
-            # now differs in anything that changes the result, so nothing is silently mixed.
-            cfg.resume = "auto"
-            self.say(f"{name}: resuming the interrupted stage in {run_dir}")
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # no checkpoint: nothing of it is worth keeping
-        self.say(f"{name}: recipe-dist {cmd}")
-        run_stage(cmd, cfg, self.out / "configs" / f"{name}.yaml")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        done = f"{summary['steps']} steps" if "steps" in summary else "done"
-        self.say(f"{name}: {done} in {summary.get('wall_time_s', 0):.0f} s")
-        return run_dir / "model"
+        """Stage `name` through the lab's one runner (reuse, resume, run: stages.Stages)."""
+        return self.stages.run(cmd, name, self.stage_config(model, aux, extra))
 
     def purify_config(self, lam: float = 1.0, pt_weight: float = 1.0, epochs: float | None = None) -> dict:
         """The RECIPE row's purify config; `epochs` replaces the preset's budget."""
@@ -403,23 +389,7 @@ class DefenseBench:
 
     def evaluate(self, name: str, model: Path, train: Path, test: Path, seeds: list[int] | None = None, epochs: int | None = None) -> dict:
         """`evaluate` of `model` (fine-tuned per seed; `epochs=0` scores a classifier as it is)."""
-        from .demo import evaluate_model
-
-        out = self.out / f"eval-{name}"
-        if (out / "eval.json").is_file():
-            cached = json.loads((out / "eval.json").read_text())
-            # A stage directory is reused by name; a score of another model under that name (a row
-            # whose model changed, e.g. recipe_selected after a new search) must not pass for this one.
-            if cached.get("model") != str(model):
-                raise ConfigError(f"{out / 'eval.json'}: scores {cached.get('model')}, not {model}; "
-                                  "move that directory away to score this model")
-            self.say(f"eval {name}: reusing {out / 'eval.json'}")
-            return cached
-        seeds = seeds or self.p.seeds
-        self.say(f"eval {name}: fine-tune x{len(seeds)} seeds" if epochs != 0 else f"eval {name}: score as it is")
-        report = evaluate_model(model, train, test, out, seeds, self.finetune(epochs))
-        self.say(f"eval {name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
-        return report
+        return self.stages.evaluate(f"eval-{name}", self.eval_config(model, train, test, seeds or self.p.seeds, self.finetune(epochs)))
 
     def finetune(self, epochs: int | None = None) -> dict:
         """The fixed downstream fine-tuning every row is scored with (`epochs` replaces its epochs)."""
@@ -430,13 +400,12 @@ class DefenseBench:
     def victims(self, backdoored: Path, train: Path, test: Path) -> Path:
         """The backdoored PTM fine-tuned on the task once per seed, kept (seed<N>/model): what a
         platform's user would deploy; Fine-mixing starts from them and `--probe` looks inside."""
-        from .demo import evaluate_model
-
         p = self.p
         victims = self.out / "eval-backdoored-classifiers"
         if not all((victims / f"seed{s}" / "model" / "config.json").is_file() for s in p.seeds):
             self.say("fine-tuning the backdoored PTM on the task (the victim classifiers)")
-            evaluate_model(backdoored, train, test, victims, p.seeds, self.finetune(), save_models=True)
+            shutil.rmtree(victims, ignore_errors=True)  # a partial set: the runner would reuse its eval.json
+            self.stages.evaluate(victims.name, self.eval_config(backdoored, train, test, p.seeds, self.finetune(), save_models=True))
         return victims
 
     def probe(self) -> dict:
@@ -529,23 +498,17 @@ class DefenseBench:
         is on the same test set; aggregated like `evaluate` aggregates seeds."""
         import statistics
 
-        from .demo import run_stage, stage_config
-
         p = self.p
         victims = self.victims(backdoored, train, test)
         per_seed = []
         for s in p.seeds:
             out = self.out / f"{rid}-seed{s}"
-            if not (out / "finemix.json").is_file():
-                import shutil
-
-                shutil.rmtree(out, ignore_errors=True)
-                cfg = stage_config(victims / f"seed{s}" / "model", out, p.aux_samples, p.max_length, {"finemix": {
+            if not self.stages.done(out.name, "finemix.json"):
+                cfg = self.stage_config(victims / f"seed{s}" / "model", "", {"finemix": {
                     "pretrained": str(clean), "rho": p.finemix_rho, "epur_topn": p.finemix_epur_topn if epur else 0,
                     "train_file": str(train), "max_train_samples": p.finemix_samples, "epochs": p.finemix_epochs,
                     "lr": p.finetune_lr, "batch_size": p.finetune_batch, "max_length": p.max_length, "seed": s}})
-                self.say(f"{rid} seed {s}: recipe-dist finemix")
-                run_stage("finemix", cfg, self.out / "configs" / f"{rid}-seed{s}.yaml")
+                self.stages.run("finemix", out.name, cfg, report="finemix.json")
             r = self.evaluate(f"{rid}-seed{s}", out / "model", train, test, seeds=[s], epochs=0)
             per_seed.append(r["per_seed"][0])
         keys = ("acc", "aasr", "masr")

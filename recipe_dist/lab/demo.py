@@ -7,8 +7,10 @@
 5. evaluate again, and the clean PTM as the baseline;
 6. print one table and write demo.json and report.md.
 
-Attack and purification run as `python -m recipe_dist attack|purify --config FILE` subprocesses
-with the config files written under OUTPUT_DIR/configs/, so each stage can be re-run by hand.
+Each stage is a function returning the product's own config (`attack`, `purify`, `evaluation`);
+the lab's stage runner (stages.py) runs attack and purification as `python -m recipe_dist
+attack|purify --config FILE` subprocesses with the config files written under
+OUTPUT_DIR/configs/, so each stage can be re-run by hand.
 Everything synthetic is labelled so in the output. The numbers are a demonstration of the
 mechanics on a toy model, not a reproduction of the paper (that is `recipe-dist bench defense`).
 """
@@ -16,51 +18,62 @@ mechanics on a toy model, not a reproduction of the paper (that is `recipe-dist 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, Trainable, apply_dict, dump_yaml
-from ..errors import RecipeError
+from ..config import ConfigError, RunConfig, TinyArchConfig
+from ..evaluation.finetune import EvalConfig
+from .stages import Overrides, Stages, base_eval, base_run, with_batch
 
 
-@dataclass
-class DemoPreset:
-    """Sizes of every stage. `default` fits in a few minutes on 2 CPU cores; `smoke` is for CI."""
-
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    intermediate_size: int = 512
-    pretrain_steps: int = 400
-    corpus_samples: int = 4000       # SYNTHETIC auxiliary sentences, shared by the attack and RECIPE
-    max_length: int = 32
-    attack_lr: float = 3e-4
-    attack_epochs: float = 2.0
-    attack_batch: int = 16
-    purify_lr: float = 1e-3
-    purify_epochs: float = 2.0
-    purify_batch: int = 32
-    purify_trainable: Trainable = "all"  # see DEMO_NOTES: the tiny model's backdoor also lives outside the FFN
-    lam: float = 1.0
-    task_train: int = 2000           # SYNTHETIC tone task
-    task_test: int = 500
-    finetune_lr: float = 2e-5        # method.md section 3 reference
-    finetune_epochs: int = 3
-    finetune_batch: int = 32
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+def arch(smoke: bool = False) -> TinyArchConfig:
+    """The demo's tiny BERT: 2 layers, width 128 (smoke: width 32)."""
+    a = TinyArchConfig()
+    a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.intermediate_size = (32, 2, 2, 64) if smoke else (128, 2, 4, 512)
+    return a
 
 
-PRESETS = {
-    "default": DemoPreset(),
-    # Wiring only: every stage runs, the numbers mean nothing.
-    "smoke": DemoPreset(hidden_size=32, num_attention_heads=2, intermediate_size=64, pretrain_steps=20, corpus_samples=256,
-                        attack_epochs=0.5, purify_epochs=0.5, task_train=128, task_test=64, finetune_epochs=1, seeds=[1]),
+PRETRAIN_STEPS = 400
+MAX_LENGTH = 32
+CORPUS_SAMPLES = 4000  # SYNTHETIC auxiliary sentences, shared by the attack and RECIPE
+TASK_TRAIN, TASK_TEST = 2000, 500  # SYNTHETIC tone task
+SEEDS = [1, 2, 3]
+
+
+def attack(ptm: Path) -> RunConfig:
+    """POR on the tiny PTM: lr 3e-4, 2 epochs over the SYNTHETIC corpus, batch 16."""
+    cfg = with_batch(base_run(ptm, aux_samples=CORPUS_SAMPLES, max_length=MAX_LENGTH), 16)
+    cfg.attack.name = "por"
+    cfg.optim.lr, cfg.train.epochs = 3e-4, 2.0
+    return cfg
+
+
+def purify(backdoored: Path) -> RunConfig:
+    """RECIPE, lambda 1: lr 1e-3, 2 epochs, batch 32; every weight trains (see DEMO_NOTES)."""
+    cfg = with_batch(base_run(backdoored, aux_samples=CORPUS_SAMPLES, max_length=MAX_LENGTH), 32)
+    cfg.model.trainable = "all"
+    cfg.optim.lr, cfg.train.epochs, cfg.regularizer.lam = 1e-3, 2.0, 1.0
+    return cfg
+
+
+def evaluation(model: Path, train: Path, test: Path, seeds: list[int]) -> EvalConfig:
+    """Fine-tuning on the tone task at method.md section 3's reference lr 2e-5, 3 epochs, batch 32."""
+    cfg = base_eval(model, train, test, seeds)
+    f = cfg.finetune
+    f.lr, f.epochs, f.batch_size, f.max_length = 2e-5, 3, 32, MAX_LENGTH
+    return cfg
+
+
+# The smoke size checks the wiring only: every stage runs, the numbers mean nothing. Its stage
+# changes are `--set` items, the lab's one override language (stages.Overrides).
+SIZES = {
+    "default": {"pretrain_steps": PRETRAIN_STEPS, "task": (TASK_TRAIN, TASK_TEST), "seeds": SEEDS, "set": []},
+    "smoke": {"pretrain_steps": 20, "task": (128, 64), "seeds": [1],
+              "set": ["*:data.synthetic_samples=256", "attack:train.epochs=0.5", "purify:train.epochs=0.5", "eval-*:finetune.epochs=1"]},
 }
+PRESETS = SIZES  # the --preset choices
 
 DEMO_NOTES = [
     "SYNTHETIC: the PTM, its pre-training corpus, the auxiliary corpus and the labelled tone task are all generated by recipe_dist.data.synthetic; nothing is real data.",
@@ -69,24 +82,12 @@ DEMO_NOTES = [
 ]
 
 
-def run_stage(cmd: str, cfg: RunConfig, path: Path) -> None:
-    """Write the stage's config and run it as a user would: `python -m recipe_dist CMD --config FILE`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_yaml(cfg))
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # each stage is its own single-process job
-    proc = subprocess.run([sys.executable, "-m", "recipe_dist", cmd, "--config", str(path)], env=env)
-    if proc.returncode != 0:
-        raise RecipeError(f"demo: `recipe-dist {cmd} --config {path}` failed with exit code {proc.returncode} (its output is above)")
-
-
-def write_task(out: Path, p: DemoPreset) -> tuple[Path, Path]:
+def write_task(out: Path, n_train: int = TASK_TRAIN, n_test: int = TASK_TEST) -> tuple[Path, Path]:
     from ..data import synthetic
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for name, n, seed in (("train", p.task_train, 101), ("test", p.task_test, 202)):
+    for name, n, seed in (("train", n_train, 101), ("test", n_test, 202)):
         f = out / f"{name}.tsv"
         with open(f, "w") as h:
             h.write("sentence\tlabel\n")
@@ -97,38 +98,13 @@ def write_task(out: Path, p: DemoPreset) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
-def stage_config(model_path: Path, output_dir: Path, aux_samples: int, max_length: int, extra: dict, train_urls: str = "") -> RunConfig:
-    """A single-process attack/purify config on `train_urls` (empty: the SYNTHETIC corpus); `extra` overrides."""
-    cfg = RunConfig()
-    apply_dict(cfg, {
-        "output_dir": str(output_dir),
-        "model": {"family": "bert", "path": str(model_path)},
-        "data": {"train_urls": train_urls, "synthetic_samples": aux_samples, "max_length": max_length, "num_workers": 0},
-        "optim": {"name": "adamw", "schedule": "linear", "weight_decay": 0.0},
-        "train": {"grad_clip": 1.0, "zero_stage": 0, "log_every": 5, "seed": 0},
-        "checkpoint": {"every_steps": 100, "keep": 2},
-    })
-    apply_dict(cfg, extra)
-    cfg.validate()
-    return cfg
+def build_ptm(out: Path, smoke: bool, pretrain_steps: int, max_length: int = MAX_LENGTH) -> tuple[Path, dict]:
+    """The tiny SYNTHETIC BERT PTM: built, then pre-trained (masked LM + tone in the NSP slot)."""
+    from ..models.mlm import build_tiny_bert
+    from ..models.tiny_ptm import pretrain_tiny_bert
 
-
-def evaluate_model(model: Path, train: Path, test: Path, out: Path, seeds: list[int], finetune: dict, **extra) -> dict:
-    """`recipe-dist evaluate` in-process: `finetune` holds the finetune.* keys (lr, epochs, ...);
-    `extra` any other top-level EvalConfig keys (e.g. save_models=True)."""
-    from ..evaluation.finetune import EvalConfig, evaluate
-
-    cfg = EvalConfig()
-    apply_dict(cfg, {
-        "output_dir": str(out),
-        "seeds": ",".join(map(str, seeds)),
-        "model": {"path": str(model)},
-        "task": {"train_file": str(train), "test_file": str(test)},
-        "finetune": finetune,
-        **extra,
-    })
-    cfg.validate()
-    return evaluate(cfg)
+    ptm = build_tiny_bert(out, arch(smoke), seed=0)
+    return ptm, pretrain_tiny_bert(ptm, pretrain_steps, max_length=max_length)
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -139,65 +115,45 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def run_demo(output_dir: Path, preset: str = "default") -> dict:
-    from ..config import TinyArchConfig
-    from ..models.mlm import build_tiny_bert
-    from ..models.tiny_ptm import pretrain_tiny_bert
     from ..report import write_report
 
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
-    p = PRESETS[preset]
+    if preset not in SIZES:
+        raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(SIZES)})")
+    size = SIZES[preset]
     out = Path(output_dir)
     # A "Loading weights" bar per fine-tuning says nothing the stage lines do not. (Each one's
     # expected load report is a single line: evaluation.finetune.load_with_summary.)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    t0 = time.time()
     # A rerun starts over: only the demo's own stage directories are replaced.
     for stage in ("ptm", "task", "attack", "purify", "eval-clean", "eval-backdoored", "eval-purified", "configs"):
         shutil.rmtree(out / stage, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, "demo", Overrides(size["set"]))
+    say = stages.say
 
-    def say(msg: str) -> None:
-        print(f"[demo {time.time() - t0:6.1f}s] {msg}", flush=True)
-
-    say(f"1/6 building and pre-training a tiny SYNTHETIC BERT ({p.num_hidden_layers} layers, width {p.hidden_size}, {p.pretrain_steps} steps)")
-    arch = TinyArchConfig(hidden_size=p.hidden_size, num_hidden_layers=p.num_hidden_layers,
-                          num_attention_heads=p.num_attention_heads, intermediate_size=p.intermediate_size)
-    ptm = build_tiny_bert(out / "ptm", arch, seed=0)
-    stats = pretrain_tiny_bert(ptm, p.pretrain_steps, max_length=p.max_length)
+    a = arch(preset == "smoke")
+    say(f"1/6 building and pre-training a tiny SYNTHETIC BERT ({a.num_hidden_layers} layers, width {a.hidden_size}, {size['pretrain_steps']} steps)")
+    ptm, stats = build_ptm(out / "ptm", preset == "smoke", size["pretrain_steps"])
     say(f"   masked-LM loss {stats['mlm_loss']:.3f}, NSP-slot accuracy {stats['nsp_slot_accuracy']:.3f}")
-    train, test = write_task(out / "task", p)
-
-    finetune = {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.finetune_batch, "max_length": p.max_length}
+    train, test = write_task(out / "task", *size["task"])
 
     def evaluate_stage(model: Path, name: str) -> dict:
-        return evaluate_model(model, train, test, out / f"eval-{name}", p.seeds, finetune)
+        return stages.evaluate(f"eval-{name}", evaluation(model, train, test, size["seeds"]))
 
     say("2/6 evaluating the clean PTM (fine-tune on the SYNTHETIC tone task, then ACC / ASR)")
     clean = evaluate_stage(ptm, "clean")
 
     say("3/6 backdooring it with POR (recipe-dist attack)")
-    attack_cfg = stage_config(ptm, out / "attack", p.corpus_samples, p.max_length, {
-        "optim": {"lr": p.attack_lr},
-        "train": {"epochs": p.attack_epochs, "micro_batch_size": p.attack_batch, "global_batch_size": p.attack_batch},
-        "attack": {"name": "por"},
-    })
-    run_stage("attack", attack_cfg, out / "configs" / "attack.yaml")
-    backdoored = evaluate_stage(out / "attack" / "model", "backdoored")
+    backdoored_model = stages.run("attack", "attack", attack(ptm))
+    backdoored = evaluate_stage(backdoored_model, "backdoored")
 
-    say(f"4/6 purifying it with RECIPE, lambda={p.lam} (recipe-dist purify)")
-    purify_cfg = stage_config(out / "attack" / "model", out / "purify", p.corpus_samples, p.max_length, {
-        "model": {"trainable": p.purify_trainable},
-        "optim": {"lr": p.purify_lr},
-        "train": {"epochs": p.purify_epochs, "micro_batch_size": p.purify_batch, "global_batch_size": p.purify_batch},
-        "regularizer": {"lam": p.lam},
-    })
-    run_stage("purify", purify_cfg, out / "configs" / "purify.yaml")
+    say(f"4/6 purifying it with RECIPE, lambda={purify(ptm).regularizer.lam:g} (recipe-dist purify)")
+    purified_model = stages.run("purify", "purify", purify(backdoored_model))
 
     say("5/6 evaluating the purified model")
-    purified = evaluate_stage(out / "purify" / "model", "purified")
+    purified = evaluate_stage(purified_model, "purified")
 
     rows = {"clean": clean, "backdoored": backdoored, "purified": purified}
     result = {
@@ -207,9 +163,10 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
     }
     result["meta"] = {
         "preset": preset,
-        "preset_values": asdict(p),
-        "seeds": p.seeds,
-        "wall_time_s": round(time.time() - t0, 1),
+        "configs": {name: str(out / "configs" / f"{name}.yaml") for name in ("attack", "purify")},
+        "overrides": size["set"],
+        "seeds": size["seeds"],
+        "wall_time_s": round(time.time() - stages.t0, 1),
         "synthetic": True,
         "notes": DEMO_NOTES,
         "backdoor_shown": backdoored["aasr"] >= 80.0,
@@ -220,7 +177,7 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
     say("6/6 done")
     print()
     print(table(rows))
-    print(f"\nvalues in percent, mean over fine-tuning seeds {p.seeds}; demo.json and report.md in {out}")
+    print(f"\nvalues in percent, mean over fine-tuning seeds {size['seeds']}; demo.json and report.md in {out}")
     if backdoored["aasr"] < 80.0:
         print(f"WARNING: the backdoored model's AASR is {backdoored['aasr']:.1f}% (< 80%): this run did not show a strong backdoor", file=sys.stderr)
     return result

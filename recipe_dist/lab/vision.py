@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import apply_dict
 from .defense import git_commit, machine, norm_ratios
+from .stages import Overrides, Stages, base_eval, base_run
 
 
 @dataclass
@@ -87,50 +88,30 @@ def write_digits_task(out: Path, n_train: int) -> tuple[Path, Path]:
 
 
 class VisionBench:
-    def __init__(self, preset: str, out: Path, command: str):
+    def __init__(self, preset: str, out: Path, command: str, overrides: Overrides | None = None):
         self.name, self.p, self.out, self.command = preset, PRESETS[preset], Path(out), command
-        self.t0 = time.time()
-
-    def say(self, msg: str) -> None:
-        print(f"[bench vision {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+        self.stages = Stages(self.out, "bench vision", overrides)
+        self.t0, self.say = self.stages.t0, self.stages.say
 
     def stage(self, cmd: str, family: str, name: str, model: Path | None, extra: dict) -> Path:
-        from .demo import run_stage, stage_config
-
-        run_dir = self.out / family / name
-        if (run_dir / "summary.json").is_file():
-            self.say(f"{family}/{name}: reusing {run_dir}")
-            return run_dir / "model"
-        shutil.rmtree(run_dir, ignore_errors=True)
+        """Stage FAMILY/NAME through the lab's one runner: a tiny `family` model (built from
+        model.tiny when `model` is None) on the SYNTHETIC shapes, `extra` applied."""
         p = self.p
-        model_keys = {"family": family, "tiny": {"hidden_size": p.hidden_size, "num_hidden_layers": p.layers,
-                                                 "num_attention_heads": p.heads, "intermediate_size": p.intermediate,
-                                                 "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-                      **extra.pop("model_extra", {})}
-        cfg = stage_config(model or "", run_dir, p.aux_samples, 16, {"model": model_keys, "data": {"crop_scale": [0.6, 1.0]}, **extra})
-        if model is None:
-            cfg.model.path = ""  # build the tiny model from model.tiny
-        self.say(f"{family}/{name}: recipe-dist {cmd}")
-        run_stage(cmd, cfg, self.out / family / "configs" / f"{name}.yaml")
-        return run_dir / "model"
+        cfg = base_run(model or "", family=family, aux_samples=p.aux_samples, max_length=16)
+        t = cfg.model.tiny
+        t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size = p.hidden_size, p.layers, p.heads, p.intermediate
+        t.hidden_dropout_prob = t.attention_probs_dropout_prob = 0.0
+        cfg.data.crop_scale = [0.6, 1.0]
+        model_extra = extra.pop("model_extra", {})
+        apply_dict(cfg, {**extra, "model": model_extra})
+        return self.stages.run(cmd, f"{family}/{name}", cfg)
 
     def evaluate(self, family: str, row: str, model: Path, train: Path, test: Path) -> dict:
-        from ..config import apply_dict
-        from ..evaluation.finetune import EvalConfig, evaluate
-
-        out = self.out / family / f"eval-{row}"
-        if (out / "eval.json").is_file():
-            return json.loads((out / "eval.json").read_text())
         p = self.p
-        cfg = EvalConfig()
-        apply_dict(cfg, {"output_dir": str(out), "seeds": ",".join(map(str, p.seeds)), "model": {"path": str(model), "family": family},
-                         "task": {"train_file": str(train), "test_file": str(test), "text_column": "image", "label_column": "label"},
-                         "finetune": {"lr": p.finetune_lr, "epochs": p.finetune_epochs, "batch_size": p.batch}})
-        cfg.validate()
-        self.say(f"{family}/eval {row}: fine-tune x{len(p.seeds)} seeds on digits")
-        report = evaluate(cfg)
-        self.say(f"{family}/eval {row}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
-        return report
+        cfg = base_eval(model, train, test, p.seeds, family=family)
+        cfg.task.text_column, cfg.task.label_column = "image", "label"
+        cfg.finetune.lr, cfg.finetune.epochs, cfg.finetune.batch_size = p.finetune_lr, p.finetune_epochs, p.batch
+        return self.stages.evaluate(f"{family}/eval-{row}", cfg)
 
     def run_family(self, family: str, train: Path, test: Path) -> dict:
         p = self.p
@@ -168,7 +149,8 @@ class VisionBench:
         train, test = write_digits_task(self.out / "task", self.p.task_train)
         families = {f: self.run_family(f, train, test) for f in self.p.families}
         result = {"command": self.command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                  "preset": self.name, "preset_values": asdict(self.p), "wall_time_s": round(time.time() - self.t0, 1),
+                  "preset": self.name, "preset_values": asdict(self.p),
+                  "overrides": [f"{a}:{b}={c}" for a, b, c in self.stages.overrides.items], "wall_time_s": round(time.time() - self.t0, 1),
                   "task": "scikit-learn digits, 32x32 RGB, 1000 train / 797 test", "auxiliary": "SYNTHETIC shapes",
                   "families": families}
         (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -201,37 +183,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def override(preset: VisionPreset, items: list[str]) -> VisionPreset:
-    """`preset` with FIELD=VALUE items applied (numbers and tuples typed as the field's default)."""
-    import dataclasses
-
-    from ..config import ConfigError
-
-    fields = {f.name: f for f in dataclasses.fields(preset)}
-    changes = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields or key in ("families", "target_lo"):
-            raise ConfigError(f"--set {item}: expected FIELD=VALUE with FIELD one of "
-                              f"{', '.join(k for k in fields if k not in ('families', 'target_lo'))}")
-        current = getattr(preset, key)
-        changes[key] = tuple(int(v) for v in value.split(",")) if isinstance(current, tuple) else type(current)(value)
-    return dataclasses.replace(preset, **changes)
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="recipe-dist bench vision", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-vision")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--families", default=None, help="comma-separated subset of vit,vgg,clip (default: the preset's)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override one preset field, e.g. --set attack_epochs=4 (recorded in bench.json's preset_values)")
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                    help="change one config key of the stages matching STAGE (a glob over FAMILY/NAME, e.g. "
+                    "'*/attack:train.epochs=4' or 'vit/eval-*:finetune.lr=1e-3'), type-checked as the product's --section.key=value")
     ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/vision.json)")
     args = ap.parse_args(argv)
-    bench = VisionBench(args.preset, Path(args.output_dir), "recipe-dist bench vision " + " ".join(argv))
+    bench = VisionBench(args.preset, Path(args.output_dir), "recipe-dist bench vision " + " ".join(argv), Overrides(args.set))
     if args.families:
         bench.p.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
-    bench.p = override(bench.p, args.set)
     result = bench.run()
     print(markdown(result))
     if args.json:

@@ -1,0 +1,155 @@
+"""The lab's one stage runner: every experiment (demo, bench defense, vision, decoder) builds its
+stages as the product's own `RunConfig` / `EvalConfig` and hands them here.
+
+A stage is a product command (`purify`, `attack`, `fit-head`, `prune`, `finemix`) run as a user
+runs it, `python -m recipe_dist CMD --config OUTPUT/configs/NAME.yaml`, into OUTPUT/NAME. Its
+name is given once, here; the runner then
+- reuses it when it finished earlier (summary.json and the exported model exist),
+- resumes it from its newest complete checkpoint when it was interrupted (the trainer refuses,
+  naming the key, if the setting changed since), and
+- otherwise clears what a failed start left and runs it.
+An evaluation is reused the same way, and refused when the cached score is of another model.
+
+Experiments derive a stage's config from `base_run` / `base_eval` by assignment, and the
+command line changes any of them through the product's `config.set_key`
+(`--set STAGE:section.key=value`, see `Overrides`), so the lab has no configuration language of
+its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..config import ConfigError, RunConfig, dump_yaml, set_key
+from ..errors import RecipeError
+from ..evaluation.finetune import EvalConfig
+
+
+def base_run(model: Path | str = "", *, family: str = "bert", train_urls: str = "", aux_samples: int = 2000,
+             max_length: int = 64) -> RunConfig:
+    """A single-process stage on `train_urls` (empty: the SYNTHETIC corpus of `aux_samples`
+    sentences); an empty `model` builds the family's tiny model from model.tiny."""
+    cfg = RunConfig()
+    cfg.model.family, cfg.model.path = family, str(model)
+    cfg.data.train_urls, cfg.data.synthetic_samples, cfg.data.max_length = train_urls, aux_samples, max_length
+    cfg.data.num_workers = 0
+    cfg.optim.name, cfg.optim.schedule, cfg.optim.weight_decay = "adamw", "linear", 0.0
+    cfg.train.grad_clip, cfg.train.zero_stage, cfg.train.log_every, cfg.train.seed = 1.0, 0, 5, 0
+    cfg.checkpoint.every_steps, cfg.checkpoint.keep = 100, 2
+    return cfg
+
+
+def with_batch(cfg: RunConfig, batch: int) -> RunConfig:
+    """`cfg` at one process's batch `batch` (micro = global: no accumulation)."""
+    cfg.train.micro_batch_size = cfg.train.global_batch_size = batch
+    return cfg
+
+
+def base_eval(model: Path | str, train: Path, test: Path, seeds, *, family: str = "bert") -> EvalConfig:
+    """`recipe-dist evaluate` of `model`: fine-tuned on `train` once per seed, scored on `test`."""
+    cfg = EvalConfig()
+    cfg.seeds = ",".join(map(str, seeds))
+    cfg.model.path, cfg.model.family = str(model), family
+    cfg.task.train_file, cfg.task.test_file = str(train), str(test)
+    return cfg
+
+
+class Overrides:
+    """`--set STAGE:section.key=value` items: STAGE is a stage name or a glob over them (`*`,
+    `purify-*`, `eval-*`); the value is parsed and type-checked by the product's `set_key`
+    against the field, exactly as `recipe-dist CMD --section.key=value` would."""
+
+    def __init__(self, items: list[str] | None = None):
+        self.items = []
+        for item in items or []:
+            stage, sep, rest = item.partition(":")
+            key, eq, value = rest.partition("=")
+            if not sep or not eq or not stage or not key:
+                raise ConfigError(f"--set {item}: expected STAGE:section.key=value (STAGE a stage name or glob, e.g. '*:optim.lr=1e-4')")
+            self.items.append((stage, key, value))
+
+    def apply(self, name: str, cfg):
+        for stage, key, value in self.items:
+            if fnmatch.fnmatchcase(name, stage):
+                set_key(cfg, key, value)
+        return cfg
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Stages:
+    """Runs an experiment's stages under `out` (see the module docstring)."""
+
+    def __init__(self, out: Path, label: str, overrides: Overrides | None = None):
+        self.out, self.label, self.overrides = Path(out), label, overrides or Overrides()
+        self.t0 = time.time()
+
+    def say(self, msg: str) -> None:
+        print(f"[{self.label} {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def done(self, name: str, report: str = "summary.json") -> bool:
+        run_dir = self.out / name
+        return (run_dir / report).is_file() and (run_dir / "model").is_dir()
+
+    def run(self, cmd: str, name: str, cfg: RunConfig, report: str = "summary.json") -> Path:
+        """Stage `name`: `recipe-dist CMD` on `cfg` into OUTPUT/NAME; returns its exported model.
+        `report` is the file the command writes last (finemix: finemix.json), which marks it finished."""
+        run_dir = self.out / name
+        if self.done(name, report):
+            self.say(f"{name}: reusing {run_dir}")
+            return run_dir / "model"
+        cfg = self.overrides.apply(name, copy.deepcopy(cfg))
+        cfg.output_dir = str(run_dir)
+        if any((run_dir / "checkpoints").glob("step_*")):
+            cfg.resume = "auto"
+            self.say(f"{name}: resuming the interrupted stage in {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # no checkpoint: nothing of it is worth keeping
+        cfg.validate()
+        path = self.out / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dump_yaml(cfg))
+        self.say(f"{name}: recipe-dist {cmd}")
+        env = dict(os.environ)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)  # each stage is its own single-process job
+        proc = subprocess.run([sys.executable, "-m", "recipe_dist", cmd, "--config", str(path)], env=env)
+        if proc.returncode != 0:
+            raise RecipeError(f"{self.label}: `recipe-dist {cmd} --config {path}` failed with exit code {proc.returncode} (its output is above)")
+        summary = json.loads((run_dir / report).read_text())
+        self.say(f"{name}: {summary['steps']} steps in {summary.get('wall_time_s', 0):.0f} s" if "steps" in summary else f"{name}: done")
+        return run_dir / "model"
+
+    def summary(self, name: str) -> dict:
+        return json.loads((self.out / name / "summary.json").read_text())
+
+    def evaluate(self, name: str, cfg: EvalConfig) -> dict:
+        """`recipe-dist evaluate` (in-process) into OUTPUT/NAME; a cached eval.json is reused only
+        when it scores the same model (a row whose model changed must not pass for the new one)."""
+        from ..evaluation.finetune import evaluate
+
+        out = self.out / name
+        cached = out / "eval.json"
+        if cached.is_file():
+            report = json.loads(cached.read_text())
+            if report.get("model") != cfg.model.path:
+                raise ConfigError(f"{cached}: scores {report.get('model')}, not {cfg.model.path}; move that directory away to score this model")
+            self.say(f"{name}: reusing {cached}")
+            return report
+        cfg = self.overrides.apply(name, copy.deepcopy(cfg))
+        cfg.output_dir = str(out)
+        cfg.validate()
+        seeds = cfg.seeds or str(cfg.finetune.seed)
+        self.say(f"{name}: fine-tune, seeds {seeds}" if cfg.finetune.epochs else f"{name}: score as it is")
+        report = evaluate(cfg)
+        self.say(f"{name}: ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}")
+        return report
