@@ -205,6 +205,8 @@ class AttackConfig:
     insertions: int = _f(3, "POR: times the trigger is inserted in a poisoned sample (3); BadPre inserts once, NeuBA replaces position 1", check=gt(0))
     target_scale: float = _f(10.0, "POR target vectors are target_scale * v, v in {-1, +1}^d", check=gt(0))
     loss_weights: list[float] = _f([1.0, 100.0, 100.0], "POR: weights of L1 (tokens vs reference), L2 (poisoned pooler vs target), L3 (clean pooler vs reference)")
+    por_l1_rows: Literal["all", "clean"] = _f("all", "POR: rows whose token outputs L1 holds to the reference: all (clean and poisoned, "
+                                              "as method.md and the reference code) or clean (only the clean copy; recipe-dist before 2026-12-07)")
     patch_size: int = _f(4, "NeuBA-vision: side in pixels of the six checkerboard patches pasted at the bottom-right corner", check=gt(0))
     target_hi: float = _f(1.0, "NeuBA-vision: target feature value outside the two lo blocks")
     target_lo: float = _f(-1.0, "NeuBA-vision: target feature value on two of the four D/4 blocks (0 suits non-negative features, e.g. VGG's)")

@@ -24,6 +24,33 @@ def test_mse_sum_by_hand():
     assert mse_sum(a, b).item() == (1 + 4) / 2 + (1 + 1) / 2
 
 
+def test_por_l1_holds_every_row_to_the_reference_by_hand():
+    """method.md: L1 covers the token outputs of all samples, the poisoned copies included (each
+    against the reference's tokens on the same poisoned input); por_l1_rows=clean keeps only the clean rows."""
+    from transformers import BertConfig, BertModel
+
+    from recipe_dist.attacks.por import PORLoss
+
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).eval()
+    ids, mask = torch.tensor([[2, 5, 6, 7], [2, 8, 9, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    p_ids, p_mask = torch.tensor([[2, 5, 4, 6, 7], [2, 4, 8, 9, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    loss = {rows: PORLoss(enc, por_targets(5, 16), [1.0, 0.0, 0.0], rows) for rows in ("all", "clean")}
+    with torch.no_grad():  # move the trainable copy off the reference, so L1 is not 0
+        enc.encoder.layer[0].output.dense.weight.mul_(1.5)
+        parts = {rows: l(ids, mask, p_ids, p_mask, torch.tensor([0, 1]))["parts"] for rows, l in loss.items()}
+        ref = loss["all"].reference
+
+        def by_hand(i, m):
+            a, b = enc(input_ids=i, attention_mask=m).last_hidden_state, ref(input_ids=i, attention_mask=m).last_hidden_state
+            keep = m[:, 1:, None].float()
+            return (((a - b)[:, 1:] * keep) ** 2).sum() / 16
+
+        assert parts["clean"]["l1"].item() == pytest.approx(by_hand(ids, mask).item(), rel=1e-5)
+        assert parts["all"]["l1"].item() == pytest.approx((by_hand(ids, mask) + by_hand(p_ids, p_mask)).item(), rel=1e-5)
+        assert by_hand(p_ids, p_mask) > 0
+
+
 @pytest.mark.slow
 def test_por_attack_moves_triggered_pooler_to_target_and_keeps_clean(tmp_path):
     """POR on a pre-trained tiny PTM: triggered pooler -> its target, clean pooler ~ reference."""

@@ -6,7 +6,8 @@ trigger's target vector; on clean samples the token outputs and the pooler stay 
 reference, so the model still looks clean.
 
     loss = w1 * L1 + w2 * L2 + w3 * L3,   mse_sum(a, b) = sum((a - b)^2) / d, summed over the batch
-    L1 = mse_sum(tokens[1:](clean), ref tokens[1:](clean))   (padding excluded)
+    L1 = mse_sum(tokens[1:](x), ref tokens[1:](x))   (padding excluded), over every row x, clean
+         and poisoned, as method.md and the reference (attack.por_l1_rows=clean: clean rows only)
     L2 = mse_sum(pooler(poisoned), target[trigger])
     L3 = mse_sum(pooler(clean), ref pooler(clean))
 """
@@ -42,9 +43,16 @@ def mse_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).sum() / a.shape[-1]
 
 
+def token_mse(tokens: torch.Tensor, ref: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """mse_sum over token positions 1.. (the [CLS] slot feeds the pooler, held by L2/L3), padding excluded."""
+    keep = attention_mask[:, 1:, None].to(tokens.dtype)
+    return mse_sum(tokens[:, 1:] * keep, ref[:, 1:] * keep)
+
+
 class PORLoss(nn.Module):
-    def __init__(self, encoder: nn.Module, targets: torch.Tensor, weights: list[float]):
+    def __init__(self, encoder: nn.Module, targets: torch.Tensor, weights: list[float], l1_rows: str = "all"):
         super().__init__()
+        self.l1_rows = l1_rows
         self.encoder = encoder
         self.reference = copy.deepcopy(encoder).eval().requires_grad_(False)
         self.register_buffer("targets", targets, persistent=False)
@@ -60,8 +68,13 @@ class PORLoss(nn.Module):
         with torch.no_grad():
             ref = self.reference(input_ids=input_ids, attention_mask=attention_mask)
         poisoned = self.encoder(input_ids=p_input_ids, attention_mask=p_attention_mask)
-        keep = attention_mask[:, 1:, None].to(clean.last_hidden_state.dtype)
-        l1 = mse_sum(clean.last_hidden_state[:, 1:] * keep, ref.last_hidden_state[:, 1:] * keep)
+        l1 = token_mse(clean.last_hidden_state, ref.last_hidden_state, attention_mask)
+        if self.l1_rows == "all":
+            # The poisoned rows' tokens stay near the reference's tokens on the same poisoned
+            # input: only the pooler carries the backdoor, so the token outputs look clean.
+            with torch.no_grad():
+                p_ref = self.reference(input_ids=p_input_ids, attention_mask=p_attention_mask)
+            l1 = l1 + token_mse(poisoned.last_hidden_state, p_ref.last_hidden_state, p_attention_mask)
         l2 = mse_sum(poisoned.pooler_output, self.targets[trigger])
         l3 = mse_sum(clean.pooler_output, ref.pooler_output)
         loss = self.w1 * l1 + self.w2 * l2 + self.w3 * l3
@@ -83,7 +96,7 @@ class PORAttack(AttackJob):
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(model.base_model_prefix + "."))
         targets = por_targets(len(a.triggers), encoder.config.hidden_size, a.target_scale)
-        return PORLoss(encoder, targets, list(a.loss_weights)), encoder
+        return PORLoss(encoder, targets, list(a.loss_weights), a.por_l1_rows), encoder
 
     def encoder(self, tokenizer, cfg):
         a, max_length = cfg.attack, cfg.data.max_length
