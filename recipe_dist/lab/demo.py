@@ -71,7 +71,8 @@ def evaluation(model: Path, train: Path, test: Path, seeds: list[int]) -> EvalCo
 SIZES = {
     "default": {"pretrain_steps": PRETRAIN_STEPS, "task": (TASK_TRAIN, TASK_TEST), "seeds": SEEDS, "set": []},
     "smoke": {"pretrain_steps": 20, "task": (128, 64), "seeds": [1],
-              "set": ["*:data.synthetic_samples=256", "attack:train.epochs=0.5", "purify:train.epochs=0.5", "eval-*:finetune.epochs=1"]},
+              "set": ["attack:data.synthetic_samples=256", "purify:data.synthetic_samples=256", "attack:train.epochs=0.5",
+                      "purify:train.epochs=0.5", "eval-*:finetune.epochs=1"]},
 }
 PRESETS = SIZES  # the --preset choices
 
