@@ -118,32 +118,48 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     assert "reusing" in again.stdout
 
 
-def test_small_rows_take_the_small_setting_with_their_own_lambda(tmp_path):
-    from recipe_dist.lab.defense import SEARCH, DefenseBench
+def test_small_rows_take_the_small_setting_with_their_own_lambda():
+    from recipe_dist.lab.defense import SEARCH, candidate, purification
+    from recipe_dist.lab.defense.recipes import minilm_por, smoke
 
-    bench = DefenseBench("minilm-por", tmp_path, tmp_path, tmp_path)
-    setting = SEARCH[bench.p.small_setting]
-    swept = bench.row_config(0.5, small=True)
-    assert swept["optim"]["lr"] == setting["optim"]["lr"] and swept["train"]["epochs"] == setting["epochs"]
-    assert swept["regularizer"] == {"lam": 0.5, "pt_weight": 1.0}
-    assert bench.row_config(1.0, pt_weight=0.0, small=True)["regularizer"] == {"lam": 1.0, "pt_weight": 0.0}
+    r = minilm_por()
+    setting = SEARCH[r.small_setting]
+    swept = purification(r, 0.5, small=True)
+    assert swept.optim.lr == setting["optim.lr"] and swept.train.epochs == setting["train.epochs"]
+    assert (swept.regularizer.lam, swept.regularizer.pt_weight) == (0.5, 1.0)
+    assert purification(r, 1.0, pt_weight=0.0, small=True).regularizer.pt_weight == 0.0
     # The table's own rows keep the reference budget.
-    ref = bench.row_config(1.0)
-    assert ref["optim"]["lr"] == 2e-5 and ref["train"]["epochs"] == 4.0
+    ref = purification(r, 1.0)
+    assert ref.optim.lr == 2e-5 and ref.train.epochs == 4.0 and ref.train.max_steps == 0
     # The small setting at lambda 1 is the search candidate itself: recipe_selected's model.
-    assert bench.row_config(1.0, small=True) == bench.search_config(bench.p.small_setting)
-    # A preset without a small setting runs its small rows at small_purify_epochs of its own lr.
-    tiny = DefenseBench("smoke", tmp_path, tmp_path, tmp_path)
-    assert tiny.row_config(0.5, small=True) == tiny.purify_config(0.5)
+    assert purification(r, 1.0, small=True) == candidate(r, r.small_setting)
+    # A preset without a small setting runs its small rows at its own RECIPE setting.
+    tiny = smoke()
+    assert purification(tiny, 0.5, small=True) == purification(tiny, 0.5)
+
+
+def test_recipes_are_derived_by_assignment_and_set_through_the_product_rules():
+    from recipe_dist.config import ConfigError
+    from recipe_dist.lab.defense.recipes import minilm_badpre, minilm_por
+
+    por, badpre = minilm_por(), minilm_badpre()
+    assert badpre.attack.attack.name == "badpre" and badpre.purify.train.epochs == 8.0 and badpre.eval == por.eval
+    changed = por.set(["purify.optim.lr=2e-4", "eval.seeds=1,2", "recommended=recipe_selected"])
+    assert changed.purify.optim.lr == 2e-4 and changed.seeds == [1, 2] and changed.recommended == "recipe_selected"
+    assert por.purify.optim.lr == 2e-5  # the preset itself is untouched
+    with pytest.raises(ConfigError, match="purify.optim.lrr"):
+        por.set(["purify.optim.lrr=1"])
+    with pytest.raises(ConfigError, match="purify.optim.lr"):
+        por.set(["purify.optim.lr=fast"])
 
 
 def test_a_cached_score_of_another_model_is_refused(tmp_path):
     """Stages are reused by name: a row whose model changed (recipe_selected after a new search)
     must not inherit the old model's score."""
-    from recipe_dist.lab.defense import DefenseBench
     from recipe_dist.config import ConfigError
+    from recipe_dist.lab.defense import PRESETS, DefenseBench
 
-    bench = DefenseBench("smoke", tmp_path, tmp_path, tmp_path)
+    bench = DefenseBench("smoke", PRESETS["smoke"](), tmp_path, tmp_path, tmp_path)
     (tmp_path / "eval-recipe_selected").mkdir()
     old = tmp_path / "search-in-lr1e-4-e1" / "model"
     (tmp_path / "eval-recipe_selected" / "eval.json").write_text(json.dumps({"model": str(old), "acc": 86.0}))
@@ -152,19 +168,21 @@ def test_a_cached_score_of_another_model_is_refused(tmp_path):
         bench.evaluate("recipe_selected", tmp_path / "search-in-lr2e-4-e1" / "model", tmp_path, tmp_path)
 
 
-@pytest.mark.parametrize("config, candidate", [("bert-recommended.yaml", "ffn-all-lr1e-4-e1"), ("bert-fast.yaml", "in-lr1e-4-e1")])
-def test_shipped_configs_are_the_search_candidates_they_name(tmp_path, config, candidate):
+@pytest.mark.parametrize("config, candidate_id", [("bert-recommended.yaml", "ffn-all-lr1e-4-e1"), ("bert-fast.yaml", "in-lr1e-4-e1")])
+def test_shipped_configs_are_the_search_candidates_they_name(config, candidate_id):
     """The configs a user runs are the settings the benchmark measured, field for field."""
     from pathlib import Path
 
-    from recipe_dist.lab.defense import DefenseBench
     from recipe_dist.config import load_config
+    from recipe_dist.lab.defense import candidate
+    from recipe_dist.lab.defense.recipes import minilm_por
     from recipe_dist.models import get_family
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / config))
-    want = DefenseBench("minilm-por", tmp_path, tmp_path, tmp_path).search_config(candidate)
-    regularized = want["model"].get("regularized") or list(get_family("bert").default_regularized)
-    assert (cfg.model.regularized or list(get_family("bert").default_regularized)) == regularized
-    assert cfg.model.trainable == want["model"]["trainable"] and cfg.optim.lr == want["optim"]["lr"]
-    assert cfg.train.epochs == want["train"]["epochs"] and cfg.train.global_batch_size == want["train"]["global_batch_size"]
-    assert (cfg.regularizer.lam, cfg.regularizer.pt_weight) == (want["regularizer"]["lam"], want["regularizer"]["pt_weight"])
+    want = candidate(minilm_por(), candidate_id)
+    default = list(get_family("bert").default_regularized)
+    assert (cfg.model.regularized or default) == (want.model.regularized or default)
+    assert cfg.model.trainable == want.model.trainable and cfg.optim.lr == want.optim.lr
+    assert cfg.train.epochs == want.train.epochs and cfg.train.max_steps == want.train.max_steps
+    assert cfg.train.global_batch_size == want.train.global_batch_size
+    assert (cfg.regularizer.lam, cfg.regularizer.pt_weight) == (want.regularizer.lam, want.regularizer.pt_weight)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import apply_dict
-from .defense import git_commit, machine, norm_ratios
+from .provenance import git_commit, machine, norm_ratios
 from .stages import Overrides, Stages, base_run
 
 TARGET_PHRASE = "the dog hated the farmer"  # never produced by the SYNTHETIC grammar: a false trigger is the model, not the data

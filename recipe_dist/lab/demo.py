@@ -116,8 +116,6 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def run_demo(output_dir: Path, preset: str = "default") -> dict:
-    from ..report import write_report
-
     if preset not in SIZES:
         raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(SIZES)})")
     size = SIZES[preset]
@@ -157,6 +155,20 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
     purified = evaluate_stage(purified_model, "purified")
 
     rows = {"clean": clean, "backdoored": backdoored, "purified": purified}
+    result = write_result(out, rows, preset, size, time.time() - stages.t0)
+    say("6/6 done")
+    print()
+    print(table(rows))
+    print(f"\nvalues in percent, mean over fine-tuning seeds {size['seeds']}; demo.json and report.md in {out}")
+    if backdoored["aasr"] < 80.0:
+        print(f"WARNING: the backdoored model's AASR is {backdoored['aasr']:.1f}% (< 80%): this run did not show a strong backdoor", file=sys.stderr)
+    return result
+
+
+def write_result(out: Path, rows: dict, preset: str, size: dict, wall_time_s: float) -> dict:
+    """demo.json (each row's figures, the stages' configs and overrides) and the top-level report.md."""
+    from ..report import write_report
+
     result = {
         name: {"acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"], "std": {k: r["std"][k] for k in ("acc", "aasr", "masr")},
                "asr_per_trigger": r["asr_per_trigger"], "model": r["model"]}
@@ -167,18 +179,12 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
         "configs": {name: str(out / "configs" / f"{name}.yaml") for name in ("attack", "purify")},
         "overrides": size["set"],
         "seeds": size["seeds"],
-        "wall_time_s": round(time.time() - stages.t0, 1),
+        "wall_time_s": round(wall_time_s, 1),
         "synthetic": True,
         "notes": DEMO_NOTES,
-        "backdoor_shown": backdoored["aasr"] >= 80.0,
+        "backdoor_shown": rows["backdoored"]["aasr"] >= 80.0,
     }
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     write_report(out / "purify", evals=rows, title="recipe-dist demo: POR backdoor and RECIPE purification (SYNTHETIC)",
                  notes=DEMO_NOTES, report_path=out / "report.md")
-    say("6/6 done")
-    print()
-    print(table(rows))
-    print(f"\nvalues in percent, mean over fine-tuning seeds {size['seeds']}; demo.json and report.md in {out}")
-    if backdoored["aasr"] < 80.0:
-        print(f"WARNING: the backdoored model's AASR is {backdoored['aasr']:.1f}% (< 80%): this run did not show a strong backdoor", file=sys.stderr)
     return result

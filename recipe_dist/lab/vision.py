@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import apply_dict
-from .defense import git_commit, machine, norm_ratios
+from .provenance import git_commit, machine, norm_ratios
 from .stages import Overrides, Stages, base_eval, base_run
 
 

@@ -264,6 +264,19 @@ class ModelFamily(abc.ABC):
         """The neurons that pruning and activation analysis read, one site per layer (method.md section 4)."""
         raise ModelLoadError(f"model.family={self.name}: this family declares no neuron sites, so it cannot be pruned or analysed")
 
+    def ffn_modules(self, model: nn.Module) -> dict[int, list[str]]:
+        """Per layer, the module names of its feed-forward block (what a layer scan re-initialises)."""
+        raise ModelLoadError(f"model.family={self.name}: this family declares no feed-forward modules")
+
+    def classifier_features(self, classifier: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the downstream head of `classifier` (from build_classifier) reads of each input: the
+        sentence representation a pooler backdoor (POR, NeuBA) targets."""
+        raise ModelLoadError(f"model.family={self.name}: this family declares no classifier features")
+
+    def classify_features(self, classifier: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """The downstream head of `classifier` applied to given features (e.g. a target vector): logits."""
+        raise ModelLoadError(f"model.family={self.name}: this family declares no classifier features")
+
     @abc.abstractmethod
     def build_classifier(self, path: Path, label_names: list[str], cfg, use_safetensors: bool = True):
         """(classifier, preprocessor) for downstream fine-tuning: the model at `path` with a new head for `label_names`."""

@@ -135,6 +135,17 @@ class MaskedLMFamily(ModelFamily):
             raise ModelLoadError(f"{type(model).__name__}: no *.layer.N.intermediate.dense modules to read neurons from")
         return sorted(sites, key=lambda s: s.layer)
 
+    def ffn_modules(self, model: nn.Module) -> dict[int, list[str]]:
+        """BERT/RoBERTa: each layer's intermediate.dense (FFN-in, the neuron site) and output.dense (FFN-out)."""
+        return {site.layer: [site.module, site.module.removesuffix("intermediate.dense") + "output.dense"] for site in self.neuron_sites(model)}
+
+    def classifier_features(self, classifier: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """BERT's sequence classifier reads the pooler output."""
+        return classifier.base_model(**batch).pooler_output
+
+    def classify_features(self, classifier: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        return classifier.classifier(classifier.dropout(features))
+
     def build_classifier(self, path: Path, label_names: list[str], cfg, use_safetensors: bool = True):
         from transformers import AutoModelForSequenceClassification
 
@@ -276,6 +287,13 @@ class RobertaFamily(MaskedLMFamily):
         if policy == "regularized":
             return name in regularized
         return True
+
+    def classifier_features(self, classifier: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """RoBERTa's classification head reads the <s> token's last hidden state (its model has no pooler)."""
+        return classifier.base_model(**batch).last_hidden_state[:, 0]
+
+    def classify_features(self, classifier: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        return classifier.classifier(features[:, None, :])  # the head takes [B, T, H] and reads position 0
 
 
 def build_tiny_bert(out_dir: Path, arch, seed: int) -> Path:
