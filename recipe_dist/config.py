@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +41,22 @@ class Rule:
             return False
 
 
+def _finite(v: Any) -> bool:
+    # inf > 0 is True and a NaN compares False either way: a bound alone does not refuse them.
+    return not isinstance(v, float) or math.isfinite(v)
+
+
 def gt(x: float) -> Rule:
-    return Rule(lambda v: v > x, f"must be > {x}")
+    return Rule(lambda v: _finite(v) and v > x, f"must be > {x}")
 
 
 def ge(x: float) -> Rule:
-    return Rule(lambda v: v >= x, f"must be >= {x}")
+    return Rule(lambda v: _finite(v) and v >= x, f"must be >= {x}")
+
+
+def required(what: str) -> Rule:
+    """A string field that must be set: `what` says what it names."""
+    return Rule(lambda v: v.strip() != "", f"is required: {what}")
 
 
 def _choices(typ: Any) -> tuple | None:
@@ -61,6 +72,13 @@ def _one_of(choices: tuple) -> Rule:
 
 OPEN_UNIT = Rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 PROBABILITY = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+NOT_BLANK = Rule(lambda v: v.strip() != "", "must not be empty")
+# The fine-tuning loops (evaluate, finemix) are AdamW with no divergence check: AdamW moves each
+# weight by about lr per step, so above 1 the model is wrecked in a step or two and its NaN logits
+# would still be scored. The trainer's optim.lr has no cap: its loop stops a diverging run itself.
+ADAMW_LR = Rule(lambda v: _finite(v) and 0 < v <= 1, "must be in (0, 1] (an AdamW learning rate)")
+# numpy's seed range, the narrowest of the generators a seed reaches.
+SEED = Rule(lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
 
 
 def _compiles(patterns: list[str]) -> bool:
@@ -86,8 +104,6 @@ def _f(default: Any, help: str, check: Rule | None = None, **kw: Any) -> Any:
 def check_fields(cfg: Any, prefix: str = "") -> None:
     """Every declared rule and `Literal` choice, and finiteness of every float, over a config
     tree; the first failure is a ConfigError naming the key, the value and the rule."""
-    import math
-
     hints = _hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -265,14 +281,14 @@ class FinemixConfig:
     epur_topn: int = _f(200, "E-PUR: reset the N word embeddings with the largest drift / log(max(freq, 20)); 0 disables", check=ge(0))
     epur_min_freq: int = _f(20, "E-PUR: frequencies below this count as this (the log's floor)", check=gt(1))
     train_file: str = _f("", "the small clean labelled downstream subset (.tsv/.csv/.jsonl) fine-tuned on after mixing")
-    text_column: str = _f("sentence", "text column of train_file")
-    label_column: str = _f("label", "label column of train_file")
+    text_column: str = _f("sentence", "text column of train_file", check=NOT_BLANK)
+    label_column: str = _f("label", "label column of train_file", check=NOT_BLANK)
     max_train_samples: int = _f(0, "use only the first N samples of train_file; 0 uses all", check=ge(0))
     epochs: int = _f(1, "fine-tuning passes over train_file after mixing; 0 keeps the mixed model as is", check=ge(0))
-    lr: float = _f(2e-5, "fine-tuning learning rate", check=gt(0))
+    lr: float = _f(2e-5, "fine-tuning learning rate (AdamW, linear decay to 0)", check=ADAMW_LR)
     batch_size: int = _f(32, "fine-tuning batch size", check=gt(0))
     max_length: int = _f(128, "tokens per sequence", check=gt(1))
-    seed: int = _f(1, "seed of the random mask and the fine-tuning")
+    seed: int = _f(1, "seed of the random mask and the fine-tuning", check=SEED)
 
 
 @dataclass
@@ -288,7 +304,7 @@ class FitHeadConfig:
 @dataclass
 class RunConfig:
     output_dir: str = _f("runs/purify", "run directory: model/, checkpoints/, tb/, config.yaml, summary.json",
-                         check=Rule(lambda v: v.strip() != "", "must not be empty"))
+                         check=NOT_BLANK)
     resume: str = _f("", "'' (fresh), 'auto' (newest complete checkpoint) or a checkpoint directory")
     overwrite: bool = _f(False, "a fresh run on an output_dir that holds another run: move that run aside to "
                          "<output_dir>.replaced-<time> (one atomic rename; nothing is deleted)")

@@ -11,6 +11,10 @@
 - On resume, the config is compared with the checkpoint's (`check_resume_config`): a change to
   anything that changes the result is refused with both values; the keys in `MAY_CHANGE` may
   change and each change is appended to `config_history.jsonl`.
+- `config.yaml` (the resolved config, written when the run starts) and `summary.json` (written
+  when it has finished: what the lab, `slurm status` and the report read) have one writer each,
+  `write_run_config` and `write_summary`, shared by the trainer, prune and finemix. Both replace
+  the file atomically: a reader sees the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
+from .config import dump_yaml
 from .errors import RecipeError
 
 LOCK = ".lock"
@@ -124,10 +129,33 @@ def _entries(path: Path) -> set[str]:
         return set()
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write(path: Path, text: str, durable: bool = False) -> None:
+    """Replace `path` by `text` atomically: a temporary file in the same directory (so the rename
+    stays on one filesystem), then os.replace. A failure leaves the old file as it was and no
+    temporary behind. `durable` also syncs the data to disk before the rename, so a crash of the
+    machine cannot leave the new name on empty contents."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_run_config(out: Path, cfg) -> None:
+    """OUTPUT_DIR/config.yaml: the resolved config of the run (rank 0, when the run starts)."""
+    _write(Path(out) / "config.yaml", dump_yaml(cfg), durable=True)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """OUTPUT_DIR/summary.json: what a finished run reports (rank 0, once the model is written)."""
+    # Serialized before anything is opened: a value JSON cannot hold fails with the old file intact.
+    _write(Path(out) / "summary.json", json.dumps(summary, indent=2) + "\n", durable=True)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -8,7 +8,6 @@ resuming; `StepMetrics` logging and the divergence check; `RunDir` the output di
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from .checkpoint.manager import Checkpointer
-from .config import ConfigError, RunConfig, deepspeed_config, dump_yaml
+from .config import ConfigError, RunConfig, deepspeed_config
 from .data.train_data import KeyLog, TrainData
 from .distributed import barrier, init_distributed, run_on_main
 from .errors import RecipeError
@@ -28,7 +27,7 @@ from .jobs import Job
 from .metrics import build_logger
 from .models.base import sha256_files
 from .preempt import Preemption, requeue
-from .rundir import RunDir, write_progress
+from .rundir import RunDir, write_progress, write_run_config, write_summary
 from .seeds import Stream, mix_seed
 
 
@@ -207,7 +206,7 @@ class Trainer:
         """Model, data, resume plan and engine: (loaded model, TrainData, engine, total steps)."""
         cfg, info = self.cfg, self.dist
         if info.is_main and not cfg.resume:
-            (self.out / "config.yaml").write_text(dump_yaml(cfg))
+            write_run_config(self.out, cfg)
         self._check_precision()
         torch.manual_seed(mix_seed(cfg.train.seed, Stream.TORCH_GLOBAL, info.rank))
         self.model_dir = self._model_dir()
@@ -277,6 +276,6 @@ class Trainer:
                 "input_weights_sha256": sha256_files(loaded.weight_files),
                 "output_weights_sha256": sha256_files(out_files),
             }
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_summary(self.out, summary)
         barrier()
         return summary

@@ -10,7 +10,8 @@ fine-tuned from:
 3. fine-tune on the small clean labelled subset with evaluate's fine-tuning loop.
 Each step can be switched off (finemix.mix, epur_topn=0, epochs=0), so they run alone or combined.
 The paper's code is not public: the statistic and every default are this implementation's
-reading of method.md, and finemix.json records each choice and what it changed.
+reading of method.md, and finemix.json records each choice and what it changed; summary.json is
+the run directory's common summary (rundir.write_summary).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, dump_yaml
+from ..config import ConfigError
 from ..errors import RecipeError
 from ..models.base import check_safetensors, sha256_files, weight_files
 from ..models.load_report import load_with_summary
-from ..rundir import RunDir
+from ..rundir import RunDir, write_run_config, write_summary
 from . import register_defense
 
 
@@ -79,7 +80,7 @@ class FineMixing:
         from ..evaluation.finetune import read_labelled, train_classifier
 
         t0, fm = time.time(), cfg.finemix
-        (out / "config.yaml").write_text(dump_yaml(cfg))
+        write_run_config(out, cfg)
         model_dir, pre_dir = Path(cfg.model.path), Path(fm.pretrained)
         b_files, _ = weight_files(model_dir, allow_pickle=False)
         pre_files, _ = weight_files(pre_dir, allow_pickle=False)  # mixing reads tensors: safetensors only
@@ -154,6 +155,12 @@ class FineMixing:
         report["output_weights_sha256"] = sha256_files(sorted(target.glob("*.safetensors")))
         report["wall_time_s"] = round(time.time() - t0, 2)
         (out / "finemix.json").write_text(json.dumps(report, indent=2) + "\n")
+        # The run directory's common summary, as the trainer's and prune's: steps as train_classifier counts them.
+        steps = -(-len(texts) // fm.batch_size) * fm.epochs
+        write_summary(out, {"steps": steps, "samples": len(texts), "tensors_mixed": mixed,
+                            "share_of_deltas_kept": report["mix"]["share_of_deltas_kept"],
+                            "epur_reset": report.get("epur", {}).get("reset", 0), "wall_time_s": report["wall_time_s"],
+                            "world_size": 1, "output_weights_sha256": report["output_weights_sha256"]})
         print(f"finemix: mixed {mixed} tensors (kept {report['mix']['share_of_deltas_kept']:.0%} of deltas), "
               f"E-PUR reset {report.get('epur', {}).get('reset', 0)} embeddings, fine-tuned {fm.epochs} epoch(s) on {len(texts)} samples; wrote {target}")
         return report

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import deepspeed_config, dump_yaml
+from ..config import deepspeed_config
 from ..data.train_data import TrainData
 from ..distributed import barrier, init_distributed, run_on_main
 from ..jobs import FamilyJob
 from ..models.base import sha256_files
 from ..neurons import apply_pruning, prune_selection, record
-from ..rundir import RunDir
+from ..rundir import RunDir, write_run_config, write_summary
 from . import register_defense
 
 
@@ -91,7 +91,7 @@ class FinePruning:
         t0 = time.time()
         family, p = self.family, cfg.prune
         if info.is_main:
-            (out / "config.yaml").write_text(dump_yaml(cfg))
+            write_run_config(out, cfg)
         model_dir = Path(cfg.model.path)
         stats = neuron_statistics(family, family.load(model_dir, cfg), cfg, info, out, p.max_samples)
         # 0 takes the family's counts from method.md section 4 (BERT 4 / 6, ViT and CLIP 4 / 5, VGG in channels).
@@ -122,8 +122,8 @@ class FinePruning:
             }
             (out / "prune.json").write_text(json.dumps(report, indent=2) + "\n")
             # The run directory's common summary (what `bench defense` and `slurm status` read).
-            (out / "summary.json").write_text(json.dumps({k: report[k] for k in ("variant", "pruned", "samples", "wall_time_s",
-                                                                                 "world_size", "zero_stage", "output_weights_sha256")}, indent=2))
+            write_summary(out, {k: report[k] for k in ("variant", "pruned", "samples", "wall_time_s", "world_size", "zero_stage",
+                                                       "output_weights_sha256")})
             rows = "\n".join(f"| {layer} | {n} | {n / report['neurons_per_layer']:.1%} |" for layer, n in per_layer.items())
             (out / "report.md").write_text(
                 f"# Fine-pruning ({p.variant}): {model_dir}\n\n{report['pruned']} neurons pruned, ranked by {report['ranking']} "

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, _f, to_dict
+from ..config import ADAMW_LR, NOT_BLANK, SEED, ConfigError, Rule, _f, check_fields, ge, gt, required, to_dict
 from ..errors import RecipeError
 from . import metrics
 from ..models.load_report import load_with_summary  # noqa: F401  (part of this module's API)
@@ -33,48 +33,77 @@ class EvalDataError(RecipeError, ValueError):
 # Config
 
 
+def _seed_list(text: str) -> list[int]:
+    """The seeds of `seeds` ("1,2,3"); a ConfigError says what is wrong with the text."""
+    try:
+        out = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"seeds: expected comma-separated integers, got {text!r}") from None
+    if not out:
+        raise ConfigError(f"seeds: expected comma-separated integers, got {text!r}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"seeds: repeated seed in {text!r}")
+    bad = [s for s in out if not SEED(s)]
+    if bad:
+        raise ConfigError(f"seeds: {bad[0]} {SEED.text}")
+    return out
+
+
+def _seeds_ok(text: str) -> bool:
+    if text.strip():
+        _seed_list(text)
+    return True
+
+
+# A ConfigError is a ValueError, which the Rule reads as "refused".
+SEEDS = Rule(_seeds_ok, "must be empty or comma-separated distinct integers in [0, 2**32), e.g. 1,2,3")
+ONE_WORD_EACH = Rule(lambda v: len(v) > 0 and all(w and not any(c.isspace() for c in w) for w in v),
+                     "must be one or more triggers, each a single word")
+
+
 @dataclass
 class EvalModelConfig:
-    path: str = _f("", "Hugging Face model directory under test (required); it is only read")
-    family: str = _f("bert", "model family from the registry; it builds the classifier (bert, roberta, gpt2, llama; vit, vgg, clip)")
+    path: str = _f("", "Hugging Face model directory under test (required); it is only read", check=required("the model directory to evaluate"))
+    family: str = _f("bert", "model family from the registry; it builds the classifier (bert, roberta, gpt2, llama; vit, vgg, clip)", check=NOT_BLANK)
     allow_pickle: bool = _f(False, "allow pickle weights (.bin/.pt); they can run code, so off by default")
     trust_remote_code: bool = _f(False, "run Python code shipped with the model; off unless you trust the uploader")
 
 
 @dataclass
 class TaskConfig:
-    train_file: str = _f("", "clean training set: .tsv (with header), .csv or .jsonl; relative paths are from the working directory")
-    test_file: str = _f("", "clean test set, same format; relative paths are from the working directory")
-    text_column: str = _f("sentence", "column/key holding the text; for image families the image path (relative to the task file)")
-    label_column: str = _f("label", "column/key holding the label")
-    num_labels: int = _f(0, "number of classes; 0 infers it from the labels")
+    train_file: str = _f("", "clean training set: .tsv (with header), .csv or .jsonl; relative paths are from the working directory",
+                         check=required("the clean training set"))
+    test_file: str = _f("", "clean test set, same format; relative paths are from the working directory", check=required("the clean test set"))
+    text_column: str = _f("sentence", "column/key holding the text; for image families the image path (relative to the task file)", check=NOT_BLANK)
+    label_column: str = _f("label", "column/key holding the label", check=NOT_BLANK)
+    num_labels: int = _f(0, "number of classes; 0 infers it from the labels", check=Rule(lambda v: v == 0 or v >= 2, "must be 0 (infer) or >= 2"))
 
 
 @dataclass
 class FinetuneConfig:
-    lr: float = _f(2e-5, "AdamW learning rate (linear decay to 0, no warmup)")
+    lr: float = _f(2e-5, "AdamW learning rate (linear decay to 0, no warmup)", check=ADAMW_LR)
     epochs: int = _f(3, "passes over the training set; the last model is kept. 0: model.path is already a fine-tuned "
-                     "classifier with a head for these labels (e.g. finemix's output), scored as it is")
-    batch_size: int = _f(32, "sequences per optimizer step (also the prediction batch)")
-    max_length: int = _f(128, "tokens per sequence after truncation")
-    seed: int = _f(42, "seed of the classifier head, data order and dropout when `seeds` is empty")
-    max_train_samples: int = _f(0, "use only the first N training samples; 0 uses all")
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
-    grad_clip: float = _f(1.0, "global gradient-norm clipping (transformers Trainer's default); 0 disables")
+                     "classifier with a head for these labels (e.g. finemix's output), scored as it is", check=ge(0))
+    batch_size: int = _f(32, "sequences per optimizer step (also the prediction batch)", check=gt(0))
+    max_length: int = _f(128, "tokens per sequence after truncation", check=gt(1))
+    seed: int = _f(42, "seed of the classifier head, data order and dropout when `seeds` is empty", check=SEED)
+    max_train_samples: int = _f(0, "use only the first N training samples; 0 uses all", check=ge(0))
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay", check=ge(0))
+    grad_clip: float = _f(1.0, "global gradient-norm clipping (transformers Trainer's default); 0 disables", check=ge(0))
 
 
 @dataclass
 class TriggerConfig:
-    words: list[str] = _f(list(DEFAULT_TRIGGERS), "text triggers; each is inserted into a copy of the test set")
-    patch_size: int = _f(4, "image families: side of NeuBA-vision's six checkerboard patches, each pasted on a copy of the test set")
-    times: int = _f(1, "insertions per test sample (method.md: once)")
-    seed: int = _f(0, "seed of the per-sample insertion positions (the same for every fine-tuning seed)")
+    words: list[str] = _f(list(DEFAULT_TRIGGERS), "text triggers; each is inserted into a copy of the test set", check=ONE_WORD_EACH)
+    patch_size: int = _f(4, "image families: side of NeuBA-vision's six checkerboard patches, each pasted on a copy of the test set", check=gt(0))
+    times: int = _f(1, "insertions per test sample (method.md: once)", check=gt(0))
+    seed: int = _f(0, "seed of the per-sample insertion positions (the same for every fine-tuning seed)", check=SEED)
 
 
 @dataclass
 class EvalConfig:
-    output_dir: str = _f("runs/eval", "receives eval.json and eval.md")
-    seeds: str = _f("", "comma-separated fine-tuning seeds, e.g. 1,2,3 (mean and sample std reported); empty uses finetune.seed")
+    output_dir: str = _f("runs/eval", "receives eval.json and eval.md", check=NOT_BLANK)
+    seeds: str = _f("", "comma-separated fine-tuning seeds, e.g. 1,2,3 (mean and sample std reported); empty uses finetune.seed", check=SEEDS)
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -82,47 +111,14 @@ class EvalConfig:
     save_models: bool = _f(False, "keep each seed's fine-tuned classifier in OUTPUT_DIR/seed<S>/model (e.g. for finemix)")
 
     def seed_list(self) -> list[int]:
-        if not self.seeds.strip():
-            return [self.finetune.seed]
-        try:
-            out = [int(s) for s in self.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"seeds: expected comma-separated integers, got {self.seeds!r}") from None
-        if not out:
-            raise ConfigError(f"seeds: expected comma-separated integers, got {self.seeds!r}")
-        if len(set(out)) != len(out):
-            raise ConfigError(f"seeds: repeated seed in {self.seeds!r}")
-        return out
+        return _seed_list(self.seeds) if self.seeds.strip() else [self.finetune.seed]
 
     def validate(self) -> None:
-        if not self.model.path:
-            raise ConfigError("model.path: required (the model directory to evaluate)")
-        for key in ("train_file", "test_file"):
-            if not getattr(self.task, key):
-                raise ConfigError(f"task.{key}: required")
-        if not self.output_dir:
-            raise ConfigError("output_dir: required")
-        f = self.finetune
-        if f.lr <= 0:
-            raise ConfigError(f"finetune.lr: must be > 0, got {f.lr}")
-        if f.epochs < 0:
-            raise ConfigError(f"finetune.epochs: must be >= 0 (0 scores a fine-tuned classifier as it is), got {f.epochs}")
-        if f.batch_size < 1:
-            raise ConfigError(f"finetune.batch_size: must be >= 1, got {f.batch_size}")
-        if f.max_length < 2:
-            raise ConfigError(f"finetune.max_length: must be >= 2, got {f.max_length}")
-        if f.max_train_samples < 0:
-            raise ConfigError(f"finetune.max_train_samples: must be >= 0, got {f.max_train_samples}")
-        if self.task.num_labels < 0 or self.task.num_labels == 1:
-            raise ConfigError(f"task.num_labels: must be 0 (infer) or >= 2, got {self.task.num_labels}")
-        if not self.triggers.words:
-            raise ConfigError("triggers.words: at least one trigger is needed")
-        if self.triggers.times < 1:
-            raise ConfigError(f"triggers.times: must be >= 1, got {self.triggers.times}")
-        for w in self.triggers.words:
-            if not w or any(c.isspace() for c in w):
-                raise ConfigError(f"triggers.words: each trigger must be one word, got {w!r}")
-        self.seed_list()
+        """Every field's declared domain (`check_fields`), then the rules that span fields."""
+        check_fields(self)
+        if Path(self.output_dir).resolve() == Path(self.model.path).resolve():
+            # eval.json, eval.md and seed<S>/ would land inside the model directory, which is only read.
+            raise ConfigError(f"output_dir: {self.output_dir!r} is model.path; the model directory is only read, choose another output_dir")
 
 
 # --------------------------------------------------------------------------------------------
