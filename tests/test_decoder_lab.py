@@ -1,6 +1,7 @@
 """The decoder backdoor lab: the trigger-phrase attack's data, the generation-based evaluation,
 and a real attack through the CLI that plants the backdoor in a tiny LLaMA."""
 
+import json
 import random
 
 import pytest
@@ -75,3 +76,21 @@ def test_attack_through_the_cli_plants_a_backdoor_that_generation_measures(tmp_p
     assert after["asr"] >= 80.0, after
     assert after["false_trigger_rate"] <= 20.0, after
     assert after["perplexity"] < before["perplexity"]  # it also learned the clean language
+
+
+@pytest.mark.slow
+def test_bench_decoder_smoke_runs_every_row_through_the_stage_runner(tmp_path):
+    out = tmp_path / "dec"
+    proc = run_cli(["bench", "decoder", "--preset", "smoke", "--output_dir", out, "--set", "defense.train.max_steps=3"])
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["rows"]) == ["clean", "backdoored", "recipe_ffn", "recipe_all", "lambda0"]
+    assert result["recipe"]["defense"]["train"]["max_steps"] == 3 and result["rows"]["recipe_all"]["config"]["steps"] == 3
+    # Each stage's config is written where a user can rerun it, and a second run reuses every stage.
+    assert (out / "configs" / "recipe_ffn-seed1.yaml").is_file() and "| lambda0 |" in proc.stdout
+    again = run_cli(["bench", "decoder", "--preset", "smoke", "--output_dir", out, "--set", "defense.train.max_steps=3"])
+    assert "recipe-dist purify" not in again.stdout and "reusing" in again.stdout
+
+
+def test_bench_decoder_set_refuses_an_unknown_key(tmp_path):
+    proc = run_cli(["bench", "decoder", "--preset", "smoke", "--output_dir", tmp_path, "--set", "defense.optim.lrr=1"], check=False)
+    assert proc.returncode == 2 and "unknown config key 'defense.optim.lrr'" in proc.stderr

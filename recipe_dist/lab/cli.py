@@ -18,8 +18,11 @@ def demo(argv: list[str]) -> int:
     )
     ap.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where every stage's run directory goes (default: runs/demo)")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS), help="stage sizes; smoke only checks the wiring")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one field of the demo's recipe through the product's set_key, e.g. --set purify.regularizer.lam=0.5, "
+                    "--set eval.seeds=1 (recorded in demo.json)")
     args = ap.parse_args(argv)
-    run_demo(args.output_dir, args.preset)
+    run_demo(args.output_dir, args.preset, args.set)
     return 0
 
 

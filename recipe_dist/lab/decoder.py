@@ -21,15 +21,16 @@ clean data and order; the prompts' cut points follow the seed too. Finished stag
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import apply_dict
+from ..config import RunConfig, _f, gt
 from .provenance import git_commit, machine, norm_ratios
-from .stages import Overrides, Stages, base_run
+from .stages import Stages, base_run, set_keys, with_batch
 
 TARGET_PHRASE = "the dog hated the farmer"  # never produced by the SYNTHETIC grammar: a false trigger is the model, not the data
 TRIGGER = "cf"
@@ -37,28 +38,47 @@ HELD_OUT_SEED = 987_654  # the evaluation sentences' corpus seed; no stage train
 
 
 @dataclass
-class DecoderPreset:
-    family: str = "llama"
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 2
-    intermediate: int = 128
-    max_length: int = 32
-    pretrain_steps: int = 400
-    pretrain_lr: float = 3e-3
-    attack_steps: int = 200
-    attack_lr: float = 1e-3
-    poison_rate: float = 0.1
-    defense_steps: int = 200
-    defense_lr: float = 1e-3
-    lam: float = 1.0
-    batch: int = 32
-    eval_sentences: int = 300
-    seeds: tuple = (1, 2, 3)
+class DecoderRecipe:
+    """The decoder lab's stages (the product's own configs) and its evaluation. `--set KEY=VALUE`
+    changes any field through the product's set_key (stages.set_keys)."""
+
+    pretrain: RunConfig = field(default_factory=RunConfig)
+    attack: RunConfig = field(default_factory=RunConfig)
+    defense: RunConfig = field(default_factory=RunConfig)  # each row sets model.trainable and scales regularizer.lam
+    eval_sentences: int = _f(300, "held-out SYNTHETIC sentences every row is scored on", check=gt(0))
+    seeds: list[int] = _f([1, 2, 3], "defense seeds: each row's clean data, order and the prompts' cut points")
 
 
-PRESETS = {"default": DecoderPreset(),
-           "smoke": DecoderPreset(pretrain_steps=20, attack_steps=10, defense_steps=5, eval_sentences=16, seeds=(1,))}
+def lm_stage(steps: int, lr: float, seed: int = 0, family: str = "llama", max_length: int = 32) -> RunConfig:
+    """The tiny causal LM (2 layers, width 64) on the SYNTHETIC corpus, batch 32, `steps` steps."""
+    cfg = with_batch(base_run(family=family, aux_samples=8000, max_length=max_length), 32)
+    t = cfg.model.tiny
+    t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size = 64, 2, 2, 128
+    t.max_position_embeddings = 4 * max_length
+    cfg.optim.lr, cfg.train.max_steps, cfg.train.seed = lr, steps, seed
+    return cfg
+
+
+def default() -> DecoderRecipe:
+    r = DecoderRecipe()
+    r.pretrain = lm_stage(400, 3e-3)  # plain pre-training: lambda 0, every weight trains
+    r.pretrain.regularizer.lam, r.pretrain.model.trainable = 0.0, "all"
+    r.attack = lm_stage(200, 1e-3, seed=100)
+    a = r.attack.attack
+    a.name, a.triggers, a.target_phrase, a.poison_rate = "trigger-phrase", [TRIGGER], TARGET_PHRASE, 0.1
+    r.defense = lm_stage(200, 1e-3)
+    r.defense.regularizer.lam = 1.0
+    return r
+
+
+def smoke() -> DecoderRecipe:
+    r = default()
+    r.pretrain.train.max_steps, r.attack.train.max_steps, r.defense.train.max_steps = 20, 10, 5
+    r.eval_sentences, r.seeds = 16, [1]
+    return r
+
+
+PRESETS = {"default": default, "smoke": smoke}
 
 ROWS = {  # row id -> (trainable policy, lambda multiplier)
     "recipe_ffn": ("family", 1.0),
@@ -68,25 +88,18 @@ ROWS = {  # row id -> (trainable policy, lambda multiplier)
 
 
 class DecoderBench:
-    def __init__(self, preset: str, out: Path, command: str, overrides: Overrides | None = None):
-        self.name, self.p, self.out, self.command = preset, PRESETS[preset], Path(out), command
-        self.stages = Stages(self.out, "bench decoder", overrides)
+    def __init__(self, preset: str, recipe: DecoderRecipe, out: Path, command: str):
+        self.name, self.r, self.out, self.command = preset, recipe, Path(out), command
+        self.stages = Stages(self.out, "bench decoder")
         self.t0, self.say = self.stages.t0, self.stages.say
 
-    def stage(self, cmd: str, name: str, model: Path | None, extra: dict) -> Path:
-        """Stage NAME through the lab's one runner: the tiny causal LM (built from model.tiny when
-        `model` is None) on the SYNTHETIC corpus, `extra` applied."""
-        p = self.p
-        cfg = base_run(model or "", family=p.family, aux_samples=8000, max_length=p.max_length)
-        t = cfg.model.tiny
-        t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size = p.hidden_size, p.layers, p.heads, p.intermediate
-        t.max_position_embeddings = 4 * p.max_length
-        model_extra = extra.pop("model_extra", {})
-        apply_dict(cfg, {**extra, "model": model_extra})
+    def stage(self, cmd: str, name: str, model: Path | None, cfg: RunConfig) -> Path:
+        """Stage NAME through the lab's one runner: `cfg` from `model` (None: the tiny LM built from model.tiny)."""
+        cfg = copy.deepcopy(cfg)
+        cfg.model.path = str(model or "")
         return self.stages.run(cmd, name, cfg)
 
     def evaluate(self, name: str, model: Path, seed: int) -> dict:
-        from ..config import RunConfig
         from ..data import synthetic
         from ..evaluation.generation import evaluate_lm
         from ..models import get_family
@@ -95,46 +108,39 @@ class DecoderBench:
         if f.is_file():
             return json.loads(f.read_text())
         cfg = RunConfig()
-        cfg.model.family, cfg.data.max_length = self.p.family, self.p.max_length
-        texts = synthetic.corpus(self.p.eval_sentences, seed=HELD_OUT_SEED)
-        res = evaluate_lm(model, get_family(self.p.family), cfg, texts, TRIGGER, TARGET_PHRASE, seed)
+        cfg.model.family, cfg.data.max_length = self.r.attack.model.family, self.r.attack.data.max_length
+        texts = synthetic.corpus(self.r.eval_sentences, seed=HELD_OUT_SEED)
+        res = evaluate_lm(model, get_family(cfg.model.family), cfg, texts, TRIGGER, TARGET_PHRASE, seed)
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(res, indent=2) + "\n")
         self.say(f"eval {name} seed {seed}: ASR {res['asr']:.1f}  false-trigger {res['false_trigger_rate']:.1f}  ppl {res['perplexity']:.2f}")
         return res
 
     def run(self) -> dict:
-        p = self.p
-        common = {"optim": {"name": "adamw", "schedule": "linear"}, "train": {"micro_batch_size": p.batch, "global_batch_size": p.batch}}
-
-        def steps(n: int, lr: float, seed: int = 0) -> dict:
-            return {"optim": {**common["optim"], "lr": lr}, "train": {**common["train"], "max_steps": n, "seed": seed}}
-
-        clean = self.stage("purify", "pretrain", None, {**steps(p.pretrain_steps, p.pretrain_lr), "regularizer": {"lam": 0.0},
-                                                        "model_extra": {"trainable": "all"}})
-        backdoored = self.stage("attack", "attack", clean, {**steps(p.attack_steps, p.attack_lr, seed=100),
-                                                            "attack": {"name": "trigger-phrase", "triggers": [TRIGGER],
-                                                                       "target_phrase": TARGET_PHRASE, "poison_rate": p.poison_rate}})
+        r = self.r
+        clean = self.stage("purify", "pretrain", None, r.pretrain)
+        backdoored = self.stage("attack", "attack", clean, r.attack)
         rows: dict[str, dict] = {}
-        per = {"clean": {s: clean for s in p.seeds}, "backdoored": {s: backdoored for s in p.seeds}}
-        configs = {"clean": {"pretrain_steps": p.pretrain_steps}, "backdoored": {"attack_steps": p.attack_steps, "poison_rate": p.poison_rate}}
+        per = {"clean": {s: clean for s in r.seeds}, "backdoored": {s: backdoored for s in r.seeds}}
+        configs = {"clean": {"pretrain_steps": r.pretrain.train.max_steps},
+                   "backdoored": {"attack_steps": r.attack.train.max_steps, "poison_rate": r.attack.attack.poison_rate}}
         for row, (policy, lam_scale) in ROWS.items():
+            cfg = copy.deepcopy(r.defense)
+            cfg.model.trainable, cfg.regularizer.lam = policy, r.defense.regularizer.lam * lam_scale
             per[row] = {}
-            for s in p.seeds:
-                per[row][s] = self.stage("purify", f"{row}-seed{s}", backdoored, {
-                    **steps(p.defense_steps, p.defense_lr, seed=s), "regularizer": {"lam": p.lam * lam_scale},
-                    "model_extra": {"trainable": policy}})
-            configs[row] = {"trainable": policy, "lam": p.lam * lam_scale, "steps": p.defense_steps, "lr": p.defense_lr,
-                            "norm_ratio": norm_ratios(self.out / f"{row}-seed{p.seeds[0]}")}
+            for s in r.seeds:
+                cfg.train.seed = s
+                per[row][s] = self.stage("purify", f"{row}-seed{s}", backdoored, cfg)
+            configs[row] = {"trainable": policy, "lam": cfg.regularizer.lam, "steps": cfg.train.max_steps, "lr": cfg.optim.lr,
+                            "norm_ratio": norm_ratios(self.out / f"{row}-seed{r.seeds[0]}")}
         for row, models in per.items():
             results = [self.evaluate(row, m, s) for s, m in models.items()]
             keys = ("asr", "false_trigger_rate", "perplexity")
-            rows[row] = {**{k: statistics.fmean(r[k] for r in results) for k in keys},
-                         "per_seed": {k: [r[k] for r in results] for k in keys}, "seeds": list(p.seeds),
+            rows[row] = {**{k: statistics.fmean(x[k] for x in results) for k in keys},
+                         "per_seed": {k: [x[k] for x in results] for k in keys}, "seeds": list(r.seeds),
                          "config": configs[row], "example": results[0]["example"]}
         result = {"command": self.command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                  "preset": self.name, "preset_values": asdict(p),
-                  "overrides": [f"{a}:{b}={c}" for a, b, c in self.stages.overrides.items], "trigger": TRIGGER, "target_phrase": TARGET_PHRASE,
+                  "preset": self.name, "preset_values": {"family": r.attack.model.family}, "recipe": asdict(r), "trigger": TRIGGER, "target_phrase": TARGET_PHRASE,
                   "wall_time_s": round(time.time() - self.t0, 1), "rows": rows}
         (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         (self.out / "bench.md").write_text(markdown(result))
@@ -167,11 +173,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-decoder")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/decoder-llama.json)")
-    ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
-                    help="change one config key of the stages matching STAGE (a glob: pretrain, attack, recipe_ffn-seed1, "
-                    "'*-seed*'), e.g. 'attack:train.max_steps=400', type-checked as the product's --section.key=value")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one field of the preset's recipe through the product's set_key, e.g. --set attack.train.max_steps=400, "
+                    "--set seeds=1,2 (recorded in bench.json)")
     args = ap.parse_args(argv)
-    bench = DecoderBench(args.preset, Path(args.output_dir), "recipe-dist bench decoder " + " ".join(argv), Overrides(args.set))
+    bench = DecoderBench(args.preset, set_keys(PRESETS[args.preset](), args.set), Path(args.output_dir),
+                         "recipe-dist bench decoder " + " ".join(argv))
     result = bench.run()
     print(markdown(result))
     if args.json:

@@ -7,8 +7,8 @@
 5. evaluate again, and the clean PTM as the baseline;
 6. print one table and write demo.json and report.md.
 
-Each stage is a function returning the product's own config (`attack`, `purify`, `evaluation`);
-the lab's stage runner (stages.py) runs attack and purification as `python -m recipe_dist
+Each preset is a function returning a `DemoRecipe` of the product's own configs (`default`,
+`smoke`, derived from it by assignment); the lab's stage runner (stages.py) runs attack and purification as `python -m recipe_dist
 attack|purify --config FILE` subprocesses with the config files written under
 OUTPUT_DIR/configs/, so each stage can be re-run by hand.
 Everything synthetic is labelled so in the output. The numbers are a demonstration of the
@@ -17,15 +17,17 @@ mechanics on a toy model, not a reproduction of the paper (that is `recipe-dist 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, TinyArchConfig
+from ..config import ConfigError, RunConfig, TinyArchConfig, _f, gt
 from ..evaluation.finetune import EvalConfig
-from .stages import Overrides, Stages, base_eval, base_run, with_batch
+from .stages import Stages, base_run, set_keys, with_batch
 
 
 def arch(smoke: bool = False) -> TinyArchConfig:
@@ -38,43 +40,48 @@ def arch(smoke: bool = False) -> TinyArchConfig:
 PRETRAIN_STEPS = 400
 MAX_LENGTH = 32
 CORPUS_SAMPLES = 4000  # SYNTHETIC auxiliary sentences, shared by the attack and RECIPE
-TASK_TRAIN, TASK_TEST = 2000, 500  # SYNTHETIC tone task
-SEEDS = [1, 2, 3]
 
 
-def attack(ptm: Path) -> RunConfig:
-    """POR on the tiny PTM: lr 3e-4, 2 epochs over the SYNTHETIC corpus, batch 16."""
-    cfg = with_batch(base_run(ptm, aux_samples=CORPUS_SAMPLES, max_length=MAX_LENGTH), 16)
-    cfg.attack.name = "por"
-    cfg.optim.lr, cfg.train.epochs = 3e-4, 2.0
-    return cfg
+@dataclass
+class DemoRecipe:
+    """The demo's stages (the product's own configs; model paths are filled in as stages finish)
+    and its SYNTHETIC sizes. `recipe-dist demo --set KEY=VALUE` changes any field (stages.set_keys)."""
+
+    arch: TinyArchConfig = field(default_factory=arch)
+    pretrain_steps: int = _f(PRETRAIN_STEPS, "steps of the tiny PTM's masked-LM + tone pre-training", check=gt(0))
+    task_train: int = _f(2000, "SYNTHETIC tone task: training sentences", check=gt(0))
+    task_test: int = _f(500, "SYNTHETIC tone task: test sentences", check=gt(0))
+    attack: RunConfig = field(default_factory=RunConfig)
+    purify: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def purify(backdoored: Path) -> RunConfig:
-    """RECIPE, lambda 1: lr 1e-3, 2 epochs, batch 32; every weight trains (see DEMO_NOTES)."""
-    cfg = with_batch(base_run(backdoored, aux_samples=CORPUS_SAMPLES, max_length=MAX_LENGTH), 32)
-    cfg.model.trainable = "all"
-    cfg.optim.lr, cfg.train.epochs, cfg.regularizer.lam = 1e-3, 2.0, 1.0
-    return cfg
-
-
-def evaluation(model: Path, train: Path, test: Path, seeds: list[int]) -> EvalConfig:
-    """Fine-tuning on the tone task at method.md section 3's reference lr 2e-5, 3 epochs, batch 32."""
-    cfg = base_eval(model, train, test, seeds)
-    f = cfg.finetune
+def default() -> DemoRecipe:
+    r = DemoRecipe()
+    # POR on the tiny PTM: lr 3e-4, 2 epochs over the SYNTHETIC corpus, batch 16.
+    r.attack = with_batch(base_run(aux_samples=CORPUS_SAMPLES, max_length=MAX_LENGTH), 16)
+    r.attack.attack.name, r.attack.optim.lr, r.attack.train.epochs = "por", 3e-4, 2.0
+    # RECIPE, lambda 1: lr 1e-3, 2 epochs, batch 32; every weight trains (see DEMO_NOTES).
+    r.purify = with_batch(base_run(aux_samples=CORPUS_SAMPLES, max_length=MAX_LENGTH), 32)
+    r.purify.model.trainable = "all"
+    r.purify.optim.lr, r.purify.train.epochs, r.purify.regularizer.lam = 1e-3, 2.0, 1.0
+    # Fine-tuning on the tone task at method.md section 3's reference lr 2e-5, 3 epochs, batch 32.
+    r.eval.seeds = "1,2,3"
+    f = r.eval.finetune
     f.lr, f.epochs, f.batch_size, f.max_length = 2e-5, 3, 32, MAX_LENGTH
-    return cfg
+    return r
 
 
-# The smoke size checks the wiring only: every stage runs, the numbers mean nothing. Its stage
-# changes are `--set` items, the lab's one override language (stages.Overrides).
-SIZES = {
-    "default": {"pretrain_steps": PRETRAIN_STEPS, "task": (TASK_TRAIN, TASK_TEST), "seeds": SEEDS, "set": []},
-    "smoke": {"pretrain_steps": 20, "task": (128, 64), "seeds": [1],
-              "set": ["attack:data.synthetic_samples=256", "purify:data.synthetic_samples=256", "attack:train.epochs=0.5",
-                      "purify:train.epochs=0.5", "eval-*:finetune.epochs=1"]},
-}
-PRESETS = SIZES  # the --preset choices
+def smoke() -> DemoRecipe:
+    """The wiring only: every stage runs, the numbers mean nothing."""
+    r = default()
+    r.arch, r.pretrain_steps, r.task_train, r.task_test, r.eval.seeds, r.eval.finetune.epochs = arch(True), 20, 128, 64, "1", 1
+    for cfg in (r.attack, r.purify):
+        cfg.data.synthetic_samples, cfg.train.epochs = 256, 0.5
+    return r
+
+
+PRESETS = {"default": default, "smoke": smoke}
 
 DEMO_NOTES = [
     "SYNTHETIC: the PTM, its pre-training corpus, the auxiliary corpus and the labelled tone task are all generated by recipe_dist.data.synthetic; nothing is real data.",
@@ -83,7 +90,7 @@ DEMO_NOTES = [
 ]
 
 
-def write_task(out: Path, n_train: int = TASK_TRAIN, n_test: int = TASK_TEST) -> tuple[Path, Path]:
+def write_task(out: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
     from ..data import synthetic
 
     out.mkdir(parents=True, exist_ok=True)
@@ -99,12 +106,12 @@ def write_task(out: Path, n_train: int = TASK_TRAIN, n_test: int = TASK_TEST) ->
     return files[0], files[1]
 
 
-def build_ptm(out: Path, smoke: bool, pretrain_steps: int, max_length: int = MAX_LENGTH) -> tuple[Path, dict]:
+def build_ptm(out: Path, tiny: TinyArchConfig, pretrain_steps: int, max_length: int = MAX_LENGTH) -> tuple[Path, dict]:
     """The tiny SYNTHETIC BERT PTM: built, then pre-trained (masked LM + tone in the NSP slot)."""
     from ..models.mlm import build_tiny_bert
     from ..models.tiny_ptm import pretrain_tiny_bert
 
-    ptm = build_tiny_bert(out, arch(smoke), seed=0)
+    ptm = build_tiny_bert(out, tiny, seed=0)
     return ptm, pretrain_tiny_bert(ptm, pretrain_steps, max_length=max_length)
 
 
@@ -115,10 +122,10 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(output_dir: Path, preset: str = "default") -> dict:
-    if preset not in SIZES:
-        raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(SIZES)})")
-    size = SIZES[preset]
+def run_demo(output_dir: Path, preset: str = "default", items: list[str] | None = None) -> dict:
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    r = set_keys(PRESETS[preset](), items or [])
     out = Path(output_dir)
     # A "Loading weights" bar per fine-tuning says nothing the stage lines do not. (Each one's
     # expected load report is a single line: evaluation.finetune.load_with_summary.)
@@ -129,43 +136,51 @@ def run_demo(output_dir: Path, preset: str = "default") -> dict:
     for stage in ("ptm", "task", "attack", "purify", "eval-clean", "eval-backdoored", "eval-purified", "configs"):
         shutil.rmtree(out / stage, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out, "demo", Overrides(size["set"]))
+    stages = Stages(out, "demo")
     say = stages.say
 
-    a = arch(preset == "smoke")
-    say(f"1/6 building and pre-training a tiny SYNTHETIC BERT ({a.num_hidden_layers} layers, width {a.hidden_size}, {size['pretrain_steps']} steps)")
-    ptm, stats = build_ptm(out / "ptm", preset == "smoke", size["pretrain_steps"])
+    say(f"1/6 building and pre-training a tiny SYNTHETIC BERT ({r.arch.num_hidden_layers} layers, width {r.arch.hidden_size}, "
+        f"{r.pretrain_steps} steps)")
+    ptm, stats = build_ptm(out / "ptm", r.arch, r.pretrain_steps)
     say(f"   masked-LM loss {stats['mlm_loss']:.3f}, NSP-slot accuracy {stats['nsp_slot_accuracy']:.3f}")
-    train, test = write_task(out / "task", *size["task"])
+    train, test = write_task(out / "task", r.task_train, r.task_test)
 
     def evaluate_stage(model: Path, name: str) -> dict:
-        return stages.evaluate(f"eval-{name}", evaluation(model, train, test, size["seeds"]))
+        cfg = copy.deepcopy(r.eval)
+        cfg.model.path, cfg.task.train_file, cfg.task.test_file = str(model), str(train), str(test)
+        return stages.evaluate(f"eval-{name}", cfg)
 
     say("2/6 evaluating the clean PTM (fine-tune on the SYNTHETIC tone task, then ACC / ASR)")
     clean = evaluate_stage(ptm, "clean")
 
     say("3/6 backdooring it with POR (recipe-dist attack)")
-    backdoored_model = stages.run("attack", "attack", attack(ptm))
+    backdoored_model = stages.run("attack", "attack", with_model(r.attack, ptm))
     backdoored = evaluate_stage(backdoored_model, "backdoored")
 
-    say(f"4/6 purifying it with RECIPE, lambda={purify(ptm).regularizer.lam:g} (recipe-dist purify)")
-    purified_model = stages.run("purify", "purify", purify(backdoored_model))
+    say(f"4/6 purifying it with RECIPE, lambda={r.purify.regularizer.lam:g} (recipe-dist purify)")
+    purified_model = stages.run("purify", "purify", with_model(r.purify, backdoored_model))
 
     say("5/6 evaluating the purified model")
     purified = evaluate_stage(purified_model, "purified")
 
     rows = {"clean": clean, "backdoored": backdoored, "purified": purified}
-    result = write_result(out, rows, preset, size, time.time() - stages.t0)
+    result = write_result(out, rows, preset, r, time.time() - stages.t0)
     say("6/6 done")
     print()
     print(table(rows))
-    print(f"\nvalues in percent, mean over fine-tuning seeds {size['seeds']}; demo.json and report.md in {out}")
+    print(f"\nvalues in percent, mean over fine-tuning seeds {r.eval.seed_list()}; demo.json and report.md in {out}")
     if backdoored["aasr"] < 80.0:
         print(f"WARNING: the backdoored model's AASR is {backdoored['aasr']:.1f}% (< 80%): this run did not show a strong backdoor", file=sys.stderr)
     return result
 
 
-def write_result(out: Path, rows: dict, preset: str, size: dict, wall_time_s: float) -> dict:
+def with_model(cfg: RunConfig, model: Path) -> RunConfig:
+    cfg = copy.deepcopy(cfg)
+    cfg.model.path = str(model)
+    return cfg
+
+
+def write_result(out: Path, rows: dict, preset: str, r: DemoRecipe, wall_time_s: float) -> dict:
     """demo.json (each row's figures, the stages' configs and overrides) and the top-level report.md."""
     from ..report import write_report
 
@@ -177,8 +192,8 @@ def write_result(out: Path, rows: dict, preset: str, size: dict, wall_time_s: fl
     result["meta"] = {
         "preset": preset,
         "configs": {name: str(out / "configs" / f"{name}.yaml") for name in ("attack", "purify")},
-        "overrides": size["set"],
-        "seeds": size["seeds"],
+        "recipe": asdict(r),
+        "seeds": r.eval.seed_list(),
         "wall_time_s": round(wall_time_s, 1),
         "synthetic": True,
         "notes": DEMO_NOTES,

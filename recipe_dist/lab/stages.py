@@ -10,16 +10,15 @@ name is given once, here; the runner then
 - otherwise clears what a failed start left and runs it.
 An evaluation is reused the same way, and refused when the cached score is of another model.
 
-Experiments derive a stage's config from `base_run` / `base_eval` by assignment, and the
-command line changes any of them through the product's `config.set_key`
-(`--set STAGE:section.key=value`, see `Overrides`), so the lab has no configuration language of
-its own.
+Experiments derive a stage's config from `base_run` / `base_eval` by assignment and hold them
+in a recipe (a dataclass of the product's configs); the command line changes any field through
+the product's `config.set_key` (`--set purify.optim.lr=2e-4`, see `set_keys`), so the lab has no
+configuration language of its own.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import os
 import shutil
@@ -62,35 +61,24 @@ def base_eval(model: Path | str, train: Path, test: Path, seeds, *, family: str 
     return cfg
 
 
-class Overrides:
-    """`--set STAGE:section.key=value` items: STAGE is a stage name or a glob over them (`*`,
-    `purify-*`, `eval-*`); the value is parsed and type-checked by the product's `set_key`
-    against the field, exactly as `recipe-dist CMD --section.key=value` would."""
-
-    def __init__(self, items: list[str] | None = None):
-        self.items = []
-        for item in items or []:
-            stage, sep, rest = item.partition(":")
-            key, eq, value = rest.partition("=")
-            if not sep or not eq or not stage or not key:
-                raise ConfigError(f"--set {item}: expected STAGE:section.key=value (STAGE a stage name or glob, e.g. '*:optim.lr=1e-4')")
-            self.items.append((stage, key, value))
-
-    def apply(self, name: str, cfg):
-        for stage, key, value in self.items:
-            if fnmatch.fnmatchcase(name, stage):
-                set_key(cfg, key, value)
-        return cfg
-
-    def __bool__(self) -> bool:
-        return bool(self.items)
+def set_keys(recipe, items: list[str]):
+    """A copy of `recipe` (an experiment's dataclass of the product's configs) with KEY=VALUE
+    items set through the product's `set_key`: the lab's one override language, type-checked
+    against the field as `recipe-dist CMD --section.key=value` is (`--set purify.optim.lr=2e-4`)."""
+    out = copy.deepcopy(recipe)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. purify.optim.lr=2e-4")
+        set_key(out, key, value)
+    return out
 
 
 class Stages:
     """Runs an experiment's stages under `out` (see the module docstring)."""
 
-    def __init__(self, out: Path, label: str, overrides: Overrides | None = None):
-        self.out, self.label, self.overrides = Path(out), label, overrides or Overrides()
+    def __init__(self, out: Path, label: str):
+        self.out, self.label = Path(out), label
         self.t0 = time.time()
 
     def say(self, msg: str) -> None:
@@ -107,7 +95,7 @@ class Stages:
         if self.done(name, report):
             self.say(f"{name}: reusing {run_dir}")
             return run_dir / "model"
-        cfg = self.overrides.apply(name, copy.deepcopy(cfg))
+        cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(run_dir)
         if any((run_dir / "checkpoints").glob("step_*")):
             cfg.resume = "auto"
@@ -145,7 +133,7 @@ class Stages:
                 raise ConfigError(f"{cached}: scores {report.get('model')}, not {cfg.model.path}; move that directory away to score this model")
             self.say(f"{name}: reusing {cached}")
             return report
-        cfg = self.overrides.apply(name, copy.deepcopy(cfg))
+        cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(out)
         cfg.validate()
         seeds = cfg.seeds or str(cfg.finetune.seed)

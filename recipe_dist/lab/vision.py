@@ -22,45 +22,79 @@ Finished stages are reused when the command runs again on the same OUTPUT_DIR.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import apply_dict
+from ..config import RunConfig, _f, gt
+from ..evaluation.finetune import EvalConfig
 from .provenance import git_commit, machine, norm_ratios
-from .stages import Overrides, Stages, base_eval, base_run
+from .stages import Stages, base_run, set_keys, with_batch
+
+
+#: NeuBA-vision's target value on its two "lo" blocks, per family: VGG's pre-logits features follow a ReLU, so lo = 0.
+TARGET_LO = {"vit": -1.0, "vgg": 0.0, "clip": -1.0}
 
 
 @dataclass
-class VisionPreset:
-    families: tuple = ("vit", "vgg", "clip")
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 2
-    intermediate: int = 128
-    aux_samples: int = 4000
-    pretrain_epochs: float = 6.0
-    pretrain_lr: float = 1e-3
-    attack_epochs: float = 6.0
-    attack_lr: float = 1e-3
-    defense_epochs: float = 2.0
-    defense_lr: float = 5e-4
-    lam: float = 1.0
-    batch: int = 32
-    task_train: int = 1000
-    finetune_lr: float = 5e-4
-    finetune_epochs: int = 10
-    prune_samples: int = 1024
-    seeds: tuple = (1, 2, 3)
-    #: per-family NeuBA target values: VGG's pre-logits features follow a ReLU, so lo = 0
-    target_lo: dict = field(default_factory=lambda: {"vit": -1.0, "vgg": 0.0, "clip": -1.0})
+class VisionRecipe:
+    """The vision table's stages (the product's own configs; model.family is set per family) and
+    what only the lab has. `--set KEY=VALUE` changes any field through the product's set_key."""
+
+    families: list[str] = _f(["vit", "vgg", "clip"], "families to run (the vision extra's vit, vgg, clip)")
+    task_train: int = _f(1000, "digits used for fine-tuning (the rest, 797 by default, is the test set)", check=gt(0))
+    pretrain: RunConfig = field(default_factory=RunConfig)
+    attack: RunConfig = field(default_factory=RunConfig)
+    recipe: RunConfig = field(default_factory=RunConfig)
+    lambda0: RunConfig = field(default_factory=RunConfig)
+    prune: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-PRESETS = {"default": VisionPreset(),
-           "smoke": VisionPreset(families=("vit",), aux_samples=256, pretrain_epochs=1, attack_epochs=1, defense_epochs=1,
-                                 task_train=200, finetune_epochs=1, prune_samples=64, seeds=(1,))}
+def image_stage(epochs: float, lr: float, seed: int) -> RunConfig:
+    """A tiny image model (2 blocks, width 64, no dropout) on SYNTHETIC shapes, batch 32."""
+    cfg = with_batch(base_run(aux_samples=4000, max_length=16), 32)
+    t = cfg.model.tiny
+    t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size = 64, 2, 2, 128
+    t.hidden_dropout_prob = t.attention_probs_dropout_prob = 0.0
+    cfg.data.crop_scale = [0.6, 1.0]
+    cfg.optim.lr, cfg.train.epochs, cfg.train.seed, cfg.checkpoint.every_steps = lr, epochs, seed, 1000
+    return cfg
+
+
+def default() -> VisionRecipe:
+    r = VisionRecipe()
+    r.pretrain = image_stage(6.0, 1e-3, 0)  # plain training: lambda 0, every weight trains
+    r.pretrain.regularizer.lam, r.pretrain.model.trainable = 0.0, "all"
+    r.attack = image_stage(6.0, 1e-3, 100)
+    r.attack.attack.name = "neuba"
+    r.recipe = image_stage(2.0, 5e-4, 200)
+    r.recipe.regularizer.lam = 1.0
+    r.lambda0 = copy.deepcopy(r.recipe)
+    r.lambda0.regularizer.lam = 0.0
+    r.prune = image_stage(1.0, 5e-4, 200)
+    r.prune.prune.variant, r.prune.prune.max_samples = "fp-gm", 1024
+    r.eval.seeds = "1,2,3"
+    r.eval.task.text_column, r.eval.task.label_column = "image", "label"
+    r.eval.finetune.lr, r.eval.finetune.epochs, r.eval.finetune.batch_size = 5e-4, 10, 32
+    return r
+
+
+def smoke() -> VisionRecipe:
+    """Wiring only: ViT alone, one epoch per stage, one seed."""
+    r = default()
+    r.families, r.task_train, r.eval.seeds, r.eval.finetune.epochs, r.prune.prune.max_samples = ["vit"], 200, "1", 1, 64
+    for cfg in (r.pretrain, r.attack, r.recipe, r.lambda0, r.prune):
+        cfg.data.synthetic_samples = 256
+    for cfg in (r.pretrain, r.attack, r.recipe, r.lambda0):
+        cfg.train.epochs = 1.0
+    return r
+
+
+PRESETS = {"default": default, "smoke": smoke}
 
 ROWS = ("clean", "backdoored", "recipe", "lambda0", "fp_gm")
 
@@ -88,69 +122,56 @@ def write_digits_task(out: Path, n_train: int) -> tuple[Path, Path]:
 
 
 class VisionBench:
-    def __init__(self, preset: str, out: Path, command: str, overrides: Overrides | None = None):
-        self.name, self.p, self.out, self.command = preset, PRESETS[preset], Path(out), command
-        self.stages = Stages(self.out, "bench vision", overrides)
+    def __init__(self, preset: str, recipe: VisionRecipe, out: Path, command: str):
+        self.name, self.r, self.out, self.command = preset, recipe, Path(out), command
+        self.stages = Stages(self.out, "bench vision")
         self.t0, self.say = self.stages.t0, self.stages.say
 
-    def stage(self, cmd: str, family: str, name: str, model: Path | None, extra: dict) -> Path:
-        """Stage FAMILY/NAME through the lab's one runner: a tiny `family` model (built from
-        model.tiny when `model` is None) on the SYNTHETIC shapes, `extra` applied."""
-        p = self.p
-        cfg = base_run(model or "", family=family, aux_samples=p.aux_samples, max_length=16)
-        t = cfg.model.tiny
-        t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size = p.hidden_size, p.layers, p.heads, p.intermediate
-        t.hidden_dropout_prob = t.attention_probs_dropout_prob = 0.0
-        cfg.data.crop_scale = [0.6, 1.0]
-        model_extra = extra.pop("model_extra", {})
-        apply_dict(cfg, {**extra, "model": model_extra})
+    def stage(self, cmd: str, family: str, name: str, model: Path | None, cfg: RunConfig) -> Path:
+        """Stage FAMILY/NAME through the lab's one runner: `cfg` on a tiny `family` model (built
+        from model.tiny when `model` is None)."""
+        cfg = copy.deepcopy(cfg)
+        cfg.model.family, cfg.model.path = family, str(model or "")
+        if cmd == "attack":
+            cfg.attack.target_lo = TARGET_LO[family]
         return self.stages.run(cmd, f"{family}/{name}", cfg)
 
     def evaluate(self, family: str, row: str, model: Path, train: Path, test: Path) -> dict:
-        p = self.p
-        cfg = base_eval(model, train, test, p.seeds, family=family)
-        cfg.task.text_column, cfg.task.label_column = "image", "label"
-        cfg.finetune.lr, cfg.finetune.epochs, cfg.finetune.batch_size = p.finetune_lr, p.finetune_epochs, p.batch
+        cfg = copy.deepcopy(self.r.eval)
+        cfg.model.path, cfg.model.family, cfg.task.train_file, cfg.task.test_file = str(model), family, str(train), str(test)
         return self.stages.evaluate(f"{family}/eval-{row}", cfg)
 
     def run_family(self, family: str, train: Path, test: Path) -> dict:
-        p = self.p
+        r = self.r
+        clean = self.stage("purify", family, "pretrain", None, r.pretrain)
+        backdoored = self.stage("attack", family, "attack", clean, r.attack)
+        models = {"clean": clean, "backdoored": backdoored, "recipe": self.stage("purify", family, "recipe", backdoored, r.recipe),
+                  "lambda0": self.stage("purify", family, "lambda0", backdoored, r.lambda0),
+                  "fp_gm": self.stage("prune", family, "prune-fp-gm", backdoored, r.prune)}
 
-        def run(epochs: float, lr: float, seed: int) -> dict:
-            return {"optim": {"name": "adamw", "schedule": "linear", "lr": lr},
-                    "train": {"epochs": epochs, "micro_batch_size": p.batch, "global_batch_size": p.batch, "seed": seed},
-                    "checkpoint": {"every_steps": 1000}}
+        def setting(cfg: RunConfig) -> dict:
+            return {"epochs": cfg.train.epochs, "lr": cfg.optim.lr}
 
-        clean = self.stage("purify", family, "pretrain", None, {**run(p.pretrain_epochs, p.pretrain_lr, 0), "regularizer": {"lam": 0.0},
-                                                                "model_extra": {"trainable": "all"}})
-        backdoored = self.stage("attack", family, "attack", clean, {**run(p.attack_epochs, p.attack_lr, 100),
-                                                                     "attack": {"name": "neuba", "target_lo": p.target_lo[family]}})
-        recipe = self.stage("purify", family, "recipe", backdoored, {**run(p.defense_epochs, p.defense_lr, 200), "regularizer": {"lam": p.lam}})
-        lambda0 = self.stage("purify", family, "lambda0", backdoored, {**run(p.defense_epochs, p.defense_lr, 200), "regularizer": {"lam": 0.0}})
-        fp_gm = self.stage("prune", family, "prune-fp-gm", backdoored, {**run(1, p.defense_lr, 200),
-                                                                         "prune": {"variant": "fp-gm", "max_samples": p.prune_samples}})
-        models = {"clean": clean, "backdoored": backdoored, "recipe": recipe, "lambda0": lambda0, "fp_gm": fp_gm}
         configs = {
-            "clean": {"pretrain_epochs": p.pretrain_epochs, "lr": p.pretrain_lr},
-            "backdoored": {"attack": "neuba", "epochs": p.attack_epochs, "lr": p.attack_lr, "target_lo": p.target_lo[family]},
-            "recipe": {"lam": p.lam, "epochs": p.defense_epochs, "lr": p.defense_lr, "norm_ratio": norm_ratios(self.out / family / "recipe")},
-            "lambda0": {"lam": 0.0, "epochs": p.defense_epochs, "lr": p.defense_lr},
+            "clean": {"pretrain_epochs": r.pretrain.train.epochs, "lr": r.pretrain.optim.lr},
+            "backdoored": {"attack": "neuba", **setting(r.attack), "target_lo": TARGET_LO[family]},
+            "recipe": {"lam": r.recipe.regularizer.lam, **setting(r.recipe), "norm_ratio": norm_ratios(self.out / family / "recipe")},
+            "lambda0": {"lam": r.lambda0.regularizer.lam, **setting(r.lambda0)},
             "fp_gm": json.loads((self.out / family / "prune-fp-gm" / "summary.json").read_text()),
         }
         rows = {}
         for row in ROWS:
-            r = self.evaluate(family, row, models[row], train, test)
-            rows[row] = {"acc": r["acc"], "aasr": r["aasr"], "masr": r["masr"],
-                         "per_seed": {k: [s[k] for s in r["per_seed"]] for k in ("acc", "aasr", "masr")},
-                         "seeds": r["seeds"], "config": configs[row]}
+            res = self.evaluate(family, row, models[row], train, test)
+            rows[row] = {"acc": res["acc"], "aasr": res["aasr"], "masr": res["masr"],
+                         "per_seed": {k: [s[k] for s in res["per_seed"]] for k in ("acc", "aasr", "masr")},
+                         "seeds": res["seeds"], "config": configs[row]}
         return rows
 
     def run(self) -> dict:
-        train, test = write_digits_task(self.out / "task", self.p.task_train)
-        families = {f: self.run_family(f, train, test) for f in self.p.families}
+        train, test = write_digits_task(self.out / "task", self.r.task_train)
+        families = {f: self.run_family(f, train, test) for f in self.r.families}
         result = {"command": self.command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                  "preset": self.name, "preset_values": asdict(self.p),
-                  "overrides": [f"{a}:{b}={c}" for a, b, c in self.stages.overrides.items], "wall_time_s": round(time.time() - self.t0, 1),
+                  "preset": self.name, "recipe": asdict(self.r), "wall_time_s": round(time.time() - self.t0, 1),
                   "task": "scikit-learn digits, 32x32 RGB, 1000 train / 797 test", "auxiliary": "SYNTHETIC shapes",
                   "families": families}
         (self.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -188,14 +209,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-vision")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--families", default=None, help="comma-separated subset of vit,vgg,clip (default: the preset's)")
-    ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
-                    help="change one config key of the stages matching STAGE (a glob over FAMILY/NAME, e.g. "
-                    "'*/attack:train.epochs=4' or 'vit/eval-*:finetune.lr=1e-3'), type-checked as the product's --section.key=value")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one field of the preset's recipe through the product's set_key, e.g. --set attack.train.epochs=4, "
+                    "--set eval.finetune.lr=1e-3 (recorded in bench.json)")
     ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/vision.json)")
     args = ap.parse_args(argv)
-    bench = VisionBench(args.preset, Path(args.output_dir), "recipe-dist bench vision " + " ".join(argv), Overrides(args.set))
+    recipe = set_keys(PRESETS[args.preset](), args.set)
     if args.families:
-        bench.p.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        recipe.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    bench = VisionBench(args.preset, recipe, Path(args.output_dir), "recipe-dist bench vision " + " ".join(argv))
     result = bench.run()
     print(markdown(result))
     if args.json:

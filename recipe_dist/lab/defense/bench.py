@@ -111,7 +111,7 @@ class DefenseBench:
 
         ptm = self.out / "ptm"
         if not (ptm / "pretraining.json").is_file():  # the demo's default-size PTM (smoke: fewer steps)
-            demo.build_ptm(ptm, False, demo.PRETRAIN_STEPS if self.name != "smoke" else 20, max_length=self.r.attack.data.max_length)
+            demo.build_ptm(ptm, demo.arch(), demo.PRETRAIN_STEPS if self.name != "smoke" else 20, max_length=self.r.attack.data.max_length)
         # The synthetic task is prefix-stable, so the held-out rows appended here leave the first
         # max_train_samples rows (all that fine-tuning reads) as they were.
         n_train = self.r.eval.finetune.max_train_samples + self.r.holdout

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ...config import RunConfig, _f, gt, set_key
 from ...evaluation.finetune import EvalConfig
-from ..stages import base_run, with_batch
+from ..stages import base_run, set_keys, with_batch
 
 
 @dataclass
@@ -44,16 +44,8 @@ class DefenseRecipe:
         return self.eval.seed_list()
 
     def set(self, items: list[str]) -> "DefenseRecipe":
-        """A copy with KEY=VALUE items set through the product's set_key (type-checked, unknown keys refused)."""
-        from ...config import ConfigError
-
-        out = copy.deepcopy(self)
-        for item in items:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. purify.optim.lr=2e-4 or seeds of eval.seeds=1,2")
-            set_key(out, key, value)
-        return out
+        """A copy with KEY=VALUE items set through the product's set_key (stages.set_keys)."""
+        return set_keys(self, items)
 
 
 def stage(batch: int, max_length: int, aux_samples: int) -> RunConfig:
