@@ -27,6 +27,7 @@ class Stream(IntEnum):
     BADPRE_TRIGGER = 17  # BadPre: which trigger a sample gets, and where
     BADPRE_LABELS = 19  # BadPre: the random labels of poisoned masked positions
     CAUSAL_TRIGGER = 23  # decoder lab: which samples are poisoned, and where the trigger goes
+    IMAGE_AUGMENT = 29  # image families: the training transform's random crop and flip, per (epoch, sample key)
 
 
 def mix_seed(*parts: int) -> int:

@@ -28,7 +28,8 @@ ARCH = TinyArchConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2
 
 def _cfg(**data):
     return types.SimpleNamespace(model=types.SimpleNamespace(allow_pickle=False, trust_remote_code=False),
-                                 data=types.SimpleNamespace(crop_scale=[0.6, 1.0], text_key="txt", **data))
+                                 data=types.SimpleNamespace(crop_scale=[0.6, 1.0], text_key="txt", **data),
+                                 train=types.SimpleNamespace(seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,34 @@ def test_clip_refuses_zero3_in_one_line(loaded):
     with pytest.raises(ModelLoadError, match="zero_stage=3") as ei:
         get_family("clip").pretraining_loss(loaded["clip"], cfg)
     assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["vit", "clip"])
+def test_training_crops_are_a_function_of_seed_epoch_and_key(name, loaded):
+    """The training transform's random crop and flip are drawn per (seed, epoch, sample key) and
+    leave the global RNGs alone: two runs (or a resumed one) see the same crops, epochs differ."""
+    import random
+
+    fam, cfg = get_family(name), _cfg()
+    dec = fam.decoder(cfg)
+    rec = fam.synthetic_corpus(1, seed=5)[0]
+    raw = {"__key__": "k0", "__url__": "mem", **{("cls" if k == "label" else k): (str(v).encode() if k in ("label", "txt") else v)
+                                                 for k, v in rec.items()}}
+
+    def pixels(epoch: int, seed: int = 0) -> torch.Tensor:
+        cfg.train.seed = seed
+        return fam.encoder(loaded[name].tokenizer, cfg)({**dec(dict(raw)), "__epoch__": epoch})["pixels"]
+
+    torch.manual_seed(123)
+    random.seed(123)
+    before = (torch.rand(1), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    first = pixels(0)
+    assert (torch.rand(1), random.random()) == before  # the globals were restored
+    assert torch.equal(first, pixels(0))
+    assert not torch.equal(first, pixels(1)) or not torch.equal(first, pixels(2))  # a new crop per epoch
+    assert not torch.equal(first, pixels(0, seed=1)) or not torch.equal(pixels(1), pixels(1, seed=1))
 
 
 def test_patch_trigger_lands_on_the_bottom_right_pixels():

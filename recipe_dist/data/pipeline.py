@@ -12,6 +12,8 @@ around its own stream, one that has more stops early.
 
 from __future__ import annotations
 
+from functools import partial
+
 import io
 import queue
 import random
@@ -341,10 +343,18 @@ def epoch_stream(
         *shards,
         _read_shards(on_corrupt, options, manifest, prefetch, prefetch_max_bytes),
         wds.map(decode),
+        wds.map(partial(_with_epoch, epoch)),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=mix_seed(seed, Stream.SAMPLE_SHUFFLE, epoch)),
         wds.map(encode),
         wds.batched(micro_batch_size, collation_fn=list, partial=False),
     )
+
+
+def _with_epoch(epoch: int, sample: dict) -> dict:
+    """The epoch travels with each sample, so a per-sample random draw (an image crop) can differ
+    per epoch and still be a pure function of (seed, epoch, key): the same after a resume."""
+    sample["__epoch__"] = epoch
+    return sample
 
 
 class WaitTimer:

@@ -126,7 +126,7 @@ class ClipFamily(ModelFamily):
         return image_decoder(self.name, need_label=False, text_key=cfg.data.text_key)
 
     def encoder(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        return image_encoder(tokenizer, train)
+        return image_encoder(tokenizer, train, seed=cfg.train.seed)
 
     def collate(self, tokenizer: ImagePreprocess, cfg):
         return image_collate(tokenizer)

@@ -117,7 +117,7 @@ class TimmFamily(ModelFamily):
         return image_decoder(self.name, need_label=True)
 
     def encoder(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        return image_encoder(tokenizer, train)
+        return image_encoder(tokenizer, train, seed=cfg.train.seed)
 
     def collate(self, tokenizer: ImagePreprocess, cfg):
         return image_collate(tokenizer)

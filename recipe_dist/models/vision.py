@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.storage import DataError
+from ..seeds import Stream, key_seed
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # open_clip's WebDataset layout names the image by its extension
 LABEL_FIELD = "cls"
@@ -45,13 +46,37 @@ class ImagePreprocess:
         return (x - mean) / std
 
 
-def image_encoder(pre: "ImagePreprocess", train: bool = True):
+def seeded(seed: int, fn: Callable, *args):
+    """`fn(*args)` with torch's, Python's and NumPy's global RNGs seeded from `seed`, and all three
+    restored after: torchvision's and timm's random transforms draw from those globals."""
+    import numpy as np
+
+    state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            return fn(*args)
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
+
+
+def image_encoder(pre: "ImagePreprocess", train: bool = True, seed: int = 0):
     """Decoded sample -> {"__key__", "pixels" ([3, H, W] in [0, 1], the train or eval transform),
-    "input_ids" (a caption, through pre.tokenizer), "label"}; runs in DataLoader workers."""
+    "input_ids" (a caption, through pre.tokenizer), "label"}; runs in DataLoader workers. The
+    training transform's random crop and flip are drawn per (seed, epoch, sample key), so a run
+    is reproducible and a resumed one sees the crops the uninterrupted run would have."""
     transform = pre.train if train else pre.eval
 
     def encode(sample: dict) -> dict:
-        out = {"__key__": sample["__key__"], "pixels": transform(sample["image"])}
+        if train:
+            draw = key_seed(seed, Stream.IMAGE_AUGMENT, f"{sample.get('__epoch__', 0)}/{sample['__key__']}")
+            pixels = seeded(draw, transform, sample["image"])
+        else:
+            pixels = transform(sample["image"])
+        out = {"__key__": sample["__key__"], "pixels": pixels}
         if "text" in sample:
             out["input_ids"] = pre.tokenizer([sample["text"]])[0]
         if "label" in sample:
