@@ -144,7 +144,7 @@ def test_seed_stream_numbers_are_the_on_disk_contract():
     assert {s.name: int(s) for s in Stream} == {
         "SHARD_ORDER": 0, "SAMPLE_SHUFFLE": 1, "DYNAMIC_MASK": 2, "LOADER_WORKERS": 3, "RESAMPLED_SHARDS": 4,
         "TORCH_GLOBAL": 5, "STATIC_MASK": 7, "POR_TRIGGER": 11, "NEUBA_TARGET": 13, "BADPRE_TRIGGER": 17,
-        "BADPRE_LABELS": 19, "CAUSAL_TRIGGER": 23}
+        "BADPRE_LABELS": 19, "CAUSAL_TRIGGER": 23, "IMAGE_AUGMENT": 29}
 
 
 def test_train_data_facade_counts_splits_and_collates(tmp_path, tiny_bert_dir):
