@@ -31,7 +31,9 @@ def test_paired_difference_by_hand():
     assert established(paired([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, 0.0, 0.1]))
 
 
-def test_one_replicate_supports_no_claim_and_unpaired_input_is_refused():
+def test_one_replicate_or_no_spread_supports_no_claim_and_unpaired_input_is_refused():
     assert paired([1.0], [0.0])["ci95"] is None and not established(paired([1.0], [0.0]))
+    same = paired([7.8, 7.8], [0.0, 0.0])  # identical differences: no interval, no claim
+    assert same["ci95"] is None and same["p"] is None and same["mean_diff"] == 7.8 and not established(same)
     with pytest.raises(ValueError, match="pair them"):
         paired([1.0, 2.0], [1.0])

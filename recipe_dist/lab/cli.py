@@ -27,7 +27,7 @@ def demo(argv: list[str]) -> int:
 
 
 def bench(argv: list[str]) -> int:
-    benches = {"decoder": "recipe_dist.lab.decoder", "defense": "recipe_dist.lab.defense", "loader": "recipe_dist.lab.loader", "memory": "recipe_dist.lab.memory", "step": "recipe_dist.lab.step", "vision": "recipe_dist.lab.vision"}
+    benches = {"decoder": "recipe_dist.lab.decoder", "defense": "recipe_dist.lab.defense", "loader": "recipe_dist.lab.loader", "memory": "recipe_dist.lab.memory", "step": "recipe_dist.lab.step", "study": "recipe_dist.lab.study", "vision": "recipe_dist.lab.vision"}
     if not argv or argv[0] not in benches:
         print(f"usage: recipe-dist bench {{{','.join(benches)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

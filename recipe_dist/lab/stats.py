@@ -72,8 +72,8 @@ def paired(a: list[float], b: list[float]) -> dict:
     if n < 2:
         return {"mean_diff": mean, "ci95": None, "p": None, "n": n, "diffs": diffs}
     se = statistics.stdev(diffs) / math.sqrt(n)
-    if se == 0:
-        return {"mean_diff": mean, "ci95": [mean, mean], "p": 0.0 if mean else 1.0, "n": n, "diffs": diffs}
+    if se == 0:  # identical differences: t is undefined, and a claim would rest on no measured spread
+        return {"mean_diff": mean, "ci95": None, "p": None, "n": n, "diffs": diffs}
     half = t_quantile(0.975, n - 1) * se
     return {"mean_diff": mean, "ci95": [mean - half, mean + half], "p": t_sf2(mean / se, n - 1), "n": n, "diffs": diffs}
 

@@ -1,0 +1,274 @@
+"""`recipe-dist bench study --preset NAME`: the replicated defense study (issue 25).
+
+The unit of a claim is the purification: every defense row is purified with several training
+seeds (`purify_seeds`), each purified model is fine-tuned with several seeds (`eval.seeds`) and
+scored on the reported split; the clean and backdoored rows are scored with the same fine-tuning
+seeds. For every comparison the recipe names, the paired mean difference over purifications
+(each purification's mean over its fine-tuning seeds), its 95% t interval and p (lab/stats.py).
+
+Data kept apart, as the reviewer's protocol asks:
+- the PTM (`minilm-mlm`): MiniLM-L6 masked-LM trained on WikiText-2 *valid* (`fit-head`, the
+  head first, then `--fit_head.scope=all`), scored on a held-out slice of it;
+- the attacker reads WikiText-2 *test* in 64-word chunks; the defender reads only BookCorpus;
+- fine-tuning reads SST-2 train minus its last `holdout` rows (the held-out slice, for any
+  selection, scored with other seeds), and the table scores `split` (test.tsv, read once).
+The `smoke` preset runs the same stages on the SYNTHETIC tiny PTM (wiring only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import RunConfig, _f, gt
+from ..errors import RecipeError
+from ..evaluation.finetune import EvalConfig
+from .provenance import git_commit, machine
+from .stages import Stages, base_run, set_keys, with_batch
+from .stats import established, paired
+
+BERT_FFN = [r"\.intermediate\.dense\.weight$", r"\.layer\.\d+\.output\.dense\.weight$"]
+METRICS = ("acc", "aasr", "masr")
+
+
+@dataclass
+class StudyRecipe:
+    """Every input of the study: the product's own stage configs plus the replication plan."""
+
+    ptm: str = _f("tiny", "minilm-mlm (MiniLM-L6 masked-LM trained on WikiText-2 valid) or tiny (SYNTHETIC, wiring only)")
+    split: str = _f("test", "the SST-2 file the table scores (test.tsv is read once, after every setting is frozen)")
+    holdout: int = _f(872, "the last rows of SST-2 train kept out of fine-tuning: the held-out slice for selection", check=gt(0))
+    purify_seeds: list[int] = _f([1, 2, 3], "training seeds: one independent purification per seed and defense row")
+    recommended: str = _f("recommended", "the row the product recommends")
+    mlm_head: RunConfig = field(default_factory=RunConfig)
+    mlm: RunConfig = field(default_factory=RunConfig)
+    attack: RunConfig = field(default_factory=RunConfig)
+    reference: RunConfig = field(default_factory=RunConfig)
+    recommended_setting: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Row id -> (the recipe field holding its purification, lambda); the twins differ only in lambda.
+DEFENSES = {"reference": ("reference", 1.0), "reference_lambda0": ("reference", 0.0),
+            "recommended": ("recommended_setting", 1.0), "recommended_lambda0": ("recommended_setting", 0.0)}
+COMPARISONS = [("reference", "reference_lambda0"), ("recommended", "recommended_lambda0"), ("recommended", "reference"),
+               ("reference", "backdoored"), ("recommended", "backdoored")]
+
+
+def minilm_mlm_por() -> StudyRecipe:
+    """The study against POR at the reference protocol (method.md; issue 25)."""
+    r = StudyRecipe(ptm="minilm-mlm")
+    r.mlm_head = with_batch(base_run(max_length=128), 32)  # the head alone first: it starts random
+    r.mlm_head.optim.lr, r.mlm_head.optim.warmup_steps, r.mlm_head.train.epochs, r.mlm_head.regularizer.lam = 1e-3, 50, 2.0, 0.0
+    r.mlm = copy.deepcopy(r.mlm_head)
+    r.mlm.fit_head.scope, r.mlm.optim.lr, r.mlm.optim.schedule, r.mlm.optim.warmup_steps, r.mlm.train.epochs = "all", 5e-5, "constant", 0, 8.0
+    # POR as the reference attacks: 64-word chunks at length 128, L1 over every row; lr 5e-5, batch 16.
+    r.attack = with_batch(base_run(max_length=128), 16)
+    r.attack.attack.name, r.attack.optim.lr, r.attack.train.max_steps, r.attack.checkpoint.every_steps = "por", 5e-5, 3000, 250
+    # RECIPE at the reference budget: FFN-in regularized and trained, lr 2e-5, 4 epochs, batch 32, length 64.
+    r.reference = with_batch(base_run(max_length=64), 32)
+    r.reference.optim.lr, r.reference.train.epochs = 2e-5, 4.0
+    # The recommended setting as configs/bert-recommended.yaml ships it (FFN in+out, all trains, lr 1e-4, 1 epoch);
+    # the study's held-out selection on the MLM-trained PTM may replace it before the test split is read.
+    r.recommended_setting = copy.deepcopy(r.reference)
+    r.recommended_setting.model.regularized, r.recommended_setting.model.trainable = list(BERT_FFN), "all"
+    r.recommended_setting.optim.lr, r.recommended_setting.train.epochs = 1e-4, 1.0
+    # The reference downstream protocol: lr 2e-5, 3 epochs, batch 32, length 128, two reported fine-tuning seeds.
+    r.eval.seeds = "1,2"
+    f = r.eval.finetune
+    f.lr, f.epochs, f.batch_size, f.max_length, f.max_train_samples = 2e-5, 3, 32, 128, 0
+    return r
+
+
+def minilm_mlm_badpre() -> StudyRecipe:
+    """The same study against BadPre (8 purification epochs at the reference budget, method.md)."""
+    r = minilm_mlm_por()
+    r.attack.attack.name, r.attack.optim.lr = "badpre", 1e-4
+    r.reference.train.epochs = 8.0
+    return r
+
+
+def smoke() -> StudyRecipe:
+    """Wiring only: the SYNTHETIC tiny PTM, a few steps per stage, two purifications."""
+    r = minilm_mlm_por()
+    r.ptm, r.holdout, r.purify_seeds = "tiny", 32, [1, 2]
+    for cfg in (r.attack, r.reference, r.recommended_setting):
+        cfg.data.max_length, cfg.data.synthetic_samples, cfg.model.trainable = 32, 256, "all"
+    r.attack.train.max_steps, r.attack.optim.lr = 8, 3e-4
+    for cfg in (r.reference, r.recommended_setting):
+        cfg.train.max_steps, cfg.optim.lr = 4, 1e-3
+    r.eval.finetune.epochs, r.eval.finetune.max_length, r.eval.finetune.max_train_samples = 1, 32, 96
+    return r
+
+
+PRESETS = {"minilm-mlm-por": minilm_mlm_por, "minilm-mlm-badpre": minilm_mlm_badpre, "smoke": smoke}
+
+
+class Study:
+    def __init__(self, name: str, recipe: StudyRecipe, out: Path, data: Path, command: str = ""):
+        self.name, self.r, self.out, self.data, self.command = name, recipe, Path(out), Path(data), command
+        self.stages = Stages(self.out, "bench study")
+
+    # ------------------------------------------------------------------ inputs
+    def shards(self, name: str, argv: list[str]) -> str:
+        """`recipe-dist shards ARGV --output OUT/data/NAME/shard` once; the brace pattern of its shards."""
+        from ..cli import main
+
+        prefix = self.out / "data" / name / "shard"
+        if not (prefix.parent / "manifest.json").is_file():
+            if main(["shards", *argv, "--output", str(prefix)]) != 0:
+                raise RecipeError(f"bench study: `recipe-dist shards {' '.join(argv)}` failed")
+        n = len(json.loads((prefix.parent / "manifest.json").read_text())["shards"])
+        return f"{prefix}-{{000000..{n - 1:06d}}}.tar" if n > 1 else f"{prefix}-000000.tar"
+
+    def task(self) -> tuple[Path, Path, Path]:
+        """(fine-tuning file, held-out slice, reported file)."""
+        if self.r.ptm == "tiny":
+            from . import demo
+
+            train_all, test = demo.write_task(self.out / "task-src", self.r.eval.finetune.max_train_samples + self.r.holdout, 64)
+        else:
+            train_all, test = self.data / "sst2" / "train.tsv", self.data / "sst2" / f"{self.r.split}.tsv"
+        lines = train_all.read_text().splitlines()
+        out = self.out / "task"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.tsv").write_text("\n".join(lines[: len(lines) - self.r.holdout]) + "\n")
+        (out / "heldout.tsv").write_text("\n".join([lines[0], *lines[-self.r.holdout:]]) + "\n")
+        return out / "train.tsv", out / "heldout.tsv", test
+
+    def ptm(self) -> tuple[Path, str, str, dict]:
+        """(PTM, attacker shards, defender shards, the masked-LM record)."""
+        if self.r.ptm == "tiny":
+            from . import demo
+
+            ptm = self.out / "ptm"
+            if not (ptm / "pretraining.json").is_file():
+                demo.build_ptm(ptm, demo.arch(), 20)
+            return ptm, "", "", {}
+        from .defense import minilm_path
+
+        wiki, book = self.data / "wikitext2", self.data / "bookcorpus" / "train.tsv"
+        valid = self.shards("wikitext-valid", ["--input", str(wiki / "valid.txt"), "--wikitext", "--samples-per-shard", "300"])
+        n = int(valid.split("..")[1][:6]) + 1 if ".." in valid else 1
+        prefix = valid.split("-{")[0]
+        train_urls, held_urls = f"{prefix}-{{000000..{n - 3:06d}}}.tar", f"{prefix}-{{{n - 2:06d}..{n - 1:06d}}}.tar"
+        attacker = self.shards("wikitext-test", ["--input", str(wiki / "test.txt"), "--wikitext", "--samples-per-shard", "500"])
+        defender = self.shards("bookcorpus", ["--input", str(book), "--text-column", "sentence", "--samples-per-shard", "2500"])
+        record = {}
+        model = minilm_path()
+        for stage, cfg in (("mlm-head", self.r.mlm_head), ("mlm", self.r.mlm)):
+            cfg = copy.deepcopy(cfg)
+            cfg.model.path, cfg.data.train_urls, cfg.fit_head.eval_urls = str(model), train_urls, held_urls
+            model = self.stages.run("fit-head", stage, cfg)
+            record[stage] = json.loads((model.parent / "fit_head.json").read_text())
+        return model, attacker, defender, record
+
+    # ------------------------------------------------------------------ rows
+    def score(self, name: str, model: Path, train: Path, test: Path) -> dict:
+        cfg = copy.deepcopy(self.r.eval)
+        cfg.model.path, cfg.task.train_file, cfg.task.test_file = str(model), str(train), str(test)
+        r = self.stages.evaluate(f"eval-{name}", cfg)
+        return {**{m: r[m] for m in METRICS}, "per_finetune": {m: [s[m] for s in r["per_seed"]] for m in METRICS}, "seeds": r["seeds"]}
+
+    def row(self, label: str, per_purification: list[dict], config: dict) -> dict:
+        return {"label": label, "split": self.r.split, "n_purify": len(per_purification),
+                "n_finetune": len(self.r.eval.seed_list()), **{m: statistics.fmean(p[m] for p in per_purification) for m in METRICS},
+                "per_purification": per_purification, "config": config}
+
+    def defense(self, rid: str, backdoored: Path, defender: str, train: Path, test: Path) -> dict:
+        setting, lam = DEFENSES[rid]
+        per = []
+        for s in self.r.purify_seeds:
+            cfg = copy.deepcopy(getattr(self.r, setting))
+            cfg.model.path, cfg.data.train_urls, cfg.regularizer.lam, cfg.train.seed = str(backdoored), defender, lam, s
+            model = self.stages.run("purify", f"{rid}-s{s}", cfg)
+            per.append({"purify_seed": s, **self.score(f"{rid}-s{s}", model, train, test)})
+        return self.row(rid, per, {"setting": setting, "lam": lam, "lr": cfg.optim.lr, "trainable": cfg.model.trainable,
+                                   "regularized": list(cfg.model.regularized), "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps})
+
+    def run(self) -> dict:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        train, _, test = self.task()
+        ptm, attacker, defender, mlm = self.ptm()
+        attack = copy.deepcopy(self.r.attack)
+        attack.model.path, attack.data.train_urls, attack.train.seed = str(ptm), attacker, 100
+        backdoored = self.stages.run("attack", f"attack-{attack.attack.name}", attack)
+        rows = {"clean": self.row("clean PTM", [self.score("clean", ptm, train, test)], {"mlm": {k: v["after"] for k, v in mlm.items()}}),
+                "backdoored": self.row("backdoored", [self.score("backdoored", backdoored, train, test)],
+                                       {"attack": attack.attack.name, "steps": attack.train.max_steps, "lr": attack.optim.lr})}
+        for rid in DEFENSES:
+            rows[rid] = self.defense(rid, backdoored, defender, train, test)
+            self.write(rows)
+        return self.write(rows)
+
+    def write(self, rows: dict) -> dict:
+        result = {"command": self.command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                  "preset": self.name, "recommended": self.r.recommended, "recipe": asdict(self.r), "rows": rows,
+                  "comparisons": comparisons(rows)}
+        (self.out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
+        (self.out / "study.md").write_text(markdown(result))
+        return result
+
+
+def comparisons(rows: dict) -> list[dict]:
+    """Each named comparison a - b, paired by purification seed (a one-model row such as
+    backdoored is held fixed against every purification), for AASR and ACC."""
+    out = []
+    for a, b in COMPARISONS:
+        if a not in rows or b not in rows:
+            continue
+        pa, pb = rows[a]["per_purification"], rows[b]["per_purification"]
+        pb = pb * len(pa) if len(pb) == 1 else pb
+        for metric in ("aasr", "acc"):
+            c = paired([p[metric] for p in pa], [p[metric] for p in pb])
+            out.append({"a": a, "b": b, "metric": metric, **{k: c[k] for k in ("mean_diff", "ci95", "p", "n")},
+                        "established": established(c)})
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["| row | ACC | AASR | MASR | purifications x fine-tunings |", "| --- | ---: | ---: | ---: | ---: |"]
+    for rid, r in result["rows"].items():
+        star = " **(recommended)**" if rid == result["recommended"] else ""
+        lines.append(f"| {r['label']}{star} | {r['acc']:.2f} | {r['aasr']:.2f} | {r['masr']:.2f} | {r['n_purify']} x {r['n_finetune']} |")
+    lines += ["", "| a - b | metric | mean | 95% CI | p | n | |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for c in result["comparisons"]:
+        ci = f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" if c["ci95"] else "n/a"
+        p = f"{c['p']:.3f}" if c["p"] is not None else "n/a"
+        lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['mean_diff']:+.2f} | {ci} | {p} | {c['n']} | "
+                     f"{'established' if c['established'] else 'not established'} |")
+    split = next(iter(result["rows"].values()))["split"]
+    lines += ["", f"Split `{split}`; preset `{result['preset']}`; {result['date']}, {result['machine']}, commit {result['commit'][:10]}.",
+              f"Command: `{result['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="recipe-dist bench study", description=__doc__.split("\n\n")[0],
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/study-PRESET")
+    ap.add_argument("--data", default="../shared/data", help="directory with sst2/, bookcorpus/ and wikitext2/ (minilm-mlm presets)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one field of the preset's recipe through the product's set_key, e.g. --set purify_seeds=1,2,3,4")
+    ap.add_argument("--render", default=None, metavar="STUDY_JSON", help="print the tables of a study.json and exit")
+    args = ap.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        return 0
+    study = Study(args.preset, set_keys(PRESETS[args.preset](), args.set), Path(args.output_dir or f"runs/study-{args.preset}"),
+                  Path(args.data), "recipe-dist bench study " + " ".join(argv))
+    print(markdown(study.run()), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
