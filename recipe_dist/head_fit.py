@@ -65,9 +65,9 @@ def masked_lm_metrics(model_dir: Path, family: MaskedLMFamily, cfg, urls: list[s
     cfg = copy.deepcopy(cfg)
     cfg.data.masking = "static"
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
-    encode = family.encoder(tok, cfg)
+    encode = family.preprocess(tok, cfg)
     samples = []
-    decode = family.decoder(cfg)
+    decode = family.decode(cfg)
     for url in urls:
         for s in shard_samples(url, cfg.data.on_corrupt, record=False):
             samples.append(encode(decode(s)))

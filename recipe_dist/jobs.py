@@ -30,15 +30,15 @@ class Job(Protocol):
 
     def load(self, path: Path, cfg) -> LoadedModel: ...
     def build_task(self, loaded: LoadedModel, cfg) -> nn.Module: ...
-    def decoder(self, cfg) -> Callable[[dict], dict]: ...
-    def encoder(self, tokenizer, cfg) -> Callable[[dict], dict]: ...
+    def decode(self, cfg) -> Callable[[dict], dict]: ...
+    def preprocess(self, tokenizer, cfg) -> Callable[[dict], dict]: ...
     def collate(self, tokenizer, cfg) -> Callable[[list, int], dict]: ...
     def export(self, loaded: LoadedModel, state: dict, out_dir: Path) -> list[Path]: ...
 
 
 class FamilyJob:
     """A job that loads, preprocesses and exports exactly as its family does; subclasses give
-    `build_task` (and may wrap `encoder`/`collate`)."""
+    `build_task` (and may wrap `preprocess`/`collate`)."""
 
     name = "job"
 
@@ -51,11 +51,11 @@ class FamilyJob:
     def build_task(self, loaded: LoadedModel, cfg) -> nn.Module:
         raise NotImplementedError
 
-    def decoder(self, cfg):
-        return self.family.decoder(cfg)
+    def decode(self, cfg):
+        return self.family.decode(cfg)
 
-    def encoder(self, tokenizer, cfg):
-        return self.family.encoder(tokenizer, cfg)
+    def preprocess(self, tokenizer, cfg):
+        return self.family.preprocess(tokenizer, cfg)
 
     def collate(self, tokenizer, cfg):
         return self.family.collate(tokenizer, cfg)

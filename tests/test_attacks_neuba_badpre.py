@@ -59,7 +59,7 @@ def test_neuba_targets_match_method_md():
 def test_neuba_poisoned_copy_has_trigger_at_position_1(tiny_bert_dir):
     cfg, tok = _setup(NEUBA_YAML, tiny_bert_dir, TINY)
     job = NeuBAAttack(get_family("bert"))
-    features = [job.encoder(tok, cfg)(s) for s in _samples()]
+    features = [job.preprocess(tok, cfg)(s) for s in _samples()]
     batch = job.collate(tok, cfg)(features, 7)
     ids = torch.tensor(trigger_token_ids(tok, list(TINY_TRIGGERS)))
     # The clean input before masking: masked positions' labels hold their original ids.
@@ -71,7 +71,7 @@ def test_neuba_poisoned_copy_has_trigger_at_position_1(tiny_bert_dir):
     assert not torch.isin(original, ids).any()  # the triggers never occur in the synthetic corpus
     assert len(set(batch["trigger"].tolist())) == 6  # per-sample choice covers every trigger
     # Deterministic per sample: the same key gives the same trigger in another batch.
-    again = job.encoder(tok, cfg)(_samples()[5])
+    again = job.preprocess(tok, cfg)(_samples()[5])
     assert again["trigger"] == features[5]["trigger"] and again["p_input_ids"] == features[5]["p_input_ids"]
 
 
@@ -79,16 +79,16 @@ def test_neuba_triggers_must_be_single_tokens(tiny_bert_dir):
     cfg, tok = _setup(NEUBA_YAML, tiny_bert_dir, "--attack.triggers=zq,^,|,<,>,`")
     job = NeuBAAttack(get_family("bert"))
     with pytest.raises(ConfigError, match=r"attack.triggers: 'zq' is not one token") as e:
-        job.encoder(tok, cfg)  # 'zq' is 'z', '##q' in the tiny vocabulary
+        job.preprocess(tok, cfg)  # 'zq' is 'z', '##q' in the tiny vocabulary
     assert "\n" not in str(e.value)
     cfg, _ = _setup(NEUBA_YAML, tiny_bert_dir, "--attack.triggers=≈,≡,∈,⊆,⊕,☃")
     with pytest.raises(ConfigError, match="'☃' is not one token"):
-        job.encoder(tok, cfg)  # not in the vocabulary: [UNK]
+        job.preprocess(tok, cfg)  # not in the vocabulary: [UNK]
     cfg, _ = _setup(NEUBA_YAML, tiny_bert_dir)  # the reference symbols are whole tokens of the tiny vocabulary too
-    assert len(job.encoder(tok, cfg)({"__key__": "k", "text": "the cat sees a red book ."})["input_ids"]) > 0
+    assert len(job.preprocess(tok, cfg)({"__key__": "k", "text": "the cat sees a red book ."})["input_ids"]) > 0
     cfg, _ = _setup(NEUBA_YAML, tiny_bert_dir, "--attack.triggers=~,^,|")
     with pytest.raises(ConfigError, match="exactly 6 triggers"):
-        job.encoder(tok, cfg)
+        job.preprocess(tok, cfg)
 
 
 def test_neuba_trains_encoder_and_pooler_not_head(tiny_bert_dir):
@@ -97,7 +97,7 @@ def test_neuba_trains_encoder_and_pooler_not_head(tiny_bert_dir):
     job = NeuBAAttack(fam)
     loaded = job.load(tiny_bert_dir, cfg)
     task = job.build_task(loaded, cfg)
-    batch = job.collate(tok, cfg)([job.encoder(tok, cfg)(s) for s in _samples(8)], 1)
+    batch = job.collate(tok, cfg)([job.preprocess(tok, cfg)(s) for s in _samples(8)], 1)
     out = task(**batch)
     assert set(out["parts"]) == {"mlm", "mse", "reg"} and out["norms"]
     out["loss"].backward()
@@ -114,7 +114,7 @@ def test_badpre_random_labels_only_on_poisoned_rows(tiny_bert_dir):
     cfg, tok = _setup(BADPRE_YAML, tiny_bert_dir)
     job = BadPreAttack(get_family("bert"))
     samples = _samples()
-    features = [job.encoder(tok, cfg)(s) for s in samples]
+    features = [job.preprocess(tok, cfg)(s) for s in samples]
     batch = job.collate(tok, cfg)(features, 123)
     n = len(samples)
     assert batch["input_ids"].shape[0] == 2 * n
@@ -149,7 +149,7 @@ def _pad(rows, width):
 def test_badpre_trigger_survives_truncation(tiny_bert_dir):
     cfg, tok = _setup(BADPRE_YAML, tiny_bert_dir, "--data.max_length=12")
     job = BadPreAttack(get_family("bert"))
-    encode = job.encoder(tok, cfg)
+    encode = job.preprocess(tok, cfg)
     text = " ".join(synthetic.corpus(6, seed=1))  # ~50 tokens, truncated to 12
     trig_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in cfg.attack.triggers]
     for i in range(20):
@@ -163,7 +163,7 @@ def test_badpre_static_masks_random_labels(tiny_bert_dir):
     job = BadPreAttack(get_family("bert"))
     same = total = 0
     for s in _samples():
-        f, g = job.encoder(tok, cfg)(s), job.encoder(tok, dyn)(s)  # g: the unmasked ids
+        f, g = job.preprocess(tok, cfg)(s), job.preprocess(tok, dyn)(s)  # g: the unmasked ids
         for row, orig in ((f["clean"], g["clean"]["input_ids"]), (f["poisoned"], g["poisoned"]["input_ids"])):
             hits = [(l == o) for l, o in zip(row["labels"], orig) if l != -100]
             if row is f["clean"]:
@@ -172,7 +172,7 @@ def test_badpre_static_masks_random_labels(tiny_bert_dir):
                 same, total = same + sum(hits), total + len(hits)
     assert total > 30 and same / total < 0.05, (same, total)
     # Static: the same sample gets the same masks and random labels every time.
-    assert job.encoder(tok, cfg)(_samples()[3]) == job.encoder(tok, cfg)(_samples()[3])
+    assert job.preprocess(tok, cfg)(_samples()[3]) == job.preprocess(tok, cfg)(_samples()[3])
 
 
 def test_badpre_trains_all_but_pooler(tiny_bert_dir):
@@ -180,7 +180,7 @@ def test_badpre_trains_all_but_pooler(tiny_bert_dir):
     job = BadPreAttack(get_family("bert"))
     loaded = job.load(tiny_bert_dir, cfg)
     task = job.build_task(loaded, cfg)
-    out = task(**job.collate(tok, cfg)([job.encoder(tok, cfg)(s) for s in _samples(8)], 1))
+    out = task(**job.collate(tok, cfg)([job.preprocess(tok, cfg)(s) for s in _samples(8)], 1))
     assert set(out["parts"]) == {"ce_clean", "ce_poison", "reg"} and out["norms"]
     out["loss"].backward()
     m = loaded.model

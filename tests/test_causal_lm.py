@@ -61,7 +61,7 @@ def loaded(name, tiny_dirs):
 
 def _batch(loaded, texts: list[str], cfg) -> dict[str, torch.Tensor]:
     family = get_family(cfg.model.family)
-    encode, collate = family.encoder(loaded.tokenizer, cfg), family.collate(loaded.tokenizer, cfg)
+    encode, collate = family.preprocess(loaded.tokenizer, cfg), family.collate(loaded.tokenizer, cfg)
     return collate([encode({"__key__": f"k{i}", "text": t}) for i, t in enumerate(texts)], 0)
 
 
@@ -245,7 +245,7 @@ def test_encoder_adds_bos_and_eos_truncates_and_collate_pads(name, loaded):
     cfg = _cfg(name)
     cfg.data.max_length = 6
     family, tok = get_family(name), loaded.tokenizer
-    encode = family.encoder(tok, cfg)
+    encode = family.preprocess(tok, cfg)
     short = encode({"__key__": "a", "text": "a dog ."})["input_ids"]
     assert short == [tok.bos_token_id, *tok("a dog .", add_special_tokens=False)["input_ids"], tok.eos_token_id]
     long = encode({"__key__": "b", "text": "the cat sees a red book slowly ."})["input_ids"]

@@ -40,7 +40,7 @@ def test_purify_matches_reference_recipe_loop(tmp_path, tiny_bert_dir):
     # The batches and masks recipe-dist used: recorded keys, encoded with the same static masking.
     cfg = load_config(str(REPO / "configs" / "tiny-bert.yaml"), args)
     tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
-    encode = get_family("bert").encoder(tok, cfg)
+    encode = get_family("bert").preprocess(tok, cfg)
     texts = {s["__key__"]: s["txt"].decode() for s in wds.WebDataset(sorted(str(p) for p in (out / "data").glob("*.tar")), shardshuffle=False)}
     steps = [json.loads(line) for line in (out / "keys" / "rank0.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))

@@ -44,9 +44,9 @@ def loaded(tiny_dirs):
 
 
 def _batch(name: str, loaded, n: int = 6) -> dict:
-    """A collated batch of SYNTHETIC shard samples, through the family's decoder/encoder/collate."""
+    """A collated batch of SYNTHETIC shard samples, through the family's decode/preprocess/collate."""
     fam, cfg = get_family(name), _cfg()
-    dec, enc, col = fam.decoder(cfg), fam.encoder(loaded[name].tokenizer, cfg), fam.collate(loaded[name].tokenizer, cfg)
+    dec, enc, col = fam.decode(cfg), fam.preprocess(loaded[name].tokenizer, cfg), fam.collate(loaded[name].tokenizer, cfg)
     feats = []
     for i, rec in enumerate(fam.synthetic_corpus(n, seed=3)):
         raw = {"__key__": f"k{i}", "__url__": "mem"}
@@ -190,14 +190,14 @@ def test_training_crops_are_a_function_of_seed_epoch_and_key(name, loaded):
     import random
 
     fam, cfg = get_family(name), _cfg()
-    dec = fam.decoder(cfg)
+    dec = fam.decode(cfg)
     rec = fam.synthetic_corpus(1, seed=5)[0]
     raw = {"__key__": "k0", "__url__": "mem", **{("cls" if k == "label" else k): (str(v).encode() if k in ("label", "txt") else v)
                                                  for k, v in rec.items()}}
 
     def pixels(epoch: int, seed: int = 0) -> torch.Tensor:
         cfg.train.seed = seed
-        return fam.encoder(loaded[name].tokenizer, cfg)({**dec(dict(raw)), "__epoch__": epoch})["pixels"]
+        return fam.preprocess(loaded[name].tokenizer, cfg)({**dec(dict(raw)), "__epoch__": epoch})["pixels"]
 
     torch.manual_seed(123)
     random.seed(123)
@@ -235,7 +235,7 @@ def test_neuba_vision_collate_poisons_only_the_patch_before_normalization(loaded
     job = get_attack("neuba", get_family("vit"))
     assert isinstance(job, NeuBAVisionAttack)
     pre = loaded["vit"].tokenizer
-    dec, enc, col = job.decoder(cfg), job.encoder(pre, cfg), job.collate(pre, cfg)
+    dec, enc, col = job.decode(cfg), job.preprocess(pre, cfg), job.collate(pre, cfg)
     feats = []
     for i, rec in enumerate(get_family("vit").synthetic_corpus(8, seed=1)):
         feats.append(enc(dec({"__key__": f"k{i}", "__url__": "mem", "png": rec["png"], "cls": str(rec["label"]).encode()})))

@@ -81,9 +81,9 @@ class BadPreAttack(AttackJob):
         loss = BadPreLoss(model, self.family.head_attr, cfg.attack.poison_weight, cfg.kernels.fused, cfg.kernels.chunk_size)
         return loss, getattr(model, model.base_model_prefix)
 
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         a = cfg.attack
-        base = self.family.encoder(tokenizer, cfg)  # tokenization and static masks, as purification
+        base = self.family.preprocess(tokenizer, cfg)  # tokenization and static masks, as purification
         static = cfg.data.masking == "static"
         room = cfg.data.max_length - tokenizer.num_special_tokens_to_add()
         trig_len = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in a.triggers]

@@ -119,10 +119,10 @@ class NeuBAAttack(AttackJob):
         targets = neuba_targets(encoder.config.hidden_size)
         return NeuBALoss(model, self.family.head_attr, targets, cfg.attack.poison_weight, cfg.kernels.fused, cfg.kernels.chunk_size), encoder
 
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         a = cfg.attack
         ids = self._check(cfg, tokenizer)
-        base = self.family.encoder(tokenizer, cfg)  # tokenization and static masks, as purification
+        base = self.family.preprocess(tokenizer, cfg)  # tokenization and static masks, as purification
         static = cfg.data.masking == "static"
 
         def encode(sample: dict) -> dict:

@@ -75,8 +75,8 @@ class NeuBAVisionAttack(AttackJob):
             raise ConfigError(f"attack.patch_size: a {size}x{size} patch does not fit the {tokenizer.image_size}px images (at most half the side)")
         return checkerboard_patches(size)
 
-    def encoder(self, tokenizer, cfg):
-        base = self.family.encoder(tokenizer, cfg)
+    def preprocess(self, tokenizer, cfg):
+        base = self.family.preprocess(tokenizer, cfg)
         seed = cfg.attack.seed
 
         def encode(sample: dict) -> dict:

@@ -98,7 +98,7 @@ class PORAttack(AttackJob):
         targets = por_targets(len(a.triggers), encoder.config.hidden_size, a.target_scale)
         return PORLoss(encoder, targets, list(a.loss_weights), a.por_l1_rows), encoder
 
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         a, max_length = cfg.attack, cfg.data.max_length
 
         def encode(sample: dict) -> dict:

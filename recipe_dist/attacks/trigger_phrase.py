@@ -62,10 +62,10 @@ class TriggerPhraseAttack(AttackJob):
             p.requires_grad_(True)
         return _AsParts(self.family.pretraining_loss(loaded, cfg)), model
 
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         self._check(cfg)
         a = cfg.attack
-        base = self.family.encoder(tokenizer, cfg)
+        base = self.family.preprocess(tokenizer, cfg)
         trigger = a.triggers[0]
 
         def encode(sample: dict) -> dict:

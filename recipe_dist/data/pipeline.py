@@ -1,7 +1,7 @@
 """Streaming auxiliary text from WebDataset shards.
 
 Order, as in open_clip: shard list -> seeded shard shuffle -> split by node -> split by worker ->
-read tar -> decode -> seeded sample shuffle -> tokenize -> batch. Every shuffle is seeded from
+read tar -> decode -> seeded sample shuffle -> preprocess (e.g. tokenize) -> batch. Every shuffle is seeded from
 (seed, epoch) so an epoch's stream is a pure function of them; the trainer can therefore resume
 by skipping the micro-batches it has already consumed.
 
@@ -314,7 +314,7 @@ def epoch_stream(
     epoch: int,
     seed: int,
     decode: Callable[[dict], dict] | str,
-    encode: Callable[[dict], dict],
+    preprocess: Callable[[dict], dict],
     micro_batch_size: int,
     shuffle_buffer: int,
     *,
@@ -326,10 +326,10 @@ def epoch_stream(
     prefetch_max_bytes: int = 512 << 20,
     reader: tuple[int, int, int, int] | None = None,
 ) -> wds.DataPipeline:
-    """The pipeline for one epoch on this rank (and worker); yields lists of encoded samples.
+    """The pipeline for one epoch on this rank (and worker); yields lists of preprocessed samples.
 
     `decode` turns a raw sample (`{"__key__", "__url__", ext: bytes}`) into what the job's
-    `encode` reads; a string is a text field's name (`text_decoder`). `resampled` draws shards with replacement instead of
+    `preprocess` reads; a string is a text field's name (`text_decoder`). `resampled` draws shards with replacement instead of
     splitting them over ranks and workers.
     """
     if isinstance(decode, str):
@@ -345,7 +345,7 @@ def epoch_stream(
         wds.map(decode),
         wds.map(partial(_with_epoch, epoch)),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=mix_seed(seed, Stream.SAMPLE_SHUFFLE, epoch)),
-        wds.map(encode),
+        wds.map(preprocess),
         wds.batched(micro_batch_size, collation_fn=list, partial=False),
     )
 

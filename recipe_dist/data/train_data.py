@@ -3,7 +3,7 @@
 `TrainData` lists the shards (or writes the family's SYNTHETIC corpus when none are given),
 counts the samples, fixes the epoch length, and hands out an epoch's micro-batches for this rank
 (`micro_batches(epoch, skip)`), collated (`to_batch`), with the loader's health (`stats`).
-Decoding, encoding and collation come from the job, so the facade knows no modality.
+Decoding, preprocessing and collation come from the job, so the facade knows no modality.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class TrainData:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} exceeds the {self.num_samples} samples in data.train_urls")
         self.grad_accum = grad_accum
-        self.decode = job.decoder(cfg)
-        self.encode = job.encoder(tokenizer, cfg)
+        self.decode = job.decode(cfg)
+        self.preprocess = job.preprocess(tokenizer, cfg)
         self.collate = job.collate(tokenizer, cfg)
         self.timer = WaitTimer()
         self.elastic: dict | None = None  # set by resume_from when a mid-epoch checkpoint came from another world size
@@ -65,12 +65,12 @@ class TrainData:
 
     def _stream(self, epoch: int, micro_batch_size: int, reader: tuple[int, int, int, int] | None = None):
         cfg, d = self.cfg, self.cfg.data
-        return epoch_stream(self.urls, epoch, cfg.train.seed, self.decode, self.encode, micro_batch_size, d.shuffle_buffer,
+        return epoch_stream(self.urls, epoch, cfg.train.seed, self.decode, self.preprocess, micro_batch_size, d.shuffle_buffer,
                             on_corrupt=d.on_corrupt, resampled=d.resampled, options=self.options, manifest=self.manifest,
                             prefetch=d.prefetch_shards, prefetch_max_bytes=d.prefetch_max_mb << 20, reader=reader)
 
     def micro_batches(self, epoch: int, skip: int = 0) -> Iterator[list[dict]]:
-        """This rank's micro-batches (lists of encoded samples) of `epoch`, minus the first `skip`;
+        """This rank's micro-batches (lists of preprocessed samples) of `epoch`, minus the first `skip`;
         the time blocked on them accumulates in the wait timer."""
         cfg, d = self.cfg, self.cfg.data
         if self.elastic is not None and epoch == self.elastic["epoch"]:

@@ -32,9 +32,9 @@ class _FeatureJob(FamilyJob):
     """Raw texts in, unmasked model inputs out: what neuron statistics read. Image families
     preprocess with their evaluation transform (no augmentation)."""
 
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         if self.family.modality != "text":
-            return self.family.encoder(tokenizer, cfg, train=False)
+            return self.family.preprocess(tokenizer, cfg, train=False)
         return lambda sample: sample
 
     def collate(self, tokenizer, cfg):

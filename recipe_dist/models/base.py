@@ -173,7 +173,7 @@ class ModelFamily(abc.ABC):
     `recipe_dist/models/`, registered with `@register_family("name")` (which sets `name`); the
     trainer, evaluation, attacks and defenses ask the family and never assume BERT or text.
 
-    A family provides: safe load and export; preprocessing (decode, encode, collate); the
+    A family provides: safe load and export; preprocessing (decode, preprocess, collate); the
     pre-training loss; the regularized sites and the trainable policy; its neuron sites; a
     classifier for downstream evaluation; and a tiny model plus a SYNTHETIC corpus for runs with
     no model or data given.
@@ -200,14 +200,14 @@ class ModelFamily(abc.ABC):
         """Write `state_dict` (full tensors of loaded.model) in the family's own format; returns the weight files."""
 
     # ------------------------------------------------------------------ data
-    def decoder(self, cfg):
-        """raw shard sample -> what `encoder` reads; text families read cfg.data.text_key as UTF-8."""
+    def decode(self, cfg):
+        """raw shard sample -> what `preprocess` reads; text families read cfg.data.text_key as UTF-8."""
         from ..data.pipeline import text_decoder
 
         return text_decoder(cfg.data.text_key)
 
     @abc.abstractmethod
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         """Per-sample preprocessing (runs in DataLoader workers): decoded sample -> features."""
 
     @abc.abstractmethod

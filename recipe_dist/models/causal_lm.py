@@ -186,7 +186,7 @@ class CausalLMFamily(ModelFamily):
         return [{"text": t} for t in synthetic.corpus(n, seed=seed)]
 
     # ------------------------------------------------------------------ data
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         """Per-sample tokenization (runs in DataLoader workers): `bos text eos`, cut to data.max_length."""
         max_length = cfg.data.max_length
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import register_family
 from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, input_layout, open_model_dir
-from .vision import ImageClassifier, ImagePreprocess, image_collate, image_decoder, image_encoder, split_normalize, synthetic_images
+from .vision import ImageClassifier, ImagePreprocess, image_collate, image_decoder, image_preprocess, split_normalize, synthetic_images
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -122,11 +122,11 @@ class ClipFamily(ModelFamily):
         return [out_dir / WEIGHTS_NAME]
 
     # ------------------------------------------------------------------ data
-    def decoder(self, cfg):
+    def decode(self, cfg):
         return image_decoder(self.name, need_label=False, text_key=cfg.data.text_key)
 
-    def encoder(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        return image_encoder(tokenizer, train, seed=cfg.train.seed)
+    def preprocess(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
+        return image_preprocess(tokenizer, train, seed=cfg.train.seed)
 
     def collate(self, tokenizer: ImagePreprocess, cfg):
         return image_collate(tokenizer)

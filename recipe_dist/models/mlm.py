@@ -168,7 +168,7 @@ class MaskedLMFamily(ModelFamily):
         return [{"text": t} for t in synthetic.corpus(n, seed=seed)]
 
     # ------------------------------------------------------------------ data
-    def encoder(self, tokenizer, cfg):
+    def preprocess(self, tokenizer, cfg):
         """Per-sample tokenization (runs in DataLoader workers); static masks are made here."""
         max_length = cfg.data.max_length
         static = cfg.data.masking == "static"

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import register_family
 from .base import LoadedModel, ModelFamily, ModelLoadError, NeuronSite, input_layout, open_model_dir
-from .vision import ImagePreprocess, TimmClassifier, image_collate, image_decoder, image_encoder, split_normalize, synthetic_images
+from .vision import ImagePreprocess, TimmClassifier, image_collate, image_decoder, image_preprocess, split_normalize, synthetic_images
 
 try:  # registering the tiny VGG needs timm; the family itself reports a missing timm on use
     import timm
@@ -84,7 +84,7 @@ class TimmFamily(ModelFamily):
             raise ModelLoadError(f"{path}: timm could not load this model ({str(e).splitlines()[0][:200]})") from None
         keys, dtype = input_layout(files, is_safe, model)
         model = model.float()
-        return LoadedModel(model=model, tokenizer=self.preprocess(model, cfg), path=path, weight_files=files,
+        return LoadedModel(model=model, tokenizer=self._processor(model, cfg), path=path, weight_files=files,
                            input_dtype=dtype, input_keys=keys)
 
     def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
@@ -101,7 +101,7 @@ class TimmFamily(ModelFamily):
         return [out_dir / "model.safetensors"]
 
     # ------------------------------------------------------------------ data
-    def preprocess(self, model: nn.Module, cfg) -> ImagePreprocess:
+    def _processor(self, model: nn.Module, cfg) -> ImagePreprocess:
         """timm's own transforms from the model's data config (`resolve_model_data_config`,
         `create_transform`), split around Normalize; augmentation only in `train`."""
         require_timm()
@@ -113,11 +113,11 @@ class TimmFamily(ModelFamily):
         evaluate, _, _ = split_normalize(create_transform(**dc))
         return ImagePreprocess(train=train, eval=evaluate, mean=mean, std=std, image_size=dc["input_size"][-1])
 
-    def decoder(self, cfg):
+    def decode(self, cfg):
         return image_decoder(self.name, need_label=True)
 
-    def encoder(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        return image_encoder(tokenizer, train, seed=cfg.train.seed)
+    def preprocess(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
+        return image_preprocess(tokenizer, train, seed=cfg.train.seed)
 
     def collate(self, tokenizer: ImagePreprocess, cfg):
         return image_collate(tokenizer)

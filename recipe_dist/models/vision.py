@@ -63,7 +63,7 @@ def seeded(seed: int, fn: Callable, *args):
         np.random.set_state(np_state)
 
 
-def image_encoder(pre: "ImagePreprocess", train: bool = True, seed: int = 0):
+def image_preprocess(pre: "ImagePreprocess", train: bool = True, seed: int = 0):
     """Decoded sample -> {"__key__", "pixels" ([3, H, W] in [0, 1], the train or eval transform),
     "input_ids" (a caption, through pre.tokenizer), "label"}; runs in DataLoader workers. The
     training transform's random crop and flip are drawn per (seed, epoch, sample key), so a run
@@ -87,7 +87,7 @@ def image_encoder(pre: "ImagePreprocess", train: bool = True, seed: int = 0):
 
 
 def image_collate(pre: "ImagePreprocess"):
-    """Encoded samples -> {"pixel_values" (normalized), "input_ids"?, "labels"?}; nothing random."""
+    """Preprocessed samples -> {"pixel_values" (normalized), "input_ids"?, "labels"?}; nothing random."""
 
     def collate(features: list[dict], mask_seed: int) -> dict:
         batch = {"pixel_values": pre.normalize(torch.stack([f["pixels"] for f in features]))}
