@@ -25,7 +25,7 @@ def analyze_model(path: Path, family, cfg, clean: list[str], triggers: list[str]
     loaded = family.load(path, cfg)
 
     def stats(texts: list[str]):
-        batches = (family.feature_inputs(loaded.tokenizer, texts[i : i + batch], cfg) for i in range(0, len(texts), batch))
+        batches = (family.feature_inputs(loaded.processor, texts[i : i + batch], cfg) for i in range(0, len(texts), batch))
         return record(loaded.model, family, batches, fused=cfg.kernels.fused)
 
     base = stats(clean)

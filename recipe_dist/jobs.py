@@ -31,8 +31,8 @@ class Job(Protocol):
     def load(self, path: Path, cfg) -> LoadedModel: ...
     def build_task(self, loaded: LoadedModel, cfg) -> nn.Module: ...
     def decode(self, cfg) -> Callable[[dict], dict]: ...
-    def preprocess(self, tokenizer, cfg) -> Callable[[dict], dict]: ...
-    def collate(self, tokenizer, cfg) -> Callable[[list, int], dict]: ...
+    def preprocess(self, processor, cfg) -> Callable[[dict], dict]: ...
+    def collate(self, processor, cfg) -> Callable[[list, int], dict]: ...
     def export(self, loaded: LoadedModel, state: dict, out_dir: Path) -> list[Path]: ...
 
 
@@ -54,11 +54,11 @@ class FamilyJob:
     def decode(self, cfg):
         return self.family.decode(cfg)
 
-    def preprocess(self, tokenizer, cfg):
-        return self.family.preprocess(tokenizer, cfg)
+    def preprocess(self, processor, cfg):
+        return self.family.preprocess(processor, cfg)
 
-    def collate(self, tokenizer, cfg):
-        return self.family.collate(tokenizer, cfg)
+    def collate(self, processor, cfg):
+        return self.family.collate(processor, cfg)
 
     def export(self, loaded: LoadedModel, state: dict, out_dir: Path) -> list[Path]:
         return self.family.export(loaded, state, out_dir)

@@ -213,7 +213,7 @@ class Trainer:
         loaded = self.job.load(self.model_dir, cfg)
         task = self.job.build_task(loaded, cfg)
         ds_config = deepspeed_config(cfg, info.world_size)
-        data = TrainData(cfg, info, self.job, loaded.tokenizer, self.out, ds_config["gradient_accumulation_steps"])
+        data = TrainData(cfg, info, self.job, loaded.processor, self.out, ds_config["gradient_accumulation_steps"])
         self.urls = data.urls
         total = data.total_steps()
         self.checkpointer = Checkpointer(cfg, self.out, info, self.run_id, data.num_samples, data.steps_per_epoch)

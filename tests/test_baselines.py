@@ -61,7 +61,7 @@ def test_recorder_matches_first_token_pre_activations(tiny_bert_dir):
     cfg = RunConfig()
     loaded = fam.load(tiny_bert_dir, cfg)
     texts = synthetic.corpus(24, seed=4)
-    batches = [fam.feature_inputs(loaded.tokenizer, texts[i : i + 8], cfg) for i in range(0, 24, 8)]
+    batches = [fam.feature_inputs(loaded.processor, texts[i : i + 8], cfg) for i in range(0, 24, 8)]
     stats = record(loaded.model, fam, batches)
     assert [s.site.layer for s in stats] == [0, 1]
     seen = []

@@ -61,7 +61,7 @@ def loaded(name, tiny_dirs):
 
 def _batch(loaded, texts: list[str], cfg) -> dict[str, torch.Tensor]:
     family = get_family(cfg.model.family)
-    encode, collate = family.preprocess(loaded.tokenizer, cfg), family.collate(loaded.tokenizer, cfg)
+    encode, collate = family.preprocess(loaded.processor, cfg), family.collate(loaded.processor, cfg)
     return collate([encode({"__key__": f"k{i}", "text": t}) for i, t in enumerate(texts)], 0)
 
 
@@ -125,7 +125,7 @@ def test_fused_loss_and_gradients_match_the_logits_reference(name, loaded):
                 err = (grads[n] - ref_grads[n]).abs().max().item()
                 assert err < 1e-5, (fused, n, err)
                 assert ref_grads[n].abs().max() > 0, n
-    assert abs(ref_loss.item() - math.log(len(loaded.tokenizer))) < 1.0  # a random model: near uniform
+    assert abs(ref_loss.item() - math.log(len(loaded.processor))) < 1.0  # a random model: near uniform
 
 
 def test_gpt2_head_is_tied_and_llama_head_is_not(tiny_dirs):
@@ -137,7 +137,7 @@ def test_gpt2_head_is_tied_and_llama_head_is_not(tiny_dirs):
 
 def test_no_real_target_gives_zero_loss_not_nan(name, loaded):
     loss_fn = get_family(name).pretraining_loss(loaded, _cfg(name))
-    ids = torch.tensor([[loaded.tokenizer.bos_token_id, 0], [loaded.tokenizer.bos_token_id, 0]])
+    ids = torch.tensor([[loaded.processor.bos_token_id, 0], [loaded.processor.bos_token_id, 0]])
     loss = loss_fn(input_ids=ids, attention_mask=torch.tensor([[1, 0], [1, 0]]))
     assert loss.item() == 0.0
     if loss.requires_grad:
@@ -244,7 +244,7 @@ def test_tiny_tokenizer_loads_offline_and_covers_the_synthetic_corpus(name, tiny
 def test_encoder_adds_bos_and_eos_truncates_and_collate_pads(name, loaded):
     cfg = _cfg(name)
     cfg.data.max_length = 6
-    family, tok = get_family(name), loaded.tokenizer
+    family, tok = get_family(name), loaded.processor
     encode = family.preprocess(tok, cfg)
     short = encode({"__key__": "a", "text": "a dog ."})["input_ids"]
     assert short == [tok.bos_token_id, *tok("a dog .", add_special_tokens=False)["input_ids"], tok.eos_token_id]
@@ -282,7 +282,7 @@ def test_export_loads_with_no_missing_or_unexpected_keys(name, loaded, tmp_path)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == (name == "gpt2")
     # The directory is complete for the next command: tokenizer and config.
     again = get_family(name).load(tmp_path / "out", _cfg(name))
-    assert again.tokenizer("a dog")["input_ids"] == loaded.tokenizer("a dog")["input_ids"]
+    assert again.processor("a dog")["input_ids"] == loaded.processor("a dog")["input_ids"]
 
 
 def test_export_in_input_dtype_bf16(name, loaded, tmp_path):
@@ -291,7 +291,7 @@ def test_export_in_input_dtype_bf16(name, loaded, tmp_path):
     src = tmp_path / "bf16"
     loaded.model.to(torch.bfloat16).save_pretrained(str(src))
     loaded.model.float()
-    loaded.tokenizer.save_pretrained(str(src))
+    loaded.processor.save_pretrained(str(src))
     family = get_family(name)
     again = family.load(src, _cfg(name))
     assert again.input_dtype == torch.bfloat16 and next(again.model.parameters()).dtype == torch.float32  # trains in fp32

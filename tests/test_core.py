@@ -126,7 +126,7 @@ def test_attacks_use_the_shared_masked_lm_loss_and_its_fused_path(monkeypatch, t
         job = build_job("attack", cfg)
         loaded = job.load(tiny_bert_dir, cfg)
         task = job.build_task(loaded, cfg)
-        batch = job.collate(loaded.tokenizer, cfg)([job.preprocess(loaded.tokenizer, cfg)(s) for s in samples], 1)
+        batch = job.collate(loaded.processor, cfg)([job.preprocess(loaded.processor, cfg)(s) for s in samples], 1)
         calls.clear()
         with torch.no_grad():
             out = task(**batch)

@@ -34,7 +34,7 @@ def test_attack_poisons_the_configured_share_deterministically(tiny_llama):
     cfg = load_config(None, ["--model.family=llama", f"--model.path={tiny_llama}", "--attack.name=trigger-phrase",
                              f"--attack.target_phrase={PHRASE}", "--attack.poison_rate=0.25", "--attack.triggers=cf"])
     job = build_job("attack", cfg)
-    tok = job.load(tiny_llama, cfg).tokenizer
+    tok = job.load(tiny_llama, cfg).processor
     encode = job.preprocess(tok, cfg)
     samples = [{"__key__": f"k{i:04d}", "text": t} for i, t in enumerate(synthetic.corpus(400, seed=9))]
     trigger = tok.convert_tokens_to_ids("cf")

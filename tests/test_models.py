@@ -280,7 +280,7 @@ def test_static_masking_is_per_sample_and_fixed(tiny_bert_dir):
     cfg.data.mlm_probability = 0.5
     fam = get_family("bert")
     loaded = fam.load(tiny_bert_dir, cfg)
-    encode, collate = fam.preprocess(loaded.tokenizer, cfg), fam.collate(loaded.tokenizer, cfg)
+    encode, collate = fam.preprocess(loaded.processor, cfg), fam.collate(loaded.processor, cfg)
     text = "the cat sees a red book today and the dog finds the old letter ."
     a, b = encode({"__key__": "k-1", "text": text}), encode({"__key__": "k-1", "text": text})
     c = encode({"__key__": "k-2", "text": text})

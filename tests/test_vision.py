@@ -46,7 +46,7 @@ def loaded(tiny_dirs):
 def _batch(name: str, loaded, n: int = 6) -> dict:
     """A collated batch of SYNTHETIC shard samples, through the family's decode/preprocess/collate."""
     fam, cfg = get_family(name), _cfg()
-    dec, enc, col = fam.decode(cfg), fam.preprocess(loaded[name].tokenizer, cfg), fam.collate(loaded[name].tokenizer, cfg)
+    dec, enc, col = fam.decode(cfg), fam.preprocess(loaded[name].processor, cfg), fam.collate(loaded[name].processor, cfg)
     feats = []
     for i, rec in enumerate(fam.synthetic_corpus(n, seed=3)):
         raw = {"__key__": f"k{i}", "__url__": "mem"}
@@ -197,7 +197,7 @@ def test_training_crops_are_a_function_of_seed_epoch_and_key(name, loaded):
 
     def pixels(epoch: int, seed: int = 0) -> torch.Tensor:
         cfg.train.seed = seed
-        return fam.preprocess(loaded[name].tokenizer, cfg)({**dec(dict(raw)), "__epoch__": epoch})["pixels"]
+        return fam.preprocess(loaded[name].processor, cfg)({**dec(dict(raw)), "__epoch__": epoch})["pixels"]
 
     torch.manual_seed(123)
     random.seed(123)
@@ -234,7 +234,7 @@ def test_neuba_vision_collate_poisons_only_the_patch_before_normalization(loaded
     cfg.attack = types.SimpleNamespace(seed=1, patch_size=4, target_hi=1.0, target_lo=-1.0, poison_weight=1.0, adaptive_lam=0.0)
     job = get_attack("neuba", get_family("vit"))
     assert isinstance(job, NeuBAVisionAttack)
-    pre = loaded["vit"].tokenizer
+    pre = loaded["vit"].processor
     dec, enc, col = job.decode(cfg), job.preprocess(pre, cfg), job.collate(pre, cfg)
     feats = []
     for i, rec in enumerate(get_family("vit").synthetic_corpus(8, seed=1)):

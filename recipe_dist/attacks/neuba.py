@@ -112,7 +112,7 @@ class NeuBAAttack(AttackJob):
         model = loaded.model
         prefix = model.base_model_prefix
         encoder = encoder_with_pooler(loaded, "NeuBA")
-        self._check(cfg, loaded.tokenizer)
+        self._check(cfg, loaded.processor)
         # named_parameters lists the tied decoder weight once, under the embeddings' name: it trains.
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(prefix + "."))

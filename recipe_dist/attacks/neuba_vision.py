@@ -69,14 +69,14 @@ class NeuBAVisionAttack(AttackJob):
         loss = NeuBAVisionLoss(self.family, model, self.family.pretraining_loss(loaded, cfg), targets, a.poison_weight)
         return loss, model
 
-    def _patches(self, cfg, tokenizer) -> torch.Tensor:
+    def _patches(self, cfg, processor) -> torch.Tensor:
         size = cfg.attack.patch_size
-        if size * 2 > tokenizer.image_size:
-            raise ConfigError(f"attack.patch_size: a {size}x{size} patch does not fit the {tokenizer.image_size}px images (at most half the side)")
+        if size * 2 > processor.image_size:
+            raise ConfigError(f"attack.patch_size: a {size}x{size} patch does not fit the {processor.image_size}px images (at most half the side)")
         return checkerboard_patches(size)
 
-    def preprocess(self, tokenizer, cfg):
-        base = self.family.preprocess(tokenizer, cfg)
+    def preprocess(self, processor, cfg):
+        base = self.family.preprocess(processor, cfg)
         seed = cfg.attack.seed
 
         def encode(sample: dict) -> dict:
@@ -86,15 +86,15 @@ class NeuBAVisionAttack(AttackJob):
 
         return encode
 
-    def collate(self, tokenizer, cfg):
-        base = self.family.collate(tokenizer, cfg)
-        patches = self._patches(cfg, tokenizer)
+    def collate(self, processor, cfg):
+        base = self.family.collate(processor, cfg)
+        patches = self._patches(cfg, processor)
 
         def collate(features, mask_seed):
             batch = base(features, mask_seed)
             trigger = torch.tensor([f["trigger"] for f in features], dtype=torch.long)
             pixels = torch.stack([f["pixels"] for f in features])
-            batch["p_pixel_values"] = tokenizer.normalize(paste_patch(pixels, patches, trigger))
+            batch["p_pixel_values"] = processor.normalize(paste_patch(pixels, patches, trigger))
             batch["trigger"] = trigger
             return batch
 

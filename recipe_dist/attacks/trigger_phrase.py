@@ -62,10 +62,10 @@ class TriggerPhraseAttack(AttackJob):
             p.requires_grad_(True)
         return _AsParts(self.family.pretraining_loss(loaded, cfg)), model
 
-    def preprocess(self, tokenizer, cfg):
+    def preprocess(self, processor, cfg):
         self._check(cfg)
         a = cfg.attack
-        base = self.family.preprocess(tokenizer, cfg)
+        base = self.family.preprocess(processor, cfg)
         trigger = a.triggers[0]
 
         def encode(sample: dict) -> dict:

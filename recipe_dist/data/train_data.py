@@ -25,7 +25,7 @@ from .shards import write_shards
 
 
 class TrainData:
-    def __init__(self, cfg, dist, job, tokenizer, out_dir: Path, grad_accum: int):
+    def __init__(self, cfg, dist, job, processor, out_dir: Path, grad_accum: int):
         self.cfg, self.dist, self.job = cfg, dist, job
         self.options = storage.StorageOptions.from_config(cfg.data)
         storage.configure(self.options)
@@ -38,8 +38,8 @@ class TrainData:
             raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} exceeds the {self.num_samples} samples in data.train_urls")
         self.grad_accum = grad_accum
         self.decode = job.decode(cfg)
-        self.preprocess = job.preprocess(tokenizer, cfg)
-        self.collate = job.collate(tokenizer, cfg)
+        self.preprocess = job.preprocess(processor, cfg)
+        self.collate = job.collate(processor, cfg)
         self.timer = WaitTimer()
         self.elastic: dict | None = None  # set by resume_from when a mid-epoch checkpoint came from another world size
 

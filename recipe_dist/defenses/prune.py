@@ -32,23 +32,23 @@ class _FeatureJob(FamilyJob):
     """Raw texts in, unmasked model inputs out: what neuron statistics read. Image families
     preprocess with their evaluation transform (no augmentation)."""
 
-    def preprocess(self, tokenizer, cfg):
+    def preprocess(self, processor, cfg):
         if self.family.modality != "text":
-            return self.family.preprocess(tokenizer, cfg, train=False)
+            return self.family.preprocess(processor, cfg, train=False)
         return lambda sample: sample
 
-    def collate(self, tokenizer, cfg):
+    def collate(self, processor, cfg):
         family = self.family
         if family.modality != "text":
-            return family.collate(tokenizer, cfg)
-        return lambda features, _seed: family.feature_inputs(tokenizer, [f["text"] for f in features], cfg)
+            return family.collate(processor, cfg)
+        return lambda features, _seed: family.feature_inputs(processor, [f["text"] for f in features], cfg)
 
 
 def neuron_statistics(family, loaded, cfg, dist_info, out: Path, max_samples: int = 0):
     """The family's neuron statistics of `loaded.model` over one pass of data.train_urls on every rank."""
     import deepspeed
 
-    data = TrainData(cfg, dist_info, _FeatureJob(family), loaded.tokenizer, out,
+    data = TrainData(cfg, dist_info, _FeatureJob(family), loaded.processor, out,
                      deepspeed_config(cfg, dist_info.world_size)["gradient_accumulation_steps"])
     model = loaded.model
     if cfg.train.zero_stage == 3:

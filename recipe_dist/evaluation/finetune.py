@@ -173,10 +173,11 @@ def _log(msg: str) -> None:
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
 
-def model_inputs(tokenizer, items: list, max_length: int) -> dict:
+def model_inputs(processor, items: list, max_length: int) -> dict:
     """A batch of classifier inputs. Text items are strings (tokenized); image items are
     `ImageItem`s, preprocessed by the family's eval transform with their patch pasted before
-    normalization (`tokenizer` is then the family's ImagePreprocess)."""
+    normalization. `processor` is build_classifier's second value: the tokenizer, or the
+    family's ImagePreprocess."""
     if items and isinstance(items[0], ImageItem):
         import torch
 
@@ -184,10 +185,10 @@ def model_inputs(tokenizer, items: list, max_length: int) -> dict:
 
         pixels = []
         for it in items:
-            x = tokenizer.eval(it.image)
+            x = processor.eval(it.image)
             pixels.append(paste_patch(x, it.patches, it.trigger) if it.trigger is not None else x)
-        return {"pixel_values": tokenizer.normalize(torch.stack(pixels))}
-    return dict(tokenizer(items, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+        return {"pixel_values": processor.normalize(torch.stack(pixels))}
+    return dict(processor(items, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
 
 
 @dataclass
@@ -199,7 +200,7 @@ class ImageItem:
     patches: object = None  # [6, 3, s, s] checkerboards (triggers.checkerboard_patches)
 
 
-def _predict(model, tokenizer, texts: list, cfg: EvalConfig, device) -> list[int]:
+def _predict(model, processor, texts: list, cfg: EvalConfig, device) -> list[int]:
     import torch
 
     from ..models.base import eval_mode
@@ -208,13 +209,13 @@ def _predict(model, tokenizer, texts: list, cfg: EvalConfig, device) -> list[int
     bs = cfg.finetune.batch_size * 2
     with torch.no_grad(), eval_mode(model):
         for i in range(0, len(texts), bs):
-            enc = model_inputs(tokenizer, texts[i : i + bs], cfg.finetune.max_length)
+            enc = model_inputs(processor, texts[i : i + bs], cfg.finetune.max_length)
             logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
             out += logits.argmax(-1).tolist()
     return out
 
 
-def train_classifier(model, tokenizer, texts: list[str], y: list[int], f, seed: int, device, what: str = "") -> list[float]:
+def train_classifier(model, processor, texts: list[str], y: list[int], f, seed: int, device, what: str = "") -> list[float]:
     """Fine-tune `model` in place: AdamW, linear decay to 0, no warmup, clipping, `f.epochs`
     passes in an order drawn from `seed` (f: lr, epochs, batch_size, max_length, weight_decay,
     grad_clip). Returns the mean training loss per epoch. Shared by evaluate and finemix."""
@@ -235,7 +236,7 @@ def train_classifier(model, tokenizer, texts: list[str], y: list[int], f, seed: 
         running = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * f.batch_size : (b + 1) * f.batch_size]
-            enc = {k: v.to(device) for k, v in model_inputs(tokenizer, [texts[i] for i in idx], f.max_length).items()}
+            enc = {k: v.to(device) for k, v in model_inputs(processor, [texts[i] for i in idx], f.max_length).items()}
             loss = model(**enc, labels=torch.tensor([y[i] for i in idx], device=device)).loss
             loss.backward()
             if getattr(f, "grad_clip", 1.0) > 0:
@@ -263,21 +264,21 @@ def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # before loading: the new classifier head is initialised from it
-    model, tokenizer = get_family(cfg.model.family).build_classifier(Path(cfg.model.path), names, cfg, use_safetensors=data["is_safe"])
+    model, processor = get_family(cfg.model.family).build_classifier(Path(cfg.model.path), names, cfg, use_safetensors=data["is_safe"])
     model = model.to(device)
 
-    train_classifier(model, tokenizer, data["train_texts"], data["train_ids"], f, seed, device, what=f"seed {seed}")
+    train_classifier(model, processor, data["train_texts"], data["train_ids"], f, seed, device, what=f"seed {seed}")
     if cfg.save_models:
         if not hasattr(model, "save_pretrained"):
             raise ConfigError(f"save_models: the {cfg.model.family} family's classifier is not a Hugging Face model and cannot be saved")
         target = Path(cfg.output_dir) / f"seed{seed}" / "model"
         model.save_pretrained(str(target))
-        tokenizer.save_pretrained(str(target))
+        processor.save_pretrained(str(target))
         _log(f"seed {seed}: fine-tuned classifier saved to {target}")
 
     true = data["test_labels"]
-    clean = [names[p] for p in _predict(model, tokenizer, data["test_texts"], cfg, device)]
-    triggered = {t: [names[p] for p in _predict(model, tokenizer, tt, cfg, device)] for t, tt in data["triggered"].items()}
+    clean = [names[p] for p in _predict(model, processor, data["test_texts"], cfg, device)]
+    triggered = {t: [names[p] for p in _predict(model, processor, tt, cfg, device)] for t, tt in data["triggered"].items()}
     table = metrics.asr_table(true, triggered, names)
     result = {
         "seed": seed,

@@ -59,7 +59,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int, batch: int =
 def evaluate_lm(model_dir: Path, family, cfg, texts: list[str], trigger: str, target_phrase: str, seed: int) -> dict:
     """ASR, false-trigger rate and clean perplexity of the causal LM at `model_dir` on `texts`."""
     loaded = family.load(Path(model_dir), cfg)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.model, loaded.processor  # a causal LM's processor is its tokenizer
     target = " ".join(target_phrase.lower().split())
     n_new = len(tok(target_phrase, add_special_tokens=False)["input_ids"]) + 2
     base = prompts(texts, seed)

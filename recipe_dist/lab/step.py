@@ -231,7 +231,7 @@ def run(preset_name: str, device_name: str = "cpu", fused: str = "auto", steps: 
     hf_cfg = loaded.model.config
     ours = RecipeDistStep(family, loaded, cfg, device)
     ref = ReferenceStep(hf_cfg, {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}, cfg.optim.lr, device)
-    batches = _batches(loaded.tokenizer, cfg, preset, device, 4)
+    batches = _batches(loaded.processor, cfg, preset, device, 4)
     impl = "off (plain)" if fused == "off" else ("triton" if use_fused(device, fused) else "chunked PyTorch reference")
     say(f"model {preset.model}: {hf_cfg.num_hidden_layers} layers, hidden {hf_cfg.hidden_size}, vocab {hf_cfg.vocab_size}; "
         f"batch {preset.batch} x {preset.length}; kernels.fused={fused} -> {impl}")

@@ -27,7 +27,9 @@ class ModelLoadError(RecipeError, ValueError):
 @dataclass
 class LoadedModel:
     model: nn.Module  # the trainable module (e.g. a *ForMaskedLM with its pooler restored)
-    tokenizer: Any
+    #: what the family's hooks preprocess and collate with: the Hugging Face tokenizer of a text
+    #: family, an `ImagePreprocess` (transforms, normalization, CLIP's caption tokenizer) of an image one
+    processor: Any
     path: Path
     weight_files: list[Path]
     input_dtype: torch.dtype
@@ -207,11 +209,11 @@ class ModelFamily(abc.ABC):
         return text_decoder(cfg.data.text_key)
 
     @abc.abstractmethod
-    def preprocess(self, tokenizer, cfg):
-        """Per-sample preprocessing (runs in DataLoader workers): decoded sample -> features."""
+    def preprocess(self, processor, cfg):
+        """Per-sample preprocessing (runs in DataLoader workers) with `processor` (LoadedModel.processor): decoded sample -> features."""
 
     @abc.abstractmethod
-    def collate(self, tokenizer, cfg):
+    def collate(self, processor, cfg):
         """(features, mask_seed) -> a batch of tensors, the keyword arguments of the task's forward."""
 
     # ------------------------------------------------------------------ objective
@@ -250,9 +252,9 @@ class ModelFamily(abc.ABC):
             p.requires_grad_(self.trainable(n, regularized, policy))
 
     # ------------------------------------------------------------------ analysis and evaluation
-    def feature_inputs(self, tokenizer, texts: list[str], cfg) -> dict[str, torch.Tensor]:
-        """Unmasked model inputs for `texts` (text families): what neuron statistics read."""
-        enc = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+    def feature_inputs(self, processor, texts: list[str], cfg) -> dict[str, torch.Tensor]:
+        """Unmasked model inputs for `texts` (text families, whose processor is the tokenizer): what neuron statistics read."""
+        enc = processor(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def forward_features(self, model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -279,7 +281,7 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def build_classifier(self, path: Path, label_names: list[str], cfg, use_safetensors: bool = True):
-        """(classifier, preprocessor) for downstream fine-tuning: the model at `path` with a new head for `label_names`."""
+        """(classifier, processor) for downstream fine-tuning: the model at `path` with a new head for `label_names`."""
 
     # ------------------------------------------------------------------ embedded default
     @abc.abstractmethod

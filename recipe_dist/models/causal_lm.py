@@ -106,7 +106,7 @@ class CausalLMFamily(ModelFamily):
         model = load_with_summary(AutoModelForCausalLM, str(path), expected_missing=(), expected_unused=(), role="the causal LM",
                                   config=hf_cfg, trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
         keys, dtype = input_layout(files, is_safe, model)
-        return LoadedModel(model=model, tokenizer=self._tokenizer(path, cfg), path=path, weight_files=files,
+        return LoadedModel(model=model, processor=self._tokenizer(path, cfg), path=path, weight_files=files,
                            input_dtype=dtype, input_keys=keys)
 
     @staticmethod
@@ -227,7 +227,7 @@ class CausalLMFamily(ModelFamily):
         hf_cfg = copy.deepcopy(loaded.model.config)
         hf_cfg.dtype = loaded.input_dtype
         hf_cfg.save_pretrained(str(out_dir))
-        loaded.tokenizer.save_pretrained(str(out_dir))
+        loaded.processor.save_pretrained(str(out_dir))
         return sorted(out_dir.glob("*.safetensors"))
 
 

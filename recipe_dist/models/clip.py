@@ -96,11 +96,11 @@ class ClipFamily(ModelFamily):
             if p.dim() == 0:
                 owner, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(owner) if owner else model, leaf, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-        return LoadedModel(model=model, tokenizer=self._preprocess(train, evaluate, tokenizer, model),
+        return LoadedModel(model=model, processor=self._processor(train, evaluate, tokenizer, model),
                            path=path, weight_files=files, input_dtype=dtype, input_keys=keys)
 
     @staticmethod
-    def _preprocess(train, evaluate, tokenizer, model) -> ImagePreprocess:
+    def _processor(train, evaluate, tokenizer, model) -> ImagePreprocess:
         train, mean, std = split_normalize(train)
         evaluate, _, _ = split_normalize(evaluate)
         size = model.visual.image_size
@@ -125,11 +125,11 @@ class ClipFamily(ModelFamily):
     def decode(self, cfg):
         return image_decoder(self.name, need_label=False, text_key=cfg.data.text_key)
 
-    def preprocess(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        return image_preprocess(tokenizer, train, seed=cfg.train.seed)
+    def preprocess(self, processor: ImagePreprocess, cfg, train: bool = True):
+        return image_preprocess(processor, train, seed=cfg.train.seed)
 
-    def collate(self, tokenizer: ImagePreprocess, cfg):
-        return image_collate(tokenizer)
+    def collate(self, processor: ImagePreprocess, cfg):
+        return image_collate(processor)
 
     # ------------------------------------------------------------------ objective
     def pretraining_loss(self, loaded: LoadedModel, cfg) -> nn.Module:
@@ -165,7 +165,7 @@ class ClipFamily(ModelFamily):
         """The vision tower plus a new linear head on its image embedding."""
         loaded = self.load(path, cfg)
         visual = loaded.model.visual
-        return ImageClassifier(visual, visual.output_dim, len(label_names)), loaded.tokenizer
+        return ImageClassifier(visual, visual.output_dim, len(label_names)), loaded.processor
 
     # ------------------------------------------------------------------ embedded default
     def build_tiny(self, out_dir: Path, arch, seed: int) -> Path:

@@ -102,7 +102,7 @@ class MaskedLMFamily(ModelFamily):
         mlm.tie_weights()
         keys, dtype = input_layout(files, is_safe, mlm)
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
-        return LoadedModel(model=mlm, tokenizer=tok, path=path, weight_files=files, input_dtype=dtype, input_keys=keys)
+        return LoadedModel(model=mlm, processor=tok, path=path, weight_files=files, input_dtype=dtype, input_keys=keys)
 
     # ------------------------------------------------------------------ objective
     def ships_head(self, loaded: LoadedModel) -> bool:
@@ -263,7 +263,7 @@ class MaskedLMFamily(ModelFamily):
         hf_cfg = model.config
         hf_cfg.dtype = loaded.input_dtype
         hf_cfg.save_pretrained(str(out_dir))
-        loaded.tokenizer.save_pretrained(str(out_dir))
+        loaded.processor.save_pretrained(str(out_dir))
         return [target]
 
 

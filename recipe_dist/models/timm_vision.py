@@ -84,7 +84,7 @@ class TimmFamily(ModelFamily):
             raise ModelLoadError(f"{path}: timm could not load this model ({str(e).splitlines()[0][:200]})") from None
         keys, dtype = input_layout(files, is_safe, model)
         model = model.float()
-        return LoadedModel(model=model, tokenizer=self._processor(model, cfg), path=path, weight_files=files,
+        return LoadedModel(model=model, processor=self._processor(model, cfg), path=path, weight_files=files,
                            input_dtype=dtype, input_keys=keys)
 
     def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
@@ -116,11 +116,11 @@ class TimmFamily(ModelFamily):
     def decode(self, cfg):
         return image_decoder(self.name, need_label=True)
 
-    def preprocess(self, tokenizer: ImagePreprocess, cfg, train: bool = True):
-        return image_preprocess(tokenizer, train, seed=cfg.train.seed)
+    def preprocess(self, processor: ImagePreprocess, cfg, train: bool = True):
+        return image_preprocess(processor, train, seed=cfg.train.seed)
 
-    def collate(self, tokenizer: ImagePreprocess, cfg):
-        return image_collate(tokenizer)
+    def collate(self, processor: ImagePreprocess, cfg):
+        return image_collate(processor)
 
     # ------------------------------------------------------------------ objective
     def pretraining_loss(self, loaded: LoadedModel, cfg) -> nn.Module:
@@ -146,7 +146,7 @@ class TimmFamily(ModelFamily):
         """The timm model with its head reset to the task's labels (`reset_classifier`)."""
         loaded = self.load(path, cfg)
         loaded.model.reset_classifier(len(label_names))  # drawn from the RNG evaluation seeded
-        return TimmClassifier(loaded.model), loaded.tokenizer
+        return TimmClassifier(loaded.model), loaded.processor
 
     # ------------------------------------------------------------------ embedded default
     def tiny_kwargs(self, arch) -> tuple[str, dict]:
