@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import deepspeed
 import torch
@@ -21,7 +22,7 @@ from transformers import get_scheduler
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config
 from .data.train_data import KeyLog, TrainData
-from .distributed import barrier, init_distributed, run_on_main
+from .distributed import DistInfo, barrier, init_distributed, run_on_main
 from .errors import RecipeError
 from .jobs import Job
 from .metrics import build_logger
@@ -33,11 +34,14 @@ from .seeds import Stream, mix_seed
 
 class StepMetrics:
     """Loss parts summed on the device between logs (no host sync per micro-batch), the logging
-    step's one all-reduce, and the stop on anything non-finite."""
+    step's one all-reduce, and the stop on anything non-finite. `out` is the run directory (its
+    tb/ and progress file); `last_good` names the checkpoint a divergence error points to."""
 
-    def __init__(self, trainer: "Trainer", engine, data: TrainData, params: list, step: int, total_steps: int):
-        self.trainer, self.engine, self.data, self.params, self.total_steps = trainer, engine, data, params, total_steps
-        self.logger = build_logger(trainer.dist.is_main, trainer.out / "tb", purge_step=step or None)
+    def __init__(self, engine, data: TrainData, params: list, step: int, total_steps: int, *, info: DistInfo, out: Path,
+                 global_batch_size: int, last_good: Callable[[], Path | None]):
+        self.engine, self.data, self.params, self.total_steps = engine, data, params, total_steps
+        self.info, self.out, self.global_batch_size, self.last_good = info, out, global_batch_size, last_good
+        self.logger = build_logger(info.is_main, out / "tb", purge_step=step or None)
         self.names: list[str] | None = None
         self.sums = self.bad_grad = None
         self.n_micro = 0
@@ -74,7 +78,7 @@ class StepMetrics:
         terms += (["gradient norm"] if flags[-2] else []) + (["weights"] if flags[-1] else [])
         if not terms:
             return
-        last = self.trainer.checkpointer.last_good()
+        last = self.last_good()
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
         raise RecipeError(f"training diverged: non-finite {', '.join(terms)} between steps {self.step_log + 1} and {step}; "
                           f"{where}; nothing was exported (lower optim.lr or check regularizer.lam)")
@@ -82,7 +86,7 @@ class StepMetrics:
     def log(self, step: int, bar: tqdm) -> None:
         """One small all-reduce: the loss parts (the logged loss is their mean over ranks) and the
         data health (storage retries, skipped shards, seconds blocked on the loader since the last log)."""
-        info, now = self.trainer.dist, time.time()
+        info, now = self.info, time.time()
         stats = torch.cat([self.sums / self.n_micro, torch.tensor(self.data.stats(), device=self.engine.device)])
         if dist.is_initialized():
             dist.all_reduce(stats)
@@ -94,7 +98,7 @@ class StepMetrics:
         self.logger.scalars({
             **{f"train/{k}": v for k, v in self.last.items()},
             "train/lr": self.engine.get_lr()[0],
-            "train/samples_per_second": (step - self.step_log) * self.trainer.cfg.train.global_batch_size / elapsed,
+            "train/samples_per_second": (step - self.step_log) * self.global_batch_size / elapsed,
             "train/data_wait_fraction": wait / info.world_size / elapsed,
             "data/retries": retries,
             "data/corrupt_skipped": skipped,
@@ -102,7 +106,7 @@ class StepMetrics:
         }, step)
         bar.set_postfix({k: f"{v:.4g}" for k, v in self.last.items()})
         if info.is_main:  # for `recipe-dist slurm status`: where the run stands, and how fast
-            write_progress(self.trainer.out, step, self.total_steps, (step - self.step_log) / elapsed)
+            write_progress(self.out, step, self.total_steps, (step - self.step_log) / elapsed)
         self.sums.zero_()
         self.n_micro = 0
         self.t_log, self.step_log = now, step
@@ -127,7 +131,8 @@ class Trainer:
             loaded, data, engine, total = self._build()
             exact = data.resume_from(self.resume_plan.meta.get("data") if self.resume_plan else None)
             step, samples = self.checkpointer.restore(engine, self.resume_plan, exact)
-            metrics = StepMetrics(self, engine, data, self.params, step, total)
+            metrics = StepMetrics(engine, data, self.params, step, total, info=self.dist, out=self.out,
+                                  global_batch_size=cfg.train.global_batch_size, last_good=self.checkpointer.last_good)
             keys = KeyLog(self.out / "keys", self.dist.rank, self.dist.world_size, step) if cfg.data.record_keys else None
             bar = tqdm(total=total, initial=step, disable=not self.dist.is_main, desc=self.name, unit="step", dynamic_ncols=True)
             stopping = self._stopping(step, total)  # a resume may start at the end
