@@ -270,6 +270,21 @@ class PruneConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Downstream fine-tuning of a classifier, one config for `evaluate`, `finemix` and the lab."""
+
+    lr: float = _f(2e-5, "AdamW learning rate (linear decay to 0, no warmup)", check=ADAMW_LR)
+    epochs: int = _f(3, "passes over the training set; the last model is kept. 0: model.path is already a fine-tuned "
+                     "classifier with a head for these labels (e.g. finemix's output), scored as it is", check=ge(0))
+    batch_size: int = _f(32, "sequences per optimizer step (also the prediction batch)", check=gt(0))
+    max_length: int = _f(128, "tokens per sequence after truncation", check=gt(1))
+    seed: int = _f(42, "seed of the classifier head, data order and dropout when `seeds` is empty", check=SEED)
+    max_train_samples: int = _f(0, "use only the first N training samples; 0 uses all", check=ge(0))
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay", check=ge(0))
+    grad_clip: float = _f(1.0, "global gradient-norm clipping (transformers Trainer's default); 0 disables", check=ge(0))
+
+
+@dataclass
 class FinemixConfig:
     """`recipe-dist finemix`: Fine-mixing with E-PUR (method.md section 4), a downstream-model defense.
     The source paper's code is not public: every choice is a knob here and recorded in finemix.json."""
@@ -283,12 +298,8 @@ class FinemixConfig:
     train_file: str = _f("", "the small clean labelled downstream subset (.tsv/.csv/.jsonl) fine-tuned on after mixing")
     text_column: str = _f("sentence", "text column of train_file", check=NOT_BLANK)
     label_column: str = _f("label", "label column of train_file", check=NOT_BLANK)
-    max_train_samples: int = _f(0, "use only the first N samples of train_file; 0 uses all", check=ge(0))
-    epochs: int = _f(1, "fine-tuning passes over train_file after mixing; 0 keeps the mixed model as is", check=ge(0))
-    lr: float = _f(2e-5, "fine-tuning learning rate (AdamW, linear decay to 0)", check=ADAMW_LR)
-    batch_size: int = _f(32, "fine-tuning batch size", check=gt(0))
-    max_length: int = _f(128, "tokens per sequence", check=gt(1))
-    seed: int = _f(1, "seed of the random mask and the fine-tuning", check=SEED)
+    # The fine-tuning after mixing, the same config as evaluate's; its seed also draws the random mask.
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, seed=1))
 
 
 @dataclass

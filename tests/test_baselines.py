@@ -203,17 +203,17 @@ def test_finemix_cli_mixes_resets_embeddings_and_scores_with_evaluate(tmp_path, 
     clf, train = _classifier(tmp_path, tiny_bert_dir)
     base = ["finemix", "--model.path", clf, "--finemix.pretrained", tiny_bert_dir, "--finemix.train_file", train]
     # rho = 0 without fine-tuning: every weight with a pre-trained counterpart is the pre-trained one.
-    run_cli([*base, "--output_dir", tmp_path / "rho0", "--finemix.rho=0", "--finemix.epochs=0", "--finemix.epur_topn=0"])
+    run_cli([*base, "--output_dir", tmp_path / "rho0", "--finemix.rho=0", "--finemix.finetune.epochs=0", "--finemix.epur_topn=0"])
     pre, b, mixed = _tensors(tiny_bert_dir), _tensors(clf), _tensors(tmp_path / "rho0" / "model")
     shared = [k for k in mixed if k in pre and k.startswith("bert.encoder")]
     assert shared and all(torch.equal(mixed[k], pre[k]) for k in shared)
     assert torch.equal(mixed["classifier.weight"], b["classifier.weight"])  # no counterpart: kept
     # rho = 1: the backdoored weights, untouched.
-    run_cli([*base, "--output_dir", tmp_path / "rho1", "--finemix.rho=1", "--finemix.epochs=0", "--finemix.epur_topn=0"])
+    run_cli([*base, "--output_dir", tmp_path / "rho1", "--finemix.rho=1", "--finemix.finetune.epochs=0", "--finemix.epur_topn=0"])
     same = _tensors(tmp_path / "rho1" / "model")
     assert all(torch.equal(same[k], b[k]) for k in b)
     # E-PUR alone resets exactly the top-N tokens by drift / log(max(freq, 20)), to the pre-trained rows.
-    run_cli([*base, "--output_dir", tmp_path / "epur", "--finemix.mix=false", "--finemix.epochs=0", "--finemix.epur_topn=7"])
+    run_cli([*base, "--output_dir", tmp_path / "epur", "--finemix.mix=false", "--finemix.finetune.epochs=0", "--finemix.epur_topn=7"])
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(clf))
@@ -229,8 +229,8 @@ def test_finemix_cli_mixes_resets_embeddings_and_scores_with_evaluate(tmp_path, 
     assert reset == expect
     assert all(torch.equal(got[i], b[key][i]) for i in range(len(tok)) if i not in expect)
     # rho = 0.5, E-PUR on 5 tokens, one epoch on the clean subset; then evaluate scores it as it is.
-    run_cli([*base, "--output_dir", tmp_path / "fm", "--finemix.rho=0.5", "--finemix.epochs=1", "--finemix.epur_topn=5",
-             "--finemix.max_length=32", "--finemix.lr=1e-3"])
+    run_cli([*base, "--output_dir", tmp_path / "fm", "--finemix.rho=0.5", "--finemix.finetune.epochs=1", "--finemix.epur_topn=5",
+             "--finemix.finetune.max_length=32", "--finemix.finetune.lr=1e-3"])
     report = json.loads((tmp_path / "fm" / "finemix.json").read_text())
     assert report["mix"]["share_of_deltas_kept"] == pytest.approx(0.5, abs=0.01)
     assert report["epur"]["reset"] == 5 and len(report["finetune_loss"]) == 1

@@ -33,9 +33,10 @@ def test_every_eval_field_declares_its_domain():
 
 def test_the_finemix_fields_have_domains_too():
     fm = {key: f.metadata.get("check") for key, _, f in _leaves(RunConfig) if key.startswith("finemix.")}
-    for key in ("lr", "batch_size", "max_length", "epochs", "max_train_samples", "seed", "rho", "epur_topn", "epur_min_freq"):
+    for key in ("finetune.lr", "finetune.batch_size", "finetune.max_length", "finetune.epochs", "finetune.max_train_samples",
+                "finetune.seed", "rho", "epur_topn", "epur_min_freq"):
         assert fm[f"finemix.{key}"] is not None, key
-    assert fm["finemix.lr"] is ADAMW_LR
+    assert fm["finemix.finetune.lr"] is ADAMW_LR
 
 
 def test_bounds_refuse_nan_and_inf():
@@ -111,8 +112,8 @@ def test_validate_checks_fields_first_then_the_cross_field_rule(tmp_path):
 
 def test_run_config_bounds_refuse_nan_and_inf_too():
     for override, key in (("--optim.lr=nan", "optim.lr"), ("--optim.lr=inf", "optim.lr"), ("--train.epochs=inf", "train.epochs"),
-                          ("--finemix.lr=1e30", "finemix.lr"), ("--finemix.lr=nan", "finemix.lr"),
-                          ("--finemix.batch_size=0", "finemix.batch_size"), ("--finemix.seed=-1", "finemix.seed")):
+                          ("--finemix.finetune.lr=1e30", "finemix.finetune.lr"), ("--finemix.finetune.lr=nan", "finemix.finetune.lr"),
+                          ("--finemix.finetune.batch_size=0", "finemix.finetune.batch_size"), ("--finemix.finetune.seed=-1", "finemix.finetune.seed")):
         with pytest.raises(ConfigError, match=rf"^{key.replace('.', r'[.]')}: "):
             load_config(None, [override])
     # The trainer's optim.lr stays uncapped: its loop stops a diverging run itself (tests/test_safety.py).

@@ -85,8 +85,8 @@ def test_finemix_writes_summary_json_beside_finemix_json(tmp_path, tiny_bert_dir
     train.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in synthetic.sentiment(20, seed=1)))
     out = tmp_path / "fm"
     cfg = load_config(None, [f"--model.path={clf}", f"--output_dir={out}", f"--finemix.pretrained={tiny_bert_dir}",
-                             f"--finemix.train_file={train}", "--finemix.epochs=1", "--finemix.batch_size=8",
-                             "--finemix.max_length=32", "--finemix.epur_topn=3", "--finemix.lr=1e-3"])
+                             f"--finemix.train_file={train}", "--finemix.finetune.epochs=1", "--finemix.finetune.batch_size=8",
+                             "--finemix.finetune.max_length=32", "--finemix.epur_topn=3", "--finemix.finetune.lr=1e-3"])
     report = get_defense("finemix", get_family("bert")).run(cfg)
     assert (out / "finemix.json").is_file() and (out / "model").is_dir()
     assert load_config(str(out / "config.yaml"), []) == cfg

@@ -63,8 +63,8 @@ class FineMixing:
         fm = cfg.finemix
         if not fm.pretrained:
             raise ConfigError("finemix.pretrained: required (the clean pre-trained model the classifier was fine-tuned from)")
-        if fm.epochs and not fm.train_file:
-            raise ConfigError("finemix.train_file: required to fine-tune after mixing (or set finemix.epochs=0)")
+        if fm.finetune.epochs and not fm.train_file:
+            raise ConfigError("finemix.train_file: required to fine-tune after mixing (or set finemix.finetune.epochs=0)")
         out = Path(cfg.output_dir)
         run_dir = RunDir(out)
         run_dir.claim(fresh=True, overwrite=cfg.overwrite)
@@ -94,11 +94,11 @@ class FineMixing:
         for f in pre_files:
             pre.update(load_file(str(f)))
         prefix = model.base_model_prefix
-        gen = torch.Generator().manual_seed(fm.seed)
+        gen = torch.Generator().manual_seed(fm.finetune.seed)
         report: dict = {"model": str(model_dir), "pretrained": str(pre_dir), "choices": {
             "rho": fm.rho, "mask": fm.mask, "mix": fm.mix, "mask_granularity": "per tensor",
             "epur_topn": fm.epur_topn, "epur_statistic": f"||e_B - e_pre||_2 / log(max(freq, {fm.epur_min_freq}))",
-            "epur_frequency_text": fm.train_file or "(none)", "epochs": fm.epochs, "lr": fm.lr, "seed": fm.seed}}
+            "epur_frequency_text": fm.train_file or "(none)", "epochs": fm.finetune.epochs, "lr": fm.finetune.lr, "seed": fm.finetune.seed}}
         embed = model.get_input_embeddings().weight
         embed_b = embed.detach().clone()
         kept_from_finetuning, mixed, kept_deltas, total_deltas = [], 0, 0, 0
@@ -124,8 +124,8 @@ class FineMixing:
                          "kept_from_finetuning": kept_from_finetuning}
 
         texts, labels = read_labelled(fm.train_file, fm.text_column, fm.label_column, "finemix.train_file") if fm.train_file else ([], [])
-        if fm.max_train_samples:
-            texts, labels = texts[: fm.max_train_samples], labels[: fm.max_train_samples]
+        if fm.finetune.max_train_samples:
+            texts, labels = texts[: fm.finetune.max_train_samples], labels[: fm.finetune.max_train_samples]
         if fm.epur_topn:
             embed_name = next(n for n, p in model.named_parameters() if p is embed)
             e_pre = pretrained_tensor(pre, embed_name, prefix)
@@ -141,14 +141,14 @@ class FineMixing:
                 embed[top] = e_pre.to(embed.dtype)[top]
             report["epur"] = {"reset": len(top), "top_tokens": tok.convert_ids_to_tokens(top[:20].tolist()),
                               "clean_tokens_counted": sum(counts.values())}
-        if fm.epochs:
+        if fm.finetune.epochs:
             names = [model.config.id2label[i] for i in range(model.config.num_labels)]
             unknown = sorted(set(labels) - set(names))
             if unknown:
                 raise ConfigError(f"finemix.train_file: labels {unknown[:5]} are not the classifier's labels ({names})")
             y = [names.index(lab) for lab in labels]
-            torch.manual_seed(fm.seed)
-            report["finetune_loss"] = train_classifier(model, tok, texts, y, fm, fm.seed, torch.device("cpu"), what="finemix")
+            torch.manual_seed(fm.finetune.seed)
+            report["finetune_loss"] = train_classifier(model, tok, texts, y, fm.finetune, fm.finetune.seed, torch.device("cpu"), what="finemix")
         target = out / "model"
         model.save_pretrained(str(target))
         tok.save_pretrained(str(target))
@@ -156,13 +156,13 @@ class FineMixing:
         report["wall_time_s"] = round(time.time() - t0, 2)
         (out / "finemix.json").write_text(json.dumps(report, indent=2) + "\n")
         # The run directory's common summary, as the trainer's and prune's: steps as train_classifier counts them.
-        steps = -(-len(texts) // fm.batch_size) * fm.epochs
+        steps = -(-len(texts) // fm.finetune.batch_size) * fm.finetune.epochs
         write_summary(out, {"steps": steps, "samples": len(texts), "tensors_mixed": mixed,
                             "share_of_deltas_kept": report["mix"]["share_of_deltas_kept"],
                             "epur_reset": report.get("epur", {}).get("reset", 0), "wall_time_s": report["wall_time_s"],
                             "world_size": 1, "output_weights_sha256": report["output_weights_sha256"]})
         print(f"finemix: mixed {mixed} tensors (kept {report['mix']['share_of_deltas_kept']:.0%} of deltas), "
-              f"E-PUR reset {report.get('epur', {}).get('reset', 0)} embeddings, fine-tuned {fm.epochs} epoch(s) on {len(texts)} samples; wrote {target}")
+              f"E-PUR reset {report.get('epur', {}).get('reset', 0)} embeddings, fine-tuned {fm.finetune.epochs} epoch(s) on {len(texts)} samples; wrote {target}")
         return report
 
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ADAMW_LR, NOT_BLANK, SEED, ConfigError, Rule, _f, check_fields, ge, gt, required, to_dict
+from ..config import NOT_BLANK, SEED, ConfigError, FinetuneConfig, Rule, _f, check_fields, gt, required, to_dict
 from ..errors import RecipeError
 from . import metrics
 from ..models.load_report import load_with_summary  # noqa: F401  (part of this module's API)
@@ -77,19 +77,6 @@ class TaskConfig:
     text_column: str = _f("sentence", "column/key holding the text; for image families the image path (relative to the task file)", check=NOT_BLANK)
     label_column: str = _f("label", "column/key holding the label", check=NOT_BLANK)
     num_labels: int = _f(0, "number of classes; 0 infers it from the labels", check=Rule(lambda v: v == 0 or v >= 2, "must be 0 (infer) or >= 2"))
-
-
-@dataclass
-class FinetuneConfig:
-    lr: float = _f(2e-5, "AdamW learning rate (linear decay to 0, no warmup)", check=ADAMW_LR)
-    epochs: int = _f(3, "passes over the training set; the last model is kept. 0: model.path is already a fine-tuned "
-                     "classifier with a head for these labels (e.g. finemix's output), scored as it is", check=ge(0))
-    batch_size: int = _f(32, "sequences per optimizer step (also the prediction batch)", check=gt(0))
-    max_length: int = _f(128, "tokens per sequence after truncation", check=gt(1))
-    seed: int = _f(42, "seed of the classifier head, data order and dropout when `seeds` is empty", check=SEED)
-    max_train_samples: int = _f(0, "use only the first N training samples; 0 uses all", check=ge(0))
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay", check=ge(0))
-    grad_clip: float = _f(1.0, "global gradient-norm clipping (transformers Trainer's default); 0 disables", check=ge(0))
 
 
 @dataclass

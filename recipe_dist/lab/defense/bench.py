@@ -175,7 +175,7 @@ class DefenseBench:
         for s in self.r.seeds:
             cfg = copy.deepcopy(self.r.finemix)
             m = cfg.finemix
-            m.pretrained, m.train_file, m.max_train_samples, m.seed = str(clean), str(train), self.r.finemix_samples, s
+            m.pretrained, m.train_file, m.finetune.max_train_samples, m.finetune.seed = str(clean), str(train), self.r.finemix_samples, s
             m.epur_topn = m.epur_topn if epur else 0
             out = self.run_job("finemix", f"{rid}-seed{s}", victims / f"seed{s}" / "model", "", cfg, report="finemix.json")
             per_seed.append(self.evaluate(f"{rid}-seed{s}", out, train, test, seeds=[s], epochs=0)["per_seed"][0])

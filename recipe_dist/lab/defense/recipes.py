@@ -69,10 +69,11 @@ def recipe(*, aux_samples: int, max_length: int, attack_lr: float, attack_steps:
     r.eval.seeds = ",".join(map(str, seeds))
     f = r.eval.finetune
     f.lr, f.epochs, f.batch_size, f.max_length, f.max_train_samples = finetune_lr, finetune_epochs, 32, max_length, task_train
-    # Fine-mixing fine-tunes the mixed model with the downstream protocol's settings.
+    # Fine-mixing fine-tunes the mixed model with the downstream protocol's settings, one epoch.
     r.finemix = stage(purify_batch, max_length, aux_samples)
     m = r.finemix.finemix
-    m.rho, m.epochs, m.epur_topn, m.lr, m.batch_size, m.max_length = 0.5, 1, 200, f.lr, f.batch_size, max_length
+    m.rho, m.epur_topn, m.finetune = 0.5, 200, copy.deepcopy(f)
+    m.finetune.epochs = 1
     return r
 
 
