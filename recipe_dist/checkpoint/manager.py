@@ -13,9 +13,9 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from ..config import dump_yaml, to_dict
+from ..config import to_dict
 from ..distributed import run_on_main
-from ..rundir import check_resume_config, record_history
+from ..rundir import check_resume_config, record_history, write_run_config
 from ..seeds import Stream, mix_seed
 from . import resume as resuming
 from . import store
@@ -56,14 +56,14 @@ class Checkpointer:
         def decide():
             found = store.resolve(cfg.resume, self.root, self.run_id)
             if found is None:
-                (self.out / "config.yaml").write_text(dump_yaml(cfg))
+                write_run_config(self.out, cfg)
                 return None
             root, tag = found
             meta = store.read_meta(root / tag) or {}
             resuming.check_data_state(meta.get("data"), self.data_state(0, 0), root / tag)
             changes = check_resume_config(meta.get("config"), to_dict(cfg), root / tag)
             record_history(self.out, meta.get("step", 0), changes)
-            (self.out / "config.yaml").write_text(dump_yaml(cfg))
+            write_run_config(self.out, cfg)
             return resuming.plan(root, tag, self.root, self.dist.world_size, cfg.train.zero_stage)
 
         plan = run_on_main(decide)
