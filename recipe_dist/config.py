@@ -560,8 +560,9 @@ def help_text(cls: type = RunConfig) -> str:
 # DeepSpeed config, derived
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run. Batch arithmetic is checked here, with the keys named."""
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for this run. Batch arithmetic is checked here, with the keys named.
+    `load_universal`: the resume reads a universal checkpoint (another world size)."""
     t, o = cfg.train, cfg.optim
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
@@ -592,4 +593,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # read by DeepSpeed at init and at load
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }

@@ -129,8 +129,7 @@ class Trainer:
         cfg = self.cfg
         with self._session():
             loaded, data, engine, total = self._build()
-            exact = data.resume_from(self.resume_plan.meta.get("data") if self.resume_plan else None)
-            step, samples = self.checkpointer.restore(engine, self.resume_plan, exact)
+            step, samples = self.checkpointer.restore(engine, self.resume_plan)
             metrics = StepMetrics(engine, data, self.params, step, total, info=self.dist, out=self.out,
                                   global_batch_size=cfg.train.global_batch_size, last_good=self.checkpointer.last_good)
             keys = KeyLog(self.out / "keys", self.dist.rank, self.dist.world_size, step) if cfg.data.record_keys else None
@@ -217,14 +216,13 @@ class Trainer:
         self.model_dir = self._model_dir()
         loaded = self.job.load(self.model_dir, cfg)
         task = self.job.build_task(loaded, cfg)
-        ds_config = deepspeed_config(cfg, info.world_size)
-        data = TrainData(cfg, info, self.job, loaded.processor, self.out, ds_config["gradient_accumulation_steps"])
+        grad_accum = deepspeed_config(cfg, info.world_size)["gradient_accumulation_steps"]
+        data = TrainData(cfg, info, self.job, loaded.processor, self.out, grad_accum)
         self.urls = data.urls
         total = data.total_steps()
-        self.checkpointer = Checkpointer(cfg, self.out, info, self.run_id, data.num_samples, data.steps_per_epoch)
+        self.checkpointer = Checkpointer(cfg, self.out, info, self.run_id, data)
         self.resume_plan = self.checkpointer.plan_resume()
-        if self.resume_plan is not None and self.resume_plan.universal:
-            ds_config["checkpoint"] = {"load_universal": True}  # read by DeepSpeed at init and at load
+        ds_config = deepspeed_config(cfg, info.world_size, load_universal=self.resume_plan is not None and self.resume_plan.universal)
         self.params = [p for p in task.parameters() if p.requires_grad]
         schedule = cfg.optim.schedule if cfg.optim.schedule == "linear" else "constant_with_warmup"
         engine, _, _, _ = deepspeed.initialize(

@@ -164,6 +164,33 @@ def test_train_data_facade_counts_splits_and_collates(tmp_path, tiny_bert_dir):
     assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 16
     assert torch.equal(batch["labels"], data.to_batch(batches[0], 0, 0, "cpu")["labels"])  # masks: a function of (seed, epoch, micro, rank)
     assert data.stats()[-1] >= 0
+    # The data is a stateful part of the checkpoint: it says where it stands, and takes back a state.
+    state = data.state_dict(step=8, samples=256)
+    assert (state["epoch"], state["samples_in_epoch"], state["world_size"], state["num_samples"]) == (1, 64, 1, 200)
+    assert data.load_state_dict(state) is False and data.elastic is None  # same world size: nothing to replay
+    assert data.load_state_dict({**state, "world_size": 2, "micro_batch_size": 8}) is True  # written by 2 ranks, mid-epoch
+    assert data.elastic == {"epoch": 1, "world_size": 2, "micro_batch_size": 8, "num_workers": 0, "grad_accum": 2}
+
+
+def test_the_checkpointer_saves_and_restores_the_data_as_one_part(tmp_path):
+    from recipe_dist.checkpoint.manager import Checkpointer
+
+    import recipe_dist.checkpoint.manager as manager
+
+    class Part:
+        def state_dict(self, step, samples):
+            return {"step_seen": step, "samples_seen": samples}
+
+    saved = {}
+    info = type("Dist", (), {"world_size": 1, "rank": 0, "is_main": True})()
+    cp = Checkpointer(load_config(None, []), tmp_path, info, "run", Part())
+    orig = manager.store.save
+    manager.store.save = lambda engine, root, step, client, keep, rank, meta: saved.update(client=client, meta=meta)
+    try:
+        cp.save(None, 12, 384)
+    finally:
+        manager.store.save = orig
+    assert saved["client"]["data"] == saved["meta"]["data"] == {"step_seen": 12, "samples_seen": 384}
 
 
 # ------------------------------------------------------------------ the loop

@@ -1,7 +1,7 @@
 """The Checkpointer: the one component the training loop asks about saving and resuming.
 
-Modelled on torchtitan's CheckpointManager. It owns where the data stands (`data_state`), which
-checkpoint a resume reads and whether it fits this run (`plan_resume`), loading it (`restore`),
+Modelled on torchtitan's CheckpointManager. It saves the engine and the training data (a stateful
+part that knows its own position), decides which checkpoint a resume reads and whether it fits this run (`plan_resume`), loading it (`restore`),
 the save cadence (`maybe_save`) and the consolidated weights for export (`consolidated_state`).
 The loop only tells it the step it reached.
 """
@@ -22,24 +22,13 @@ from . import store
 
 
 class Checkpointer:
-    def __init__(self, cfg, out: Path, dist, run_id: str, n_samples: int, steps_per_epoch: int):
-        self.cfg, self.out, self.dist, self.run_id = cfg, out, dist, run_id
-        self.root = out / "checkpoints"
-        self.n_samples, self.steps_per_epoch = n_samples, steps_per_epoch
+    """Saves and restores the engine (model, optimizer, scheduler) and `data`, the training data:
+    a stateful part with `state_dict(step, samples)` / `load_state_dict(saved)` that knows its
+    own position, as torchtitan's checkpointer holds its dataloader."""
 
-    # ------------------------------------------------------------------ state
-    def data_state(self, step: int, samples: int) -> dict:
-        """Where the data stands after `step` (saved with every checkpoint): a resume continues at
-        epoch `epoch`, skipping the `samples_in_epoch` samples it has seen of it."""
-        t = self.cfg.train
-        epoch, done = divmod(step, self.steps_per_epoch)
-        return {
-            "epoch": epoch, "samples": samples, "samples_in_epoch": done * t.global_batch_size, "seed": t.seed,
-            "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
-            "world_size": self.dist.world_size, "steps_per_epoch": self.steps_per_epoch, "num_samples": self.n_samples,
-            # with the world size and micro batch: enough to replay each old reader's stream (exact elastic resume)
-            "num_workers": self.cfg.data.num_workers,
-        }
+    def __init__(self, cfg, out: Path, dist, run_id: str, data=None):
+        self.cfg, self.out, self.dist, self.run_id, self.data = cfg, out, dist, run_id, data
+        self.root = out / "checkpoints"
 
     def last_good(self) -> Path | None:
         tag = store.find_resume(self.root, self.run_id)
@@ -60,7 +49,7 @@ class Checkpointer:
                 return None
             root, tag = found
             meta = store.read_meta(root / tag) or {}
-            resuming.check_data_state(meta.get("data"), self.data_state(0, 0), root / tag)
+            resuming.check_data_state(meta.get("data"), self.data.state_dict(0, 0), root / tag)
             changes = check_resume_config(meta.get("config"), to_dict(cfg), root / tag)
             record_history(self.out, meta.get("step", 0), changes)
             write_run_config(self.out, cfg)
@@ -71,21 +60,23 @@ class Checkpointer:
             print(f"resume=auto: no complete checkpoint in {self.root}; starting fresh")
         return plan
 
-    def restore(self, engine, plan: resuming.ResumePlan | None, exact_epoch: bool = False) -> tuple[int, int]:
-        """Load `plan` into the engine; returns (step, samples) to continue from ((0, 0) without one)."""
+    def restore(self, engine, plan: resuming.ResumePlan | None) -> tuple[int, int]:
+        """Load `plan` into the engine and the data; returns (step, samples) to continue from ((0, 0) without one)."""
         if plan is None:
             return 0, 0
         info = self.dist
+        exact_epoch = self.data.load_state_dict(plan.meta.get("data"))
+        steps_per_epoch = self.data.steps_per_epoch
         reseed = mix_seed(self.cfg.train.seed, Stream.TORCH_GLOBAL, info.rank, plan.meta.get("step", 0))
         state = resuming.load(engine, plan, info.rank, reseed)
         step, samples = state["step"], state["samples"]
         if info.is_main:
             print(f"resumed from {plan.root / plan.tag} at step {step}")
             if not plan.same_world:
-                where = "at an epoch boundary" if step % self.steps_per_epoch == 0 else (
-                    f"mid-epoch: the rest of epoch {step // self.steps_per_epoch} is exactly what the "
+                where = "at an epoch boundary" if step % steps_per_epoch == 0 else (
+                    f"mid-epoch: the rest of epoch {step // steps_per_epoch} is exactly what the "
                     f"{plan.meta.get('world_size')}-rank run would have read, step by step" if exact_epoch else
-                    f"mid-epoch: the rest of epoch {step // self.steps_per_epoch} is read with the {info.world_size}-rank shard split, "
+                    f"mid-epoch: the rest of epoch {step // steps_per_epoch} is read with the {info.world_size}-rank shard split, "
                     "so some samples of it may repeat and as many be left out (later epochs are exact)")
                 print(f"resume: checkpoint written by {plan.meta.get('world_size')} rank(s), continuing on {info.world_size} "
                       f"({'universal checkpoint' if plan.universal else 'ZeRO-0, loaded as written'}) {where}")
@@ -98,7 +89,7 @@ class Checkpointer:
     def save(self, engine, step: int, samples: int) -> None:
         """A complete checkpoint of `step` (atomic: store.save), with the data position and config."""
         cfg, info = self.cfg, self.dist
-        data_state = self.data_state(step, samples)
+        data_state = self.data.state_dict(step, samples)
         client = {"step": step, "samples": samples, "data": data_state, "config": to_dict(cfg)}
         meta = {"world_size": info.world_size, "zero_stage": cfg.train.zero_stage, "data": data_state,
                 "run_id": self.run_id, "config": to_dict(cfg)}

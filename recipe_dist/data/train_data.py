@@ -41,7 +41,7 @@ class TrainData:
         self.preprocess = job.preprocess(processor, cfg)
         self.collate = job.collate(processor, cfg)
         self.timer = WaitTimer()
-        self.elastic: dict | None = None  # set by resume_from when a mid-epoch checkpoint came from another world size
+        self.elastic: dict | None = None  # set by load_state_dict when a mid-epoch checkpoint came from another world size
 
     def total_steps(self) -> int:
         t = self.cfg.train
@@ -85,9 +85,23 @@ class TrainData:
             batches = ahead(batches, d.prefetch_batches)
         return timed(batches, self.timer)
 
-    # ------------------------------------------------------------------ exact elastic resume
-    def resume_from(self, saved: dict | None) -> bool:
-        """Continue a mid-epoch checkpoint written by another world size exactly: the rest of its
+    # ------------------------------------------------------------------ checkpointed state
+    def state_dict(self, step: int, samples: int) -> dict:
+        """Where the data stands after `step`, saved by the Checkpointer with every checkpoint: a
+        resume continues at epoch `epoch`, skipping the `samples_in_epoch` samples it has seen of it."""
+        t = self.cfg.train
+        epoch, done = divmod(step, self.steps_per_epoch)
+        return {
+            "epoch": epoch, "samples": samples, "samples_in_epoch": done * t.global_batch_size, "seed": t.seed,
+            "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
+            "world_size": self.dist.world_size, "steps_per_epoch": self.steps_per_epoch, "num_samples": self.num_samples,
+            # with the world size and micro batch: enough to replay each old reader's stream (exact elastic resume)
+            "num_workers": self.cfg.data.num_workers,
+        }
+
+    def load_state_dict(self, saved: dict | None) -> bool:
+        """Continue from a checkpoint's data state (`state_dict`; the loop positions itself from
+        the step). A mid-epoch checkpoint written by another world size continues exactly: the rest of its
         epoch is what the old world would have read, step by step (see `_elastic_batches`).
         Returns whether that applies (False: same world size, an epoch boundary, resampled shards
         or a checkpoint that predates the recorded reader counts)."""
