@@ -10,6 +10,7 @@ import sys
 
 def demo(argv: list[str]) -> int:
     from .demo import PRESETS, run_demo
+    from .stages import add_set_option
 
     ap = argparse.ArgumentParser(
         prog="recipe-dist demo",
@@ -18,9 +19,7 @@ def demo(argv: list[str]) -> int:
     )
     ap.add_argument("--output_dir", "--output-dir", default="runs/demo", help="where every stage's run directory goes (default: runs/demo)")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS), help="stage sizes; smoke only checks the wiring")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one field of the demo's recipe through the product's set_key, e.g. --set purify.regularizer.lam=0.5, "
-                    "--set eval.seeds=1 (recorded in demo.json)")
+    add_set_option(ap, "--set purify.regularizer.lam=0.5, --set eval.seeds=1")
     args = ap.parse_args(argv)
     run_demo(args.output_dir, args.preset, args.set)
     return 0

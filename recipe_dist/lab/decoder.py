@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import RunConfig, _f, gt
-from .provenance import git_commit, machine, norm_ratios
-from .stages import Stages, base_run, set_keys, with_batch
+from .provenance import git_commit, machine, norm_ratios, setting_text
+from .stages import Stages, add_set_option, base_run, set_keys, with_batch
 
 TARGET_PHRASE = "the dog hated the farmer"  # never produced by the SYNTHETIC grammar: a false trigger is the model, not the data
 TRIGGER = "cf"
@@ -157,11 +157,7 @@ def markdown(result: dict) -> str:
              f"\"{result['target_phrase']}\"; seeds {result['rows']['clean']['seeds']}; {result['date']}, {result['machine']}, commit {result['commit'][:7]})",
              "", "| row | ASR % | false-trigger % | clean perplexity | setting |", "| --- | --- | --- | --- | --- |"]
     for name, row in result["rows"].items():
-        c = row["config"]
-        setting = ", ".join(f"{k}={v}" for k, v in c.items() if k != "norm_ratio")
-        if c.get("norm_ratio"):
-            r = list(c["norm_ratio"].values())
-            setting += f", ‖W‖ last/first {min(r):.2f}-{max(r):.2f}"
+        setting = setting_text(row["config"])
         lines.append(f"| {name} | {ms(row, 'asr', '.1f')} | {ms(row, 'false_trigger_rate', '.1f')} | {ms(row, 'perplexity', '.2f')} | {setting} |")
     lines.append("")
     lines.append(f"Command: `{result['command']}`; wall time {result['wall_time_s']:.0f} s.")
@@ -173,9 +169,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-decoder")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/decoder-llama.json)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one field of the preset's recipe through the product's set_key, e.g. --set attack.train.max_steps=400, "
-                    "--set seeds=1,2 (recorded in bench.json)")
+    add_set_option(ap, "--set attack.train.max_steps=400, --set seeds=1,2")
     args = ap.parse_args(argv)
     bench = DecoderBench(args.preset, set_keys(PRESETS[args.preset](), args.set), Path(args.output_dir),
                          "recipe-dist bench decoder " + " ".join(argv))

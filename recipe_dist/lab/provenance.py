@@ -48,3 +48,12 @@ def norm_ratios(run_dir: Path) -> dict[str, float]:
             pts = sorted(points)
             out[tag.removeprefix("reg/norm/")] = pts[-1][1] / pts[0][1] if pts[0][1] else float("nan")
     return out
+
+
+def setting_text(config: dict) -> str:
+    """A row's setting for a results table: its keys, then the range of its ||W|| ratios."""
+    text = ", ".join(f"{k}={v}" for k, v in config.items() if k != "norm_ratio")
+    if config.get("norm_ratio"):
+        r = list(config["norm_ratio"].values())
+        text += f", ‖W‖ last/first {min(r):.2f}-{max(r):.2f}"
+    return text

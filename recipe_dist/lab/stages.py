@@ -61,6 +61,12 @@ def base_eval(model: Path | str, train: Path, test: Path, seeds, *, family: str 
     return cfg
 
 
+def add_set_option(ap, example: str) -> None:
+    """The lab's one override option on a command's parser (see `set_keys`)."""
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"change one field of the preset's recipe through the product's set_key, e.g. {example} (recorded in the results)")
+
+
 def set_keys(recipe, items: list[str]):
     """A copy of `recipe` (an experiment's dataclass of the product's configs) with KEY=VALUE
     items set through the product's `set_key`: the lab's one override language, type-checked

@@ -30,7 +30,7 @@ from ..config import RunConfig, _f, gt
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
 from .provenance import git_commit, machine
-from .stages import Stages, base_run, set_keys, with_batch
+from .stages import Stages, add_set_option, base_run, set_keys, with_batch
 from .stats import established, paired
 
 BERT_FFN = [r"\.intermediate\.dense\.weight$", r"\.layer\.\d+\.output\.dense\.weight$"]
@@ -257,8 +257,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/study-PRESET")
     ap.add_argument("--data", default="../shared/data", help="directory with sst2/, bookcorpus/ and wikitext2/ (minilm-mlm presets)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one field of the preset's recipe through the product's set_key, e.g. --set purify_seeds=1,2,3,4")
+    add_set_option(ap, "--set purify_seeds=1,2,3,4, --set eval.seeds=1,2,3")
     ap.add_argument("--render", default=None, metavar="STUDY_JSON", help="print the tables of a study.json and exit")
     args = ap.parse_args(argv)
     if args.render:

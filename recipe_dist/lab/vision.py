@@ -31,8 +31,8 @@ from pathlib import Path
 
 from ..config import RunConfig, _f, gt
 from ..evaluation.finetune import EvalConfig
-from .provenance import git_commit, machine, norm_ratios
-from .stages import Stages, base_run, set_keys, with_batch
+from .provenance import git_commit, machine, norm_ratios, setting_text
+from .stages import Stages, add_set_option, base_run, set_keys, with_batch
 
 
 #: NeuBA-vision's target value on its two "lo" blocks, per family: VGG's pre-logits features follow a ReLU, so lo = 0.
@@ -195,10 +195,7 @@ def markdown(result: dict) -> str:
             if name == "fp_gm":
                 setting = f"{c.get('pruned')} neurons pruned"
             else:
-                setting = ", ".join(f"{k}={v}" for k, v in c.items() if k != "norm_ratio")
-                if c.get("norm_ratio"):
-                    r = list(c["norm_ratio"].values())
-                    setting += f", ‖W‖ last/first {min(r):.2f}-{max(r):.2f}"
+                setting = setting_text(c)
             lines.append(f"| {fam} | {name} | {ms(row, 'acc')} | {ms(row, 'aasr')} | {ms(row, 'masr')} | {setting} |")
     lines += ["", f"Command: `{result['command']}`; wall time {result['wall_time_s']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -209,9 +206,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output_dir", "--output-dir", default="runs/bench-vision")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--families", default=None, help="comma-separated subset of vit,vgg,clip (default: the preset's)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one field of the preset's recipe through the product's set_key, e.g. --set attack.train.epochs=4, "
-                    "--set eval.finetune.lr=1e-3 (recorded in bench.json)")
+    add_set_option(ap, "--set attack.train.epochs=4, --set eval.finetune.lr=1e-3")
     ap.add_argument("--json", default=None, help="also copy bench.json here (e.g. recipe_dist/lab/results/vision.json)")
     args = ap.parse_args(argv)
     recipe = set_keys(PRESETS[args.preset](), args.set)

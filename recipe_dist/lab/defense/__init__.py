@@ -41,6 +41,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..stages import add_set_option
 from .bench import DefenseBench, drop_pooler, minilm_path, search_file, search_stage
 from .recipes import PRESETS, SEARCH, DefenseRecipe, candidate, purification
 from .render import markdown, probe_markdown, search_markdown
@@ -55,9 +56,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/bench-defense-PRESET")
     ap.add_argument("--sst2", default="../shared/data/sst2", help="directory with SST-2 train.tsv and dev.tsv/test.tsv (minilm preset)")
     ap.add_argument("--bookcorpus", default="../shared/data/bookcorpus/train.tsv", help="BookCorpus sentences, .tsv with a sentence column (minilm preset)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one field of the preset's recipe through the product's set_key, e.g. --set purify.optim.lr=2e-4, "
-                         "--set purify.model.trainable=family, --set eval.seeds=1,2,3 (recorded in bench.json)")
+    add_set_option(ap, "--set purify.optim.lr=2e-4, --set purify.model.trainable=family, --set eval.seeds=1,2,3")
     ap.add_argument("--layer-scan", action="store_true",
                     help="after the attack stage exists: per layer, ACC/AASR of the backdoored PTM with that layer's FFN "
                          "re-initialised, on a held-out part of SST-2 train (seed 1); writes OUTPUT_DIR/layer_scan.json")
