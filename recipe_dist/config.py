@@ -498,6 +498,20 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last silently, so a duplicated `lam:` or a second `train:` section would drop a setting."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.line + 1}: duplicated key '{key}' (first on line {seen[key]}); remove one of them")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
     """Defaults, then the YAML file, then command-line overrides; validated."""
     cfg = cls()
@@ -506,7 +520,9 @@ def load_config(path: str | None, overrides: list[str] | None = None, cls: type 
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+        except ConfigError as e:  # a duplicated key: "LINE: ..."
+            raise ConfigError(f"{path}:{e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

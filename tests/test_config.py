@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pathlib
+
 import pytest
 import yaml
 
@@ -152,6 +154,21 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     assert str(bad) in msg
     assert "train.micro_batch" in msg
     assert "train.micro_batch_size" in msg
+
+
+@pytest.mark.parametrize("text, line, key, first", [
+    ("model:\n  family: bert\nregularizer:\n  lam: 1.0\n  lam: 0.0\n", 5, "lam", 4),  # a key twice in a section
+    ("train:\n  epochs: 1\nregularizer:\n  lam: 1.0\ntrain:\n  seed: 3\n", 5, "train", 1),  # a section twice
+])
+def test_a_duplicated_yaml_key_names_file_line_and_key(tmp_path, text, line, key, first):
+    """PyYAML keeps the last of two equal keys silently; a config file that says a thing twice is refused."""
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{bad}:{line}: duplicated key '{key}' \(first on line {first}\)"):
+        load_config(str(bad))
+    # every shipped config and the same keys once each still load
+    for shipped in sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(str(shipped))
 
 
 def test_type_error_in_yaml_names_file_and_key(tmp_path):
