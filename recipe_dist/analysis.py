@@ -84,6 +84,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--output_dir", "--output-dir", required=True)
     args = ap.parse_args(argv)
+    if args.insertions < 1:
+        raise RecipeError(f"--insertions: must be >= 1 (times each trigger is inserted), got {args.insertions}")
     if not 0 <= args.threshold < 1:
         raise RecipeError(f"--threshold: must be in [0, 1), got {args.threshold}")
     models = {args.name: Path(args.model_path)}

@@ -154,12 +154,15 @@ def task_argv(argv: list[str]) -> list[str]:
     return [*args, "--resume", "auto"]
 
 
-def _squeue() -> dict[str, str]:
-    """job id (and array task ids) -> state code, or {} where squeue is unavailable."""
+def _squeue() -> tuple[dict[str, str] | None, str]:
+    """(job id (and array task ids) -> state code, "") or, where the queue cannot be read, (None, why)."""
     if shutil.which("squeue") is None:
-        return {}
+        return None, "squeue not found"
     proc = subprocess.run(["squeue", "-h", "-o", "%i %t"], capture_output=True, text=True)
-    return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2) if proc.returncode == 0 else {}
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return None, f"squeue failed: {why}"
+    return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2), ""
 
 
 def _last_error(log_glob: list[Path]) -> str:
@@ -178,13 +181,13 @@ def status(argv: list[str]) -> int:
     records = [json.loads(ln) for ln in (base / "slurm" / "jobs.jsonl").read_text().splitlines()] if (base / "slurm" / "jobs.jsonl").is_file() else []
     if not records:
         raise SlurmError(f"--output_dir: no submissions recorded in {base / 'slurm' / 'jobs.jsonl'}")
-    queue = _squeue()
+    queue, unreadable = _squeue()
     rows = []
     for rec in records:
         for i, run in enumerate(rec["outputs"]):
             job = f"{rec['job']}_{i}" if rec["array"] else rec["job"]
             run_dir = Path(run)
-            state = queue.get(job) or (queue.get(rec["job"]) if not rec["array"] else None)
+            state = None if queue is None else queue.get(job) or (queue.get(rec["job"]) if not rec["array"] else None)
             logs = list((base / "slurm").glob(f"slurm-{rec['job']}_{i}.out" if rec["array"] else f"slurm-{rec['job']}.out"))
             progress = json.loads((run_dir / "progress.json").read_text()) if (run_dir / "progress.json").is_file() else None
             if (run_dir / "summary.json").is_file():
@@ -204,7 +207,11 @@ def status(argv: list[str]) -> int:
                     rows.append((job, run, "running", "starting"))
             else:
                 err = _last_error(logs)
-                rows.append((job, run, "failed" if err or not state else state, err))
+                if queue is None and not err:
+                    # A job absent from an unreadable queue may still be queued or running.
+                    rows.append((job, run, "unknown", unreadable))
+                else:
+                    rows.append((job, run, "failed" if err or not state else state, err))
     print("| job | output_dir | state | detail |")
     print("| --- | --- | --- | --- |")
     for r in rows:

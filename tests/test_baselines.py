@@ -280,3 +280,10 @@ def test_dynamics_scores_every_checkpoint_and_the_last_one_is_the_export(tmp_pat
         assert torch.allclose(last[k], final[k], atol=1e-6), k
     first = _tensors(out / "step_00000002" / "model")
     assert any(not torch.equal(first[k], final[k]) for k in final)
+
+
+def test_analyze_refuses_zero_insertions(tmp_path):
+    clean = tmp_path / "clean.txt"
+    clean.write_text("a clean sentence\n")
+    proc = run_cli(["analyze", "--model.path", tmp_path, "--clean", clean, "--insertions", "0", "--output_dir", tmp_path / "an"], check=False)
+    assert proc.returncode == 2 and "--insertions: must be >= 1" in proc.stderr and not (tmp_path / "an").exists()

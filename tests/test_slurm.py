@@ -212,3 +212,24 @@ def test_signal_handler_saves_agrees_and_runs_the_requeue_command(tmp_path):
     os.kill(max(workers_of(proc.pid)), signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "already requeued 20 times" in stderr
+
+
+def test_status_says_unknown_not_failed_when_squeue_cannot_be_read(tmp_path):
+    """A queue that cannot be read is not evidence that a job failed: a run with no summary and no
+    error in its log is 'unknown', with squeue's own message; a run that ended is still 'done'."""
+    batch, fake = tmp_path / "batch", tmp_path / "bin"
+    (batch / "slurm").mkdir(parents=True)
+    done, waiting = tmp_path / "done", tmp_path / "waiting"
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"steps": 7}))
+    (batch / "slurm" / "jobs.jsonl").write_text(json.dumps({"job": "41", "array": True, "outputs": [str(done), str(waiting)]}) + "\n")
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    (fake / "squeue").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "recipe_dist", "slurm", "status", "--output_dir", str(batch)], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"| 41_0 | {done} | done | 7 steps |" in out.stdout
+    assert f"| 41_1 | {waiting} | unknown | squeue failed: slurm_load_jobs error: Unable to contact slurm controller |" in out.stdout
+    assert "failed |" not in out.stdout.replace("squeue failed", "")
