@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, deepspeed_config, load_config
 from .errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,33 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--sbatch", action="append", default=[], metavar="OPTION", help="an extra sbatch option, e.g. --sbatch=--mem=32G (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the rendered script and the sbatch line; submit nothing")
     return ap
+
+
+# SLURM's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds, or no limit.
+TIME_LIMIT = re.compile(r"(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)", re.I)
+
+
+def check_directives(a, cfg) -> None:
+    """Refuse, before anything is submitted, a directive SLURM would reject or that would fail the
+    job only once it runs: counts below one, a malformed time limit, a signal the run does not
+    handle (it would kill the job without a save), or a world the config's batch does not divide."""
+    for opt, value, low in (("--nodes", a.nodes, 1), ("--ntasks-per-node", a.ntasks_per_node, 1),
+                            ("--gpus-per-node", a.gpus_per_node, 0), ("--cpus-per-task", a.cpus_per_task, 0)):
+        if value < low:
+            raise SlurmError(f"{opt}: must be >= {low}, got {value}")
+    if not 0 < a.signal_lead <= 65535:
+        raise SlurmError(f"--signal-lead: seconds before the time limit, in 1..65535, got {a.signal_lead}")
+    if a.time and not TIME_LIMIT.fullmatch(a.time):
+        raise SlurmError(f"--time: {a.time!r} is not a SLURM time limit (e.g. 90, 12:00:00, 2-00:00:00)")
+    name = a.signal.split(":")[-1].upper().removeprefix("SIG")
+    if name not in [s.upper() for s in cfg.preempt.signals]:
+        raise SlurmError(f"--signal: {a.signal} is not one the run handles (preempt.signals: {', '.join(cfg.preempt.signals)}); "
+                         f"it would stop the job without a save; add it with --preempt.signals or pick one of those")
+    try:
+        deepspeed_config(cfg, a.nodes * a.ntasks_per_node)
+    except ConfigError as e:
+        raise SlurmError(f"--nodes {a.nodes} x --ntasks-per-node {a.ntasks_per_node}: {e}") from None
 
 
 def _directives(a, log: str, array: int | None) -> list[str]:
@@ -106,6 +134,7 @@ def read_manifest(path: Path, config: str, command: str, common: list[str]) -> l
 def submit(argv: list[str]) -> int:
     a, overrides = _parser().parse_known_args(argv)
     cfg = load_config(a.config, overrides)  # every key and value checked before anything is submitted
+    check_directives(a, cfg)
     out = Path(cfg.output_dir).resolve()
     env = {"RECIPE_DIST_PYTHON": sys.executable, "RECIPE_DIST_ROOT": str(REPO)}
     stamp = time.strftime("%Y%m%dT%H%M%S")

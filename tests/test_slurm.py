@@ -156,7 +156,7 @@ def test_manifest_runs_as_an_array_and_status_shows_every_model(cluster, tmp_pat
 def test_dry_run_prints_the_directives_and_submits_nothing(tmp_path):
     proc = run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "run", "--nodes", "2", "--ntasks-per-node", "4",
                     "--gpus-per-node", "4", "--time", "12:00:00", "--partition", "gpu", "--account", "proj", "--qos", "high",
-                    "--constraint", "a100", "--sbatch=--mem=64G", "--dry-run", "--regularizer.lam=0.5"])
+                    "--constraint", "a100", "--sbatch=--mem=64G", "--dry-run", "--regularizer.lam=0.5", "--train.global_batch_size=128"])
     for d in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=12:00:00", "--partition=gpu", "--account=proj",
               "--qos=high", "--constraint=a100", "--mem=64G", "--signal=USR1@120", "--requeue", "--open-mode=append"):
         assert f"#SBATCH {d}" in proc.stdout, d
@@ -233,3 +233,25 @@ def test_status_says_unknown_not_failed_when_squeue_cannot_be_read(tmp_path):
     assert f"| 41_0 | {done} | done | 7 steps |" in out.stdout
     assert f"| 41_1 | {waiting} | unknown | squeue failed: slurm_load_jobs error: Unable to contact slurm controller |" in out.stdout
     assert "failed |" not in out.stdout.replace("squeue failed", "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "-2"], "--nodes: must be >= 1, got -2"),
+    (["--ntasks-per-node", "0"], "--ntasks-per-node: must be >= 1"),
+    (["--time", "abc"], "--time: 'abc' is not a SLURM time limit"),
+    (["--signal-lead", "-5"], "--signal-lead: seconds before the time limit"),
+    (["--signal", "USR2"], "--signal: USR2 is not one the run handles (preempt.signals: USR1, TERM)"),
+    (["--nodes", "3"], "--nodes 3 x --ntasks-per-node 1: train.global_batch_size=32 is not a multiple"),
+])
+def test_submit_refuses_a_bad_directive_before_submitting(tmp_path, args, message):
+    proc = run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "run", "--dry-run", *args], check=False)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_submit_accepts_the_time_forms_and_a_handled_signal(tmp_path):
+    for t in ("90", "30:00", "12:00:00", "2-00", "2-12:00:00", "UNLIMITED"):
+        run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "run", "--dry-run", "--time", t])
+    proc = run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "run", "--dry-run", "--signal", "B:USR2",
+                    "--preempt.signals", "USR2,TERM"])
+    assert "#SBATCH --signal=B:USR2@120" in proc.stdout
