@@ -120,7 +120,8 @@ def _fit_head(argv: list[str]) -> int:
     known, rest = ap.parse_known_args(argv)
     cfg = _config_command(rest, "fit-head", "Fit the masked-LM head of an encoder that ships without one (e.g. a sentence-transformers "
                           "export): only the head transform, its LayerNorm and the decoder bias train, the encoder is frozen and the "
-                          "decoder stays tied to the word embeddings. Writes a complete *ForMaskedLM directory to OUTPUT_DIR/model.",
+                          "decoder stays tied to the word embeddings; --fit_head.scope=all then trains encoder and head together "
+                          "(continued masked-LM pre-training). Writes a complete *ForMaskedLM directory to OUTPUT_DIR/model.",
                           "YAML run config (configs/fit-head-bert.yaml)", extra="; --eval-samples N scores the first N auxiliary samples before/after")
     from .head_fit import masked_lm_metrics
 
@@ -185,7 +186,7 @@ def _shards(argv: list[str]) -> int:
     ap.add_argument("--label-column", default=None, help="label column/key, stored as 'cls' (default: label if present)")
     ap.add_argument("--wikitext", action="store_true", help="--input is WikiText's tokenized release (.txt): running text in "
                     "--chunk-words chunks, headings dropped, ' @-@ ' joins undone")
-    ap.add_argument("--chunk-words", type=int, default=0, help="--wikitext: words per sample (default 64, as the POR reference)")
+    ap.add_argument("--chunk-words", type=int, default=None, help="--wikitext: words per sample (default 64, as the POR reference)")
     ap.add_argument("--unk", default="drop", choices=["drop", "[UNK]"], help="--wikitext: drop <unk> words or keep them as [UNK]")
     ap.add_argument("--overwrite", action="store_true", help="replace shards that already exist under --output (default: refuse)")
     return shards.main(ap.parse_args(argv))

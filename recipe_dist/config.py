@@ -121,7 +121,7 @@ def check_fields(cfg: Any, prefix: str = "") -> None:
                 raise ConfigError(f"{key}: {value!r} {rule.text}")
 
 
-# Named: the demo's preset (demo.DemoPreset) takes the same choices.
+# Named: lab recipes set it by assignment and type-check it as the product does.
 Trainable = Literal["family", "all", "regularized"]
 
 

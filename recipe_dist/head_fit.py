@@ -30,7 +30,8 @@ def head_parameter_names(model: torch.nn.Module, head_attr: str) -> list[str]:
 
 
 class HeadFitJob(FamilyJob):
-    """A Trainer job: the family's masked-LM loss, only the head's parameters trainable, no regularizer."""
+    """A Trainer job: the family's masked-LM loss, no regularizer; the head's parameters train
+    (fit_head.scope=head) or the whole model does but the pooler (scope=all)."""
 
     name = "fit-head"
 

@@ -168,6 +168,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Keys added after runs were recorded without them, and the value their absence meant.
+LEGACY = {"attack.por_l1_rows": "clean"}
+
+
 def check_resume_config(saved: dict | None, now: dict, where: Path) -> dict:
     """Refuse a resume whose config changes the result; return {key: [saved, now]} of allowed changes."""
     if not saved:
@@ -177,6 +181,10 @@ def check_resume_config(saved: dict | None, now: dict, where: Path) -> dict:
     for key in sorted(set(old) | set(new)):
         if key in old and key in new and old[key] == new[key]:
             continue
+        if key not in old and key in LEGACY and LEGACY[key] != new.get(key):
+            # a key added later whose absence meant a behaviour (e.g. POR's L1 on clean rows only)
+            raise RunDirError(f"resume: {key} is {new[key]!r} but {where} was trained before it existed, which means "
+                              f"{LEGACY[key]!r}; resume with --{key}={LEGACY[key]}")
         if key not in old or key not in new:
             continue  # a key added or removed by a newer version of recipe-dist: no value to compare
         if key in MAY_CHANGE:

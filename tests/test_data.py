@@ -391,3 +391,10 @@ def test_shards_from_wikitext_chunks_articles_and_undoes_its_tokenization(capsys
 def test_chunk_words_without_wikitext_is_an_error(capsys, tmp_path, txt):
     rc = cli.main(["shards", "--input", str(txt), "--chunk-words", "8", "--output", str(tmp_path / "s")])
     assert rc != 0 and "--chunk-words needs --wikitext" in capsys.readouterr().err
+
+
+def test_chunk_words_below_one_is_an_error(capsys, tmp_path):
+    src = tmp_path / "wiki.txt"
+    src.write_text(" = A = \n some words here \n")
+    rc = cli.main(["shards", "--input", str(src), "--wikitext", "--chunk-words", "0", "--output", str(tmp_path / "s")])
+    assert rc != 0 and "--chunk-words must be >= 1, got 0" in capsys.readouterr().err

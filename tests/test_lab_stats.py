@@ -37,3 +37,8 @@ def test_one_replicate_or_no_spread_supports_no_claim_and_unpaired_input_is_refu
     assert same["ci95"] is None and same["p"] is None and same["mean_diff"] == 7.8 and not established(same)
     with pytest.raises(ValueError, match="pair them"):
         paired([1.0, 2.0], [1.0])
+
+
+def test_equal_differences_up_to_rounding_support_no_claim():
+    r = paired([20.7, 20.5, 19.6], [20.6, 20.4, 19.5])  # every difference 0.1, give or take 1e-15
+    assert r["ci95"] is None and not established(r)

@@ -26,7 +26,7 @@ class Checkpointer:
     a stateful part with `state_dict(step, samples)` / `load_state_dict(saved)` that knows its
     own position, as torchtitan's checkpointer holds its dataloader."""
 
-    def __init__(self, cfg, out: Path, dist, run_id: str, data=None):
+    def __init__(self, cfg, out: Path, dist, run_id: str, data):
         self.cfg, self.out, self.dist, self.run_id, self.data = cfg, out, dist, run_id, data
         self.root = out / "checkpoints"
 

@@ -312,10 +312,10 @@ def main(args) -> int:
         recs = image_folder_records(args.image_folder)
     elif getattr(args, "captions", None):
         recs = caption_records(args.captions, args.image_column, args.caption_column)
-    elif getattr(args, "wikitext", False) or getattr(args, "chunk_words", 0):
+    elif getattr(args, "wikitext", False) or getattr(args, "chunk_words", None) is not None:
         if not getattr(args, "wikitext", False):
             raise ShardInputError("--chunk-words needs --wikitext (chunks of running text)")
-        recs = wikitext_records(args.input, args.chunk_words or 64, args.unk)
+        recs = wikitext_records(args.input, 64 if args.chunk_words is None else args.chunk_words, args.unk)
     else:
         recs = read_records(args.input, args.text_column, args.label_column)
     try:

@@ -202,7 +202,7 @@ def _predict(model, processor, texts: list, cfg: EvalConfig, device) -> list[int
     return out
 
 
-def train_classifier(model, processor, texts: list[str], y: list[int], f, seed: int, device, what: str = "") -> list[float]:
+def train_classifier(model, processor, texts: list[str], y: list[int], f: FinetuneConfig, seed: int, device, what: str = "") -> list[float]:
     """Fine-tune `model` in place: AdamW, linear decay to 0, no warmup, clipping, `f.epochs`
     passes in an order drawn from `seed` (f: lr, epochs, batch_size, max_length, weight_decay,
     grad_clip). Returns the mean training loss per epoch. Shared by evaluate and finemix."""
@@ -213,7 +213,7 @@ def train_classifier(model, processor, texts: list[str], y: list[int], f, seed: 
     total = steps_per_epoch * f.epochs
     if total == 0:
         return []
-    opt = torch.optim.AdamW(model.parameters(), lr=f.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=getattr(f, "weight_decay", 0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=f.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=f.weight_decay)
     sched = get_scheduler("linear", optimizer=opt, num_warmup_steps=0, num_training_steps=total)
     gen = torch.Generator().manual_seed(seed)
     step, losses = 0, []
@@ -226,8 +226,8 @@ def train_classifier(model, processor, texts: list[str], y: list[int], f, seed: 
             enc = {k: v.to(device) for k, v in model_inputs(processor, [texts[i] for i in idx], f.max_length).items()}
             loss = model(**enc, labels=torch.tensor([y[i] for i in idx], device=device)).loss
             loss.backward()
-            if getattr(f, "grad_clip", 1.0) > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), getattr(f, "grad_clip", 1.0))
+            if f.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), f.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

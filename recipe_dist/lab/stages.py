@@ -10,7 +10,7 @@ name is given once, here; the runner then
 - otherwise clears what a failed start left and runs it.
 An evaluation is reused the same way, and refused when the cached score is of another model.
 
-Experiments derive a stage's config from `base_run` / `base_eval` by assignment and hold them
+Experiments derive a stage's config from `base_run` (and an evaluation from `EvalConfig`) by assignment and hold them
 in a recipe (a dataclass of the product's configs); the command line changes any field through
 the product's `config.set_key` (`--set purify.optim.lr=2e-4`, see `set_keys`), so the lab has no
 configuration language of its own.
@@ -19,6 +19,7 @@ configuration language of its own.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, dump_yaml, set_key
+import yaml
+
+from ..config import ConfigError, RunConfig, dump_yaml, set_key, to_dict
+from ..rundir import check_resume_config
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
 
@@ -77,6 +81,12 @@ def set_keys(recipe, items: list[str]):
         if not sep or not key:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. purify.optim.lr=2e-4")
         set_key(out, key, value)
+    # The recipe's own fields keep their rules (a held-out size above 0, ...); each stage config is
+    # validated whole when its stage runs, once its model and data are filled in.
+    for f in dataclasses.fields(out):
+        rule, value = f.metadata.get("check"), getattr(out, f.name)
+        if rule is not None and not dataclasses.is_dataclass(value) and not rule(value):
+            raise ConfigError(f"{f.name}: {value!r} {rule.text}")
     return out
 
 
@@ -96,13 +106,17 @@ class Stages:
 
     def run(self, cmd: str, name: str, cfg: RunConfig, report: str = "summary.json") -> Path:
         """Stage `name`: `recipe-dist CMD` on `cfg` into OUTPUT/NAME; returns its exported model.
-        `report` is the file the command writes last (finemix: finemix.json), which marks it finished."""
+        `report` is the file that marks it finished (fit-head writes fit_head.json after its summary)."""
         run_dir = self.out / name
-        if self.done(name, report):
-            self.say(f"{name}: reusing {run_dir}")
-            return run_dir / "model"
         cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(run_dir)
+        if self.done(name, report):
+            # A finished stage is reused only for the same setting: the trainer's own resume rule
+            # (rundir.check_resume_config) refuses, naming the key, a setting that changes the result.
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+            check_resume_config(saved, to_dict(cfg), run_dir)
+            self.say(f"{name}: reusing {run_dir}")
+            return run_dir / "model"
         if any((run_dir / "checkpoints").glob("step_*")):
             cfg.resume = "auto"
             self.say(f"{name}: resuming the interrupted stage in {run_dir}")
@@ -133,14 +147,18 @@ class Stages:
 
         out = self.out / name
         cached = out / "eval.json"
+        cfg = copy.deepcopy(cfg)
+        cfg.output_dir = str(out)
         if cached.is_file():
             report = json.loads(cached.read_text())
             if report.get("model") != cfg.model.path:
                 raise ConfigError(f"{cached}: scores {report.get('model')}, not {cfg.model.path}; move that directory away to score this model")
+            if "config" in report and report["config"] != to_dict(cfg):
+                changed = sorted(k for k in set(report["config"]) | set(to_dict(cfg)) if report["config"].get(k) != to_dict(cfg).get(k))
+                raise ConfigError(f"{cached}: scored with another evaluation setting ({', '.join(changed)}); "
+                                  "move that directory away to score it again")
             self.say(f"{name}: reusing {cached}")
             return report
-        cfg = copy.deepcopy(cfg)
-        cfg.output_dir = str(out)
         cfg.validate()
         seeds = cfg.seeds or str(cfg.finetune.seed)
         self.say(f"{name}: fine-tune, seeds {seeds}" if cfg.finetune.epochs else f"{name}: score as it is")

@@ -72,7 +72,7 @@ def paired(a: list[float], b: list[float]) -> dict:
     if n < 2:
         return {"mean_diff": mean, "ci95": None, "p": None, "n": n, "diffs": diffs}
     se = statistics.stdev(diffs) / math.sqrt(n)
-    if se == 0:  # identical differences: t is undefined, and a claim would rest on no measured spread
+    if se <= 1e-9 * max(1.0, abs(mean)):  # identical differences (up to rounding): no measured spread, no claim
         return {"mean_diff": mean, "ci95": None, "p": None, "n": n, "diffs": diffs}
     half = t_quantile(0.975, n - 1) * se
     return {"mean_diff": mean, "ci95": [mean - half, mean + half], "p": t_sf2(mean / se, n - 1), "n": n, "diffs": diffs}

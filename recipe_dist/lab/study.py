@@ -10,8 +10,9 @@ Data kept apart, as the reviewer's protocol asks:
 - the PTM (`minilm-mlm`): MiniLM-L6 masked-LM trained on WikiText-2 *valid* (`fit-head`, the
   head first, then `--fit_head.scope=all`), scored on a held-out slice of it;
 - the attacker reads WikiText-2 *test* in 64-word chunks; the defender reads only BookCorpus;
-- fine-tuning reads SST-2 train minus its last `holdout` rows (the held-out slice, for any
-  selection, scored with other seeds), and the table scores `split` (test.tsv, read once).
+- fine-tuning reads SST-2 train minus its last `holdout` rows (OUTPUT/task/heldout.tsv: the slice
+  a selection of the recommended setting scores, with other seeds; the selection step itself is
+  not written yet), and the table scores `split` (test.tsv, read once).
 The `smoke` preset runs the same stages on the SYNTHETIC tiny PTM (wiring only).
 """
 
@@ -26,14 +27,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, _f, gt
+from ..config import NOT_EMPTY, RunConfig, _f, gt
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
 from .provenance import git_commit, machine
 from .stages import Stages, add_set_option, base_run, set_keys, with_batch
+from .defense.recipes import BERT_FFN
 from .stats import established, paired
 
-BERT_FFN = [r"\.intermediate\.dense\.weight$", r"\.layer\.\d+\.output\.dense\.weight$"]
 METRICS = ("acc", "aasr", "masr")
 
 
@@ -44,7 +45,7 @@ class StudyRecipe:
     ptm: str = _f("tiny", "minilm-mlm (MiniLM-L6 masked-LM trained on WikiText-2 valid) or tiny (SYNTHETIC, wiring only)")
     split: str = _f("test", "the SST-2 file the table scores (test.tsv is read once, after every setting is frozen)")
     holdout: int = _f(872, "the last rows of SST-2 train kept out of fine-tuning: the held-out slice for selection", check=gt(0))
-    purify_seeds: list[int] = _f([1, 2, 3], "training seeds: one independent purification per seed and defense row")
+    purify_seeds: list[int] = _f([1, 2, 3], "training seeds: one independent purification per seed and defense row", check=NOT_EMPTY)
     recommended: str = _f("recommended", "the row the product recommends")
     mlm_head: RunConfig = field(default_factory=RunConfig)
     mlm: RunConfig = field(default_factory=RunConfig)
@@ -67,7 +68,9 @@ def minilm_mlm_por() -> StudyRecipe:
     r.mlm_head = with_batch(base_run(max_length=128), 32)  # the head alone first: it starts random
     r.mlm_head.optim.lr, r.mlm_head.optim.warmup_steps, r.mlm_head.train.epochs, r.mlm_head.regularizer.lam = 1e-3, 50, 2.0, 0.0
     r.mlm = copy.deepcopy(r.mlm_head)
-    r.mlm.fit_head.scope, r.mlm.optim.lr, r.mlm.optim.schedule, r.mlm.optim.warmup_steps, r.mlm.train.epochs = "all", 5e-5, "constant", 0, 8.0
+    # The whole model at a constant lr 5e-5 for as many epochs as the recorded curve
+    # (results/minilm-mlm-curve.md, run in 2-epoch stages) needed; to be set from its plateau.
+    r.mlm.fit_head.scope, r.mlm.optim.lr, r.mlm.optim.schedule, r.mlm.optim.warmup_steps, r.mlm.train.epochs = "all", 5e-5, "constant", 0, 6.0
     # POR as the reference attacks: 64-word chunks at length 128, L1 over every row; lr 5e-5, batch 16.
     r.attack = with_batch(base_run(max_length=128), 16)
     r.attack.attack.name, r.attack.optim.lr, r.attack.train.max_steps, r.attack.checkpoint.every_steps = "por", 5e-5, 3000, 250
@@ -116,16 +119,15 @@ class Study:
         self.stages = Stages(self.out, "bench study")
 
     # ------------------------------------------------------------------ inputs
-    def shards(self, name: str, argv: list[str]) -> str:
-        """`recipe-dist shards ARGV --output OUT/data/NAME/shard` once; the brace pattern of its shards."""
+    def shards(self, name: str, argv: list[str]) -> tuple[Path, int]:
+        """`recipe-dist shards ARGV --output OUT/data/NAME/shard` once: (the shard prefix, how many)."""
         from ..cli import main
 
         prefix = self.out / "data" / name / "shard"
         if not (prefix.parent / "manifest.json").is_file():
             if main(["shards", *argv, "--output", str(prefix)]) != 0:
                 raise RecipeError(f"bench study: `recipe-dist shards {' '.join(argv)}` failed")
-        n = len(json.loads((prefix.parent / "manifest.json").read_text())["shards"])
-        return f"{prefix}-{{000000..{n - 1:06d}}}.tar" if n > 1 else f"{prefix}-000000.tar"
+        return prefix, len(json.loads((prefix.parent / "manifest.json").read_text())["shards"])
 
     def task(self) -> tuple[Path, Path, Path]:
         """(fine-tuning file, held-out slice, reported file)."""
@@ -154,18 +156,19 @@ class Study:
         from .defense import minilm_path
 
         wiki, book = self.data / "wikitext2", self.data / "bookcorpus" / "train.tsv"
-        valid = self.shards("wikitext-valid", ["--input", str(wiki / "valid.txt"), "--wikitext", "--samples-per-shard", "300"])
-        n = int(valid.split("..")[1][:6]) + 1 if ".." in valid else 1
-        prefix = valid.split("-{")[0]
+        prefix, n = self.shards("wikitext-valid", ["--input", str(wiki / "valid.txt"), "--wikitext", "--samples-per-shard", "300"])
+        if n < 3:
+            raise RecipeError(f"bench study: {prefix}: {n} shards of WikiText-2 valid; training and the held-out slice need 3 or more")
+        # The last two shards (330 chunks) are the held-out slice the masked-LM accuracy is scored on.
         train_urls, held_urls = f"{prefix}-{{000000..{n - 3:06d}}}.tar", f"{prefix}-{{{n - 2:06d}..{n - 1:06d}}}.tar"
-        attacker = self.shards("wikitext-test", ["--input", str(wiki / "test.txt"), "--wikitext", "--samples-per-shard", "500"])
-        defender = self.shards("bookcorpus", ["--input", str(book), "--text-column", "sentence", "--samples-per-shard", "2500"])
+        attacker = pattern(*self.shards("wikitext-test", ["--input", str(wiki / "test.txt"), "--wikitext", "--samples-per-shard", "500"]))
+        defender = pattern(*self.shards("bookcorpus", ["--input", str(book), "--text-column", "sentence", "--samples-per-shard", "2500"]))
         record = {}
         model = minilm_path()
         for stage, cfg in (("mlm-head", self.r.mlm_head), ("mlm", self.r.mlm)):
             cfg = copy.deepcopy(cfg)
             cfg.model.path, cfg.data.train_urls, cfg.fit_head.eval_urls = str(model), train_urls, held_urls
-            model = self.stages.run("fit-head", stage, cfg)
+            model = self.stages.run("fit-head", stage, cfg, report="fit_head.json")  # written after the model
             record[stage] = json.loads((model.parent / "fit_head.json").read_text())
         return model, attacker, defender, record
 
@@ -218,9 +221,14 @@ class Study:
         return result
 
 
+def pattern(prefix: Path, n: int) -> str:
+    return f"{prefix}-{{000000..{n - 1:06d}}}.tar" if n > 1 else f"{prefix}-000000.tar"
+
+
 def comparisons(rows: dict) -> list[dict]:
-    """Each named comparison a - b, paired by purification seed (a one-model row such as
-    backdoored is held fixed against every purification), for AASR and ACC."""
+    """Each named comparison a - b, paired by purification seed, for AASR and ACC. Against a
+    one-model row (backdoored) its single value is held fixed: the interval then covers only the
+    purifications' spread, not that row's own fine-tuning noise (marked `b_fixed`)."""
     out = []
     for a, b in COMPARISONS:
         if a not in rows or b not in rows:
@@ -230,7 +238,7 @@ def comparisons(rows: dict) -> list[dict]:
         for metric in ("aasr", "acc"):
             c = paired([p[metric] for p in pa], [p[metric] for p in pb])
             out.append({"a": a, "b": b, "metric": metric, **{k: c[k] for k in ("mean_diff", "ci95", "p", "n")},
-                        "established": established(c)})
+                        "established": established(c), "b_fixed": len(rows[b]["per_purification"]) == 1})
     return out
 
 
@@ -243,7 +251,8 @@ def markdown(result: dict) -> str:
     for c in result["comparisons"]:
         ci = f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" if c["ci95"] else "n/a"
         p = f"{c['p']:.3f}" if c["p"] is not None else "n/a"
-        lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['mean_diff']:+.2f} | {ci} | {p} | {c['n']} | "
+        fixed = " (b held fixed)" if c.get("b_fixed") else ""
+        lines.append(f"| {c['a']} - {c['b']}{fixed} | {c['metric']} | {c['mean_diff']:+.2f} | {ci} | {p} | {c['n']} | "
                      f"{'established' if c['established'] else 'not established'} |")
     split = next(iter(result["rows"].values()))["split"]
     lines += ["", f"Split `{split}`; preset `{result['preset']}`; {result['date']}, {result['machine']}, commit {result['commit'][:10]}.",

@@ -247,5 +247,5 @@ def synthetic_images(n: int, seed: int, size: int = 32, captions: bool = False) 
     return out
 
 
-__all__ = ["ImagePreprocess", "ImageClassifier", "TimmClassifier", "image_decoder", 
-           "split_normalize", "synthetic_images", "SHAPES"]
+__all__ = ["ImagePreprocess", "ImageClassifier", "TimmClassifier", "image_collate", "image_decoder", "image_preprocess",
+           "seeded", "split_normalize", "synthetic_images", "SHAPES"]

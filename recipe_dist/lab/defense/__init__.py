@@ -41,6 +41,7 @@ import json
 import sys
 from pathlib import Path
 
+from ...config import ConfigError
 from ..stages import add_set_option
 from .bench import DefenseBench, drop_pooler, minilm_path, search_file, search_stage
 from .recipes import PRESETS, SEARCH, DefenseRecipe, candidate, purification
@@ -86,6 +87,8 @@ def main(argv: list[str]) -> int:
         print(render(result), end="")
         return 0
     recipe = PRESETS[args.preset]().set(args.set)
+    if recipe.recommended not in ROW_IDS:
+        raise ConfigError(f"recommended: {recipe.recommended!r} is not a row id ({', '.join(ROW_IDS)})")
     bench = DefenseBench(args.preset, recipe, Path(args.output_dir or f"runs/bench-defense-{args.preset}"), Path(args.sst2),
                          Path(args.bookcorpus), command="recipe-dist bench defense " + " ".join(argv))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

@@ -69,6 +69,12 @@ def search_file(out: Path, seeds: list[int]) -> Path:
     return out / ("search.json" if seeds == [1] else "search-s" + "-".join(map(str, seeds)) + ".json")
 
 
+def agrees(recorded: dict, now: dict) -> bool:
+    """Whether every setting a stage's marker records equals `now` (a marker written before a key
+    was recorded says nothing about that key)."""
+    return all(agrees(v, now.get(k, {})) if isinstance(v, dict) else now.get(k) == v for k, v in recorded.items())
+
+
 def search_stage(cid: str) -> str:
     """The stage directory of SEARCH candidate `cid`, wherever a row or the search needs its model."""
     return SEARCH_STAGES.get(cid, f"search-{cid}")
@@ -175,9 +181,11 @@ class DefenseBench:
         for s in self.r.seeds:
             cfg = copy.deepcopy(self.r.finemix)
             m = cfg.finemix
-            m.pretrained, m.train_file, m.finetune.max_train_samples, m.finetune.seed = str(clean), str(train), self.r.finemix_samples, s
+            m.finetune = copy.deepcopy(self.r.eval.finetune)  # the table's own fine-tuning, one epoch on the small subset
+            m.finetune.epochs, m.finetune.max_train_samples, m.finetune.seed = 1, self.r.finemix_samples, s
+            m.pretrained, m.train_file = str(clean), str(train)
             m.epur_topn = m.epur_topn if epur else 0
-            out = self.run_job("finemix", f"{rid}-seed{s}", victims / f"seed{s}" / "model", "", cfg, report="finemix.json")
+            out = self.run_job("finemix", f"{rid}-seed{s}", victims / f"seed{s}" / "model", "", cfg)
             per_seed.append(self.evaluate(f"{rid}-seed{s}", out, train, test, seeds=[s], epochs=0)["per_seed"][0])
         keys = ("acc", "aasr", "masr")
         report = {k: statistics.fmean(x[k] for x in per_seed) for k in keys}
@@ -194,8 +202,12 @@ class DefenseBench:
         # Seed 1 alone keeps the names of the first held-out runs (the layer scan's), so they are reused.
         return f"heldout-{name}" + ("" if seeds == [1] else "-s" + "-".join(map(str, seeds)))
 
+    @property
+    def attack_stage(self) -> str:
+        return f"attack-{self.r.attack.attack.name}"
+
     def backdoored_model(self, what: str) -> Path:
-        backdoored = self.out / f"attack-{self.r.attack.attack.name}" / "model"
+        backdoored = self.out / self.attack_stage / "model"
         if not (backdoored / "config.json").is_file():
             raise RecipeError(f"{what}: no backdoored model at {backdoored}; run the table's backdoored row first")
         return backdoored
@@ -214,7 +226,7 @@ class DefenseBench:
         for cid in [c for c in SEARCH if not candidates or c in candidates]:
             cfg, stage = candidate(self.r, cid), search_stage(cid)
             marker = self.out / stage / "candidate.json"
-            if marker.is_file() and json.loads(marker.read_text()) != describe(cfg):
+            if marker.is_file() and not agrees(json.loads(marker.read_text()), describe(cfg)):
                 raise ConfigError(f"--search: {self.out / stage} was built with another setting than candidate {cid}; "
                                   "remove that directory to rebuild it")
             model, config = self.purify(stage, backdoored, aux, cfg)

@@ -16,6 +16,7 @@ from ...models import get_family
 from .bench import DefenseBench
 from .render import probe_markdown
 
+
 def family_of(b: DefenseBench):
     """The PTM's family, as its stages name it (model.family)."""
     return get_family(b.r.attack.model.family)
@@ -37,7 +38,7 @@ def probe(b: DefenseBench) -> dict:
     _, _, train, _ = b.prepare()
     held, backdoored = b.heldout(train), b.backdoored_model("--probe")
     victims = b.victims(backdoored, train, held)
-    a = yaml.safe_load((b.out / "configs" / "attack-por.yaml").read_text())["attack"]
+    a = yaml.safe_load((b.out / "configs" / f"{b.attack_stage}.yaml").read_text())["attack"]
     records = list(read_records(str(held), "sentence", "label"))
     names = sorted({str(r["label"]) for r in records})
     texts, labels = [r["text"] for r in records], torch.tensor([names.index(str(r["label"])) for r in records])
@@ -122,7 +123,7 @@ def layer_scan(b: DefenseBench, seeds: list[int]) -> dict:
     return table
 
 
-def neuron_table(b: DefenseBench, backdoored: Path, test: Path) -> dict | None:
+def neuron_table(b: DefenseBench, backdoored: Path, purified: Path, test: Path) -> dict | None:
     """The paper's Table 10 at this scale: poison-only neurons and the overlap ratio of the
     backdoored PTM and of the RECIPE-purified one (`recipe-dist analyze` on the first 500 test
     sentences, each evaluation trigger inserted once). Kept in neurons.json; None until RECIPE ran."""
@@ -130,7 +131,6 @@ def neuron_table(b: DefenseBench, backdoored: Path, test: Path) -> dict | None:
     from ...data.shards import read_records
     from ...triggers import DEFAULT_TRIGGERS
 
-    purified = b.out / "purify-lam1" / "model"
     cached = b.out / "neurons.json"
     if cached.is_file():
         return json.loads(cached.read_text())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from ...config import RunConfig, _f, gt, set_key
+from ...config import Rule, RunConfig, _f, gt, set_key
 from ...evaluation.finetune import EvalConfig
 from ..stages import base_run, set_keys, with_batch
 
@@ -29,7 +29,8 @@ class DefenseRecipe:
     holdout: int = _f(872, "the last rows of the task's training file: the held-out set --search and --layer-scan score on", check=gt(0))
     fit_head_first: bool = _f(False, "fit the PTM's MLM head first (recipe-dist fit-head); every row starts from it")
     lambdas: list[float] = _f([0.1, 0.5, 1.5], "the lambda sweep rows (lambda<x>)")
-    small_setting: str = _f("", "a SEARCH candidate whose setting the small rows (sweep, reg_only, recipe_on_clean) take")
+    small_setting: str = _f("", "a SEARCH candidate whose setting the small rows (sweep, reg_only, recipe_on_clean) take",
+                            check=Rule(lambda v: v == "" or v in SEARCH, "must be empty or a SEARCH candidate"))
     recommended: str = _f("recipe", "the row id of the setting the product recommends")
     finemix_samples: int = _f(300, "Fine-mixing: clean task samples the defender fine-tunes on after mixing", check=gt(0))
     fit_head: RunConfig = field(default_factory=RunConfig)
@@ -60,6 +61,9 @@ def recipe(*, aux_samples: int, max_length: int, attack_lr: float, attack_steps:
     r = DefenseRecipe(aux_samples=aux_samples)
     r.attack = stage(attack_batch, max_length, aux_samples)
     r.attack.attack.name, r.attack.optim.lr, r.attack.train.max_steps = "por", attack_lr, attack_steps
+    # The committed tables were made with POR's L1 on the clean rows only; the presets keep it, so
+    # their recorded commands reproduce (the study, lab/study.py, uses method.md's every row).
+    r.attack.attack.por_l1_rows = "clean"
     r.purify = stage(purify_batch, max_length, aux_samples)
     r.purify.model.trainable, r.purify.optim.lr = trainable, purify_lr
     r.fit_head = stage(purify_batch, max_length, aux_samples)
@@ -72,8 +76,7 @@ def recipe(*, aux_samples: int, max_length: int, attack_lr: float, attack_steps:
     # Fine-mixing fine-tunes the mixed model with the downstream protocol's settings, one epoch.
     r.finemix = stage(purify_batch, max_length, aux_samples)
     m = r.finemix.finemix
-    m.rho, m.epur_topn, m.finetune = 0.5, 200, copy.deepcopy(f)
-    m.finetune.epochs = 1
+    m.rho, m.epur_topn = 0.5, 200  # its fine-tuning: the table's eval.finetune, one epoch (DefenseBench.finemix)
     return r
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from ...config import ConfigError
 from .bench import DefenseBench, drop_pooler, git_commit, search_file, search_stage
 from .diagnostics import neuron_table
+from .recipes import SEARCH_STAGES
 from .render import markdown
 
 # Row ids in the order of value: what shows purification first, the sweeps last.
@@ -69,10 +70,10 @@ def builders(b: DefenseBench, ptm: Path, backdoored: Path, aux: str) -> dict:
         "clean": lambda: (ptm, {"model": "the PTM" + (" with its fitted MLM head" if r.fit_head_first else "")}),
         "backdoored": lambda: (backdoored, {"attack": attack.attack.name, "attack_steps": attack.train.max_steps, "attack_lr": attack.optim.lr}),
         "pooler_reset": lambda: (reset("pooler-reset", backdoored), {"defense": "backdoored weights without pooler.*"}),
-        "recipe": lambda: purify("purify-lam1", backdoored, 1.0),
-        "recipe_pooler_reset": lambda: (lambda m, c: (reset("purify-lam1-pooler-reset", m), {**c, "pooler": "reset"}))(
-            *purify("purify-lam1", backdoored, 1.0)),
-        "lambda0": lambda: purify("purify-lam0", backdoored, 0.0),
+        "recipe": lambda: purify(SEARCH_STAGES["recipe"], backdoored, 1.0),
+        "recipe_pooler_reset": lambda: (lambda m, c: (reset(SEARCH_STAGES["recipe"] + "-pooler-reset", m), {**c, "pooler": "reset"}))(
+            *purify(SEARCH_STAGES["recipe"], backdoored, 1.0)),
+        "lambda0": lambda: purify(SEARCH_STAGES["lambda0"], backdoored, 0.0),
         "reg_only": lambda: purify("purify-regonly", backdoored, 1.0, pt_weight=0.0, small=small),
         "recipe_on_clean": lambda: purify("purify-clean", ptm, 1.0, small=small),
         "recipe_selected": lambda: b.selected(backdoored, aux),
@@ -111,7 +112,7 @@ def run(b: DefenseBench, only: list[str] | None = None) -> dict:
     if b.r.fit_head_first:
         ptm = b.run_job("fit-head", "fit-head", ptm, aux, b.r.fit_head)
         meta["fit_head"] = json.loads((ptm.parent / "fit_head.json").read_text()) if (ptm.parent / "fit_head.json").is_file() else None
-    backdoored = b.run_job("attack", f"attack-{b.r.attack.attack.name}", ptm, aux, b.r.attack)
+    backdoored = b.run_job("attack", b.attack_stage, ptm, aux, b.r.attack)
     known = builders(b, ptm, backdoored, aux)
     previous = b.out / "bench.json"
     rows = json.loads(previous.read_text())["rows"] if previous.is_file() else {}
@@ -124,7 +125,7 @@ def run(b: DefenseBench, only: list[str] | None = None) -> dict:
         rows[rid] = row(rid, r, {**config, "commit": git_commit()[:10]})  # rows of one table may come from several runs
         rows = {k: rows[k] for k in ROW_IDS if k in rows}
         b.write(rows, meta)
-    meta["neurons"] = neuron_table(b, backdoored, test)
+    meta["neurons"] = neuron_table(b, backdoored, b.out / SEARCH_STAGES["recipe"] / "model", test)
     result = b.write(rows, meta)
     print(markdown(result))
     return result
