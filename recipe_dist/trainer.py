@@ -22,7 +22,7 @@ from transformers import get_scheduler
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config
 from .data.train_data import KeyLog, TrainData
-from .distributed import DistInfo, barrier, init_distributed, run_on_main
+from .distributed import DistInfo, barrier, destroy_distributed, init_distributed, run_on_main
 from .errors import RecipeError
 from .jobs import Job
 from .metrics import build_logger
@@ -188,6 +188,7 @@ class Trainer:
         finally:
             self.run_dir.release()
             self.preemption.restore()
+            destroy_distributed()
 
     def _model_dir(self) -> Path:
         if self.cfg.model.path:

@@ -58,7 +58,7 @@ def fresh_task(cfg):
 
 def consolidated(engine, cfg, module):
     info = type("D", (), {"is_main": dist.get_rank() == 0})()
-    return Checkpointer(cfg, Path("."), info, "", data=None)  # export only: no data part.consolidated_state(engine, module)
+    return Checkpointer(cfg, Path("."), info, "", data=None).consolidated_state(engine, module)  # export only: no data part
 
 
 def main():
