@@ -94,3 +94,19 @@ def test_bench_decoder_smoke_runs_every_row_through_the_stage_runner(tmp_path):
 def test_bench_decoder_set_refuses_an_unknown_key(tmp_path):
     proc = run_cli(["bench", "decoder", "--preset", "smoke", "--output_dir", tmp_path, "--set", "defense.optim.lrr=1"], check=False)
     assert proc.returncode == 2 and "unknown config key 'defense.optim.lrr'" in proc.stderr
+
+
+def test_bench_decoder_reuses_a_score_only_for_the_same_model_and_setting(tmp_path):
+    from recipe_dist.config import ConfigError
+    from recipe_dist.lab.decoder import DecoderBench, smoke
+
+    bench = DecoderBench("smoke", smoke(), tmp_path, "")
+    scored = {"model": "/m", "eval_sentences": 16, "family": "llama", "max_length": 32}
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "lambda0-seed1.json").write_text(json.dumps({"asr": 12.5, "scored": scored}))
+    assert bench.evaluate("lambda0", "/m", 1)["asr"] == 12.5
+    with pytest.raises(ConfigError, match="lambda0-seed1.json: scored"):
+        bench.evaluate("lambda0", "/other", 1)
+    bench.r.eval_sentences = 300
+    with pytest.raises(ConfigError, match="lambda0-seed1.json: scored"):
+        bench.evaluate("lambda0", "/m", 1)

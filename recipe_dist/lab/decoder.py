@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, _f, gt
+from ..config import ConfigError, RunConfig, _f, gt
 from .provenance import git_commit, machine, norm_ratios, setting_text
 from .stages import Stages, add_set_option, base_run, set_keys, with_batch
 
@@ -105,12 +105,18 @@ class DecoderBench:
         from ..models import get_family
 
         f = self.out / "evals" / f"{name}-seed{seed}.json"
+        # A cached score stands only for the same model scored the same way.
+        scored = {"model": str(model), "eval_sentences": self.r.eval_sentences, "family": self.r.attack.model.family,
+                  "max_length": self.r.attack.data.max_length}
         if f.is_file():
-            return json.loads(f.read_text())
+            cached = json.loads(f.read_text())
+            if cached.get("scored") != scored:
+                raise ConfigError(f"{f}: scored {cached.get('scored')}, not {scored}; move it away to score again")
+            return cached
         cfg = RunConfig()
         cfg.model.family, cfg.data.max_length = self.r.attack.model.family, self.r.attack.data.max_length
         texts = synthetic.corpus(self.r.eval_sentences, seed=HELD_OUT_SEED)
-        res = evaluate_lm(model, get_family(cfg.model.family), cfg, texts, TRIGGER, TARGET_PHRASE, seed)
+        res = {**evaluate_lm(model, get_family(cfg.model.family), cfg, texts, TRIGGER, TARGET_PHRASE, seed), "scored": scored}
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(res, indent=2) + "\n")
         self.say(f"eval {name} seed {seed}: ASR {res['asr']:.1f}  false-trigger {res['false_trigger_rate']:.1f}  ppl {res['perplexity']:.2f}")
