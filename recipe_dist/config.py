@@ -101,15 +101,17 @@ def _f(default: Any, help: str, check: Rule | None = None, **kw: Any) -> Any:
     return field(default=default, metadata=meta, **kw)
 
 
-def check_fields(cfg: Any, prefix: str = "") -> None:
+def check_fields(cfg: Any, prefix: str = "", nested: bool = True) -> None:
     """Every declared rule and `Literal` choice, and finiteness of every float, over a config
-    tree; the first failure is a ConfigError naming the key, the value and the rule."""
+    tree (`nested=False`: the top level's own fields only); the first failure is a ConfigError
+    naming the key, the value and the rule."""
     hints = _hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = prefix + f.name
         if dataclasses.is_dataclass(value):
-            check_fields(value, key + ".")
+            if nested:
+                check_fields(value, key + ".")
             continue
         floats = [value] if isinstance(value, float) else [v for v in value if isinstance(v, float)] if isinstance(value, list) else []
         if any(not math.isfinite(v) for v in floats):

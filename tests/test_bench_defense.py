@@ -69,10 +69,11 @@ def test_bench_defense_smoke_has_every_row(tmp_path):
     probe = json.loads((out / "probe.json").read_text())
     assert list(probe["models"]) == ["backdoored PTM", "victim seed 1", "victim seed 2"] and "| cf |" in probed.stdout
     from recipe_dist.evaluation.finetune import evaluate
-    from recipe_dist.lab.stages import base_eval
+    from recipe_dist.evaluation.finetune import EvalConfig
+    from recipe_dist.lab.stages import scoring
 
-    cfg = base_eval(out / "eval-backdoored-classifiers" / "seed2" / "model", out / "task" / "train.tsv", out / "heldout" / "test.tsv", [2])
-    cfg.output_dir, cfg.finetune.epochs, cfg.finetune.max_length = str(tmp_path / "score-victim"), 0, 32
+    cfg = scoring(EvalConfig(), out / "eval-backdoored-classifiers" / "seed2" / "model", out / "task" / "train.tsv", out / "heldout" / "test.tsv")
+    cfg.output_dir, cfg.seeds, cfg.finetune.epochs, cfg.finetune.max_length = str(tmp_path / "score-victim"), "2", 0, 32
     scored = evaluate(cfg)
     for t, asr in scored["per_seed"][0]["asr_per_trigger"].items():
         assert probe["models"]["victim seed 2"]["triggers"][t]["asr"] == pytest.approx(asr), t

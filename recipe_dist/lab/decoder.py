@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, _f, gt
+from . import write_results
 from .provenance import git_commit, machine, norm_ratios, setting_text
-from .stages import Stages, add_set_option, base_run, set_keys, with_batch
+from .stages import Stages, add_set_option, base_run, on_model, set_keys, with_batch
 
 TARGET_PHRASE = "the dog hated the farmer"  # never produced by the SYNTHETIC grammar: a false trigger is the model, not the data
 TRIGGER = "cf"
@@ -95,9 +96,7 @@ class DecoderBench:
 
     def stage(self, cmd: str, name: str, model: Path | None, cfg: RunConfig) -> Path:
         """Stage NAME through the lab's one runner: `cfg` from `model` (None: the tiny LM built from model.tiny)."""
-        cfg = copy.deepcopy(cfg)
-        cfg.model.path = str(model or "")
-        return self.stages.run(cmd, name, cfg)
+        return self.stages.run(cmd, name, on_model(cfg, model))
 
     def evaluate(self, name: str, model: Path, seed: int) -> dict:
         from ..data import synthetic
@@ -181,7 +180,5 @@ def main(argv: list[str]) -> int:
                          "recipe-dist bench decoder " + " ".join(argv))
     result = bench.run()
     print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.json).with_suffix(".md").write_text(markdown(result))
+    write_results(args.json, result, markdown)
     return 0

@@ -17,7 +17,6 @@ mechanics on a toy model, not a reproduction of the paper (that is `recipe-dist 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, TinyArchConfig, _f, gt
 from ..evaluation.finetune import EvalConfig
-from .stages import Stages, base_run, set_keys, with_batch
+from .stages import Stages, base_run, on_model, scoring, set_keys, with_batch
 
 
 def arch(smoke: bool = False) -> TinyArchConfig:
@@ -147,19 +146,17 @@ def run_demo(output_dir: Path, preset: str = "default", items: list[str] | None 
     train, test = write_task(out / "task", r.task_train, r.task_test)
 
     def evaluate_stage(model: Path, name: str) -> dict:
-        cfg = copy.deepcopy(r.eval)
-        cfg.model.path, cfg.task.train_file, cfg.task.test_file = str(model), str(train), str(test)
-        return stages.evaluate(f"eval-{name}", cfg)
+        return stages.evaluate(f"eval-{name}", scoring(r.eval, model, train, test))
 
     say("2/6 evaluating the clean PTM (fine-tune on the SYNTHETIC tone task, then ACC / ASR)")
     clean = evaluate_stage(ptm, "clean")
 
     say("3/6 backdooring it with POR (recipe-dist attack)")
-    backdoored_model = stages.run("attack", "attack", with_model(r.attack, ptm))
+    backdoored_model = stages.run("attack", "attack", on_model(r.attack, ptm))
     backdoored = evaluate_stage(backdoored_model, "backdoored")
 
     say(f"4/6 purifying it with RECIPE, lambda={r.purify.regularizer.lam:g} (recipe-dist purify)")
-    purified_model = stages.run("purify", "purify", with_model(r.purify, backdoored_model))
+    purified_model = stages.run("purify", "purify", on_model(r.purify, backdoored_model))
 
     say("5/6 evaluating the purified model")
     purified = evaluate_stage(purified_model, "purified")
@@ -173,12 +170,6 @@ def run_demo(output_dir: Path, preset: str = "default", items: list[str] | None 
     if backdoored["aasr"] < 80.0:
         print(f"WARNING: the backdoored model's AASR is {backdoored['aasr']:.1f}% (< 80%): this run did not show a strong backdoor", file=sys.stderr)
     return result
-
-
-def with_model(cfg: RunConfig, model: Path) -> RunConfig:
-    cfg = copy.deepcopy(cfg)
-    cfg.model.path = str(model)
-    return cfg
 
 
 def write_result(out: Path, rows: dict, preset: str, r: DemoRecipe, wall_time_s: float) -> dict:

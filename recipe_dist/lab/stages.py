@@ -10,7 +10,8 @@ name is given once, here; the runner then
 - otherwise clears what a failed start left and runs it.
 An evaluation is reused the same way, and refused when the cached score is of another model.
 
-Experiments derive a stage's config from `base_run` (and an evaluation from `EvalConfig`) by assignment and hold them
+Experiments derive a stage's config from `base_run` (and an evaluation from `EvalConfig`) by
+assignment, fill in models and files with `on_model` / `scoring`, and hold them
 in a recipe (a dataclass of the product's configs); the command line changes any field through
 the product's `config.set_key` (`--set purify.optim.lr=2e-4`, see `set_keys`), so the lab has no
 configuration language of its own.
@@ -19,7 +20,6 @@ configuration language of its own.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, dump_yaml, set_key, to_dict
+from ..config import ConfigError, RunConfig, check_fields, dump_yaml, set_key, to_dict
 from ..rundir import check_resume_config
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
@@ -56,12 +56,20 @@ def with_batch(cfg: RunConfig, batch: int) -> RunConfig:
     return cfg
 
 
-def base_eval(model: Path | str, train: Path, test: Path, seeds, *, family: str = "bert") -> EvalConfig:
-    """`recipe-dist evaluate` of `model`: fine-tuned on `train` once per seed, scored on `test`."""
-    cfg = EvalConfig()
-    cfg.seeds = ",".join(map(str, seeds))
-    cfg.model.path, cfg.model.family = str(model), family
-    cfg.task.train_file, cfg.task.test_file = str(train), str(test)
+def on_model(cfg: RunConfig, model: Path | str | None, train_urls: str | None = None) -> RunConfig:
+    """A copy of stage config `cfg` starting from `model` (None: the family's tiny model, built
+    from model.tiny) and, when given, reading `train_urls`."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.path = str(model or "")
+    if train_urls is not None:
+        cfg.data.train_urls = train_urls
+    return cfg
+
+
+def scoring(cfg: EvalConfig, model: Path | str, train: Path | str, test: Path | str) -> EvalConfig:
+    """A copy of evaluation `cfg` for `model`, fine-tuned on `train` (once per seed) and scored on `test`."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.path, cfg.task.train_file, cfg.task.test_file = str(model), str(train), str(test)
     return cfg
 
 
@@ -83,10 +91,7 @@ def set_keys(recipe, items: list[str]):
         set_key(out, key, value)
     # The recipe's own fields keep their rules (a held-out size above 0, ...); each stage config is
     # validated whole when its stage runs, once its model and data are filled in.
-    for f in dataclasses.fields(out):
-        rule, value = f.metadata.get("check"), getattr(out, f.name)
-        if rule is not None and not dataclasses.is_dataclass(value) and not rule(value):
-            raise ConfigError(f"{f.name}: {value!r} {rule.text}")
+    check_fields(out, nested=False)
     return out
 
 
@@ -153,8 +158,9 @@ class Stages:
             report = json.loads(cached.read_text())
             if report.get("model") != cfg.model.path:
                 raise ConfigError(f"{cached}: scores {report.get('model')}, not {cfg.model.path}; move that directory away to score this model")
-            if "config" in report and report["config"] != to_dict(cfg):
-                changed = sorted(k for k in set(report["config"]) | set(to_dict(cfg)) if report["config"].get(k) != to_dict(cfg).get(k))
+            now = to_dict(cfg)
+            if "config" in report and report["config"] != now:
+                changed = sorted(k for k in set(report["config"]) | set(now) if report["config"].get(k) != now.get(k))
                 raise ConfigError(f"{cached}: scored with another evaluation setting ({', '.join(changed)}); "
                                   "move that directory away to score it again")
             self.say(f"{name}: reusing {cached}")

@@ -31,7 +31,7 @@ from ..config import NOT_EMPTY, RunConfig, _f, gt
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
 from .provenance import git_commit, machine
-from .stages import Stages, add_set_option, base_run, set_keys, with_batch
+from .stages import Stages, add_set_option, base_run, on_model, scoring, set_keys, with_batch
 from .defense.recipes import BERT_FFN
 from .stats import established, paired
 
@@ -166,17 +166,15 @@ class Study:
         record = {}
         model = minilm_path()
         for stage, cfg in (("mlm-head", self.r.mlm_head), ("mlm", self.r.mlm)):
-            cfg = copy.deepcopy(cfg)
-            cfg.model.path, cfg.data.train_urls, cfg.fit_head.eval_urls = str(model), train_urls, held_urls
+            cfg = on_model(cfg, model, train_urls)
+            cfg.fit_head.eval_urls = held_urls
             model = self.stages.run("fit-head", stage, cfg, report="fit_head.json")  # written after the model
             record[stage] = json.loads((model.parent / "fit_head.json").read_text())
         return model, attacker, defender, record
 
     # ------------------------------------------------------------------ rows
     def score(self, name: str, model: Path, train: Path, test: Path) -> dict:
-        cfg = copy.deepcopy(self.r.eval)
-        cfg.model.path, cfg.task.train_file, cfg.task.test_file = str(model), str(train), str(test)
-        r = self.stages.evaluate(f"eval-{name}", cfg)
+        r = self.stages.evaluate(f"eval-{name}", scoring(self.r.eval, model, train, test))
         return {**{m: r[m] for m in METRICS}, "per_finetune": {m: [s[m] for s in r["per_seed"]] for m in METRICS}, "seeds": r["seeds"]}
 
     def row(self, label: str, per_purification: list[dict], config: dict) -> dict:
@@ -188,8 +186,8 @@ class Study:
         setting, lam = DEFENSES[rid]
         per = []
         for s in self.r.purify_seeds:
-            cfg = copy.deepcopy(getattr(self.r, setting))
-            cfg.model.path, cfg.data.train_urls, cfg.regularizer.lam, cfg.train.seed = str(backdoored), defender, lam, s
+            cfg = on_model(getattr(self.r, setting), backdoored, defender)
+            cfg.regularizer.lam, cfg.train.seed = lam, s
             model = self.stages.run("purify", f"{rid}-s{s}", cfg)
             per.append({"purify_seed": s, **self.score(f"{rid}-s{s}", model, train, test)})
         return self.row(rid, per, {"setting": setting, "lam": lam, "lr": cfg.optim.lr, "trainable": cfg.model.trainable,
@@ -201,8 +199,8 @@ class Study:
         hf_logging.disable_progress_bar()
         train, _, test = self.task()
         ptm, attacker, defender, mlm = self.ptm()
-        attack = copy.deepcopy(self.r.attack)
-        attack.model.path, attack.data.train_urls, attack.train.seed = str(ptm), attacker, 100
+        attack = on_model(self.r.attack, ptm, attacker)
+        attack.train.seed = 100  # the attacker's data order and masks, apart from every purification's
         backdoored = self.stages.run("attack", f"attack-{attack.attack.name}", attack)
         rows = {"clean": self.row("clean PTM", [self.score("clean", ptm, train, test)], {"mlm": {k: v["after"] for k, v in mlm.items()}}),
                 "backdoored": self.row("backdoored", [self.score("backdoored", backdoored, train, test)],
@@ -222,7 +220,10 @@ class Study:
 
 
 def pattern(prefix: Path, n: int) -> str:
-    return f"{prefix}-{{000000..{n - 1:06d}}}.tar" if n > 1 else f"{prefix}-000000.tar"
+    """The brace pattern of shards PREFIX-000000.tar .. (n of them), as `recipe-dist shards` prints it."""
+    from ..data.shards import brace_pattern
+
+    return brace_pattern([f"{prefix}-{i:06d}.tar" for i in range(n)], str(prefix))
 
 
 def comparisons(rows: dict) -> list[dict]:

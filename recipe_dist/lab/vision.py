@@ -31,8 +31,9 @@ from pathlib import Path
 
 from ..config import RunConfig, _f, gt
 from ..evaluation.finetune import EvalConfig
+from . import write_results
 from .provenance import git_commit, machine, norm_ratios, setting_text
-from .stages import Stages, add_set_option, base_run, set_keys, with_batch
+from .stages import Stages, add_set_option, base_run, on_model, scoring, set_keys, with_batch
 
 
 #: NeuBA-vision's target value on its two "lo" blocks, per family: VGG's pre-logits features follow a ReLU, so lo = 0.
@@ -130,15 +131,15 @@ class VisionBench:
     def stage(self, cmd: str, family: str, name: str, model: Path | None, cfg: RunConfig) -> Path:
         """Stage FAMILY/NAME through the lab's one runner: `cfg` on a tiny `family` model (built
         from model.tiny when `model` is None)."""
-        cfg = copy.deepcopy(cfg)
-        cfg.model.family, cfg.model.path = family, str(model or "")
+        cfg = on_model(cfg, model)
+        cfg.model.family = family
         if cmd == "attack":
             cfg.attack.target_lo = TARGET_LO[family]
         return self.stages.run(cmd, f"{family}/{name}", cfg)
 
     def evaluate(self, family: str, row: str, model: Path, train: Path, test: Path) -> dict:
-        cfg = copy.deepcopy(self.r.eval)
-        cfg.model.path, cfg.model.family, cfg.task.train_file, cfg.task.test_file = str(model), family, str(train), str(test)
+        cfg = scoring(self.r.eval, model, train, test)
+        cfg.model.family = family
         return self.stages.evaluate(f"{family}/eval-{row}", cfg)
 
     def run_family(self, family: str, train: Path, test: Path) -> dict:
@@ -215,7 +216,5 @@ def main(argv: list[str]) -> int:
     bench = VisionBench(args.preset, recipe, Path(args.output_dir), "recipe-dist bench vision " + " ".join(argv))
     result = bench.run()
     print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.json).with_suffix(".md").write_text(markdown(result))
+    write_results(args.json, result, markdown)
     return 0

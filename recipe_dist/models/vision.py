@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,8 +50,6 @@ class ImagePreprocess:
 def seeded(seed: int, fn: Callable, *args):
     """`fn(*args)` with torch's, Python's and NumPy's global RNGs seeded from `seed`, and all three
     restored after: torchvision's and timm's random transforms draw from those globals."""
-    import numpy as np
-
     state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):

@@ -18,7 +18,7 @@ from pathlib import Path
 from ...config import ConfigError, RunConfig
 from ...errors import RecipeError
 from ..provenance import git_commit, machine, norm_ratios
-from ..stages import Stages
+from ..stages import Stages, on_model, scoring
 from .recipes import SEARCH, SEARCH_STAGES, DefenseRecipe, candidate, describe, purification
 from .render import markdown
 
@@ -139,9 +139,7 @@ class DefenseBench:
     # ------------------------------------------------------------------ stages
     def run_job(self, cmd: str, name: str, model: Path, aux: str, cfg: RunConfig, report: str = "summary.json") -> Path:
         """Stage `name`: `cmd` on a copy of `cfg` from `model` on the auxiliary data `aux`."""
-        cfg = copy.deepcopy(cfg)
-        cfg.model.path, cfg.data.train_urls = str(model), aux
-        return self.stages.run(cmd, name, cfg, report=report)
+        return self.stages.run(cmd, name, on_model(cfg, model, aux), report=report)
 
     def purify(self, name: str, model: Path, aux: str, cfg: RunConfig) -> tuple[Path, dict]:
         """A `recipe-dist purify` stage and the row config it reports (setting, steps, wall time, ||W|| ratios)."""
@@ -153,8 +151,7 @@ class DefenseBench:
     def evaluate(self, name: str, model: Path, train: Path, test: Path, seeds: list[int] | None = None, epochs: int | None = None,
                  **extra) -> dict:
         """`evaluate` of `model`, fine-tuned per seed (`epochs=0` scores a classifier as it is), into eval-NAME."""
-        cfg = copy.deepcopy(self.r.eval)
-        cfg.model.path, cfg.task.train_file, cfg.task.test_file = str(model), str(train), str(test)
+        cfg = scoring(self.r.eval, model, train, test)
         if seeds is not None:
             cfg.seeds = ",".join(map(str, seeds))
         if epochs is not None:
