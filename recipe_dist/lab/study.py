@@ -43,6 +43,7 @@ class StudyRecipe:
     """Every input of the study: the product's own stage configs plus the replication plan."""
 
     ptm: str = _f("tiny", "minilm-mlm (MiniLM-L6 masked-LM trained on WikiText-2 valid) or tiny (SYNTHETIC, wiring only)")
+    ptm_model: str = _f("", "an MLM-trained PTM made earlier by `fit-head` (its fit_head.json beside it): skips the mlm stages")
     split: str = _f("test", "the SST-2 file the table scores (test.tsv is read once, after every setting is frozen)")
     holdout: int = _f(872, "the last rows of SST-2 train kept out of fine-tuning: the held-out slice for selection", check=gt(0))
     purify_seeds: list[int] = _f([1, 2, 3], "training seeds: one independent purification per seed and defense row", check=NOT_EMPTY)
@@ -164,6 +165,14 @@ class Study:
         attacker = pattern(*self.shards("wikitext-test", ["--input", str(wiki / "test.txt"), "--wikitext", "--samples-per-shard", "500"]))
         defender = pattern(*self.shards("bookcorpus", ["--input", str(book), "--text-column", "sentence", "--samples-per-shard", "2500"]))
         record = {}
+        if self.r.ptm_model:
+            # A PTM trained earlier by the same fit-head commands (e.g. the recorded curve's stages):
+            # its own masked-LM record stands in for the mlm stages'.
+            model = Path(self.r.ptm_model)
+            report = model.parent / "fit_head.json"
+            if not report.is_file():
+                raise RecipeError(f"bench study: ptm_model={model}: no fit_head.json beside it (make it with `recipe-dist fit-head`)")
+            return model, attacker, defender, {"mlm": json.loads(report.read_text())}
         model = minilm_path()
         for stage, cfg in (("mlm-head", self.r.mlm_head), ("mlm", self.r.mlm)):
             cfg = on_model(cfg, model, train_urls)
