@@ -52,7 +52,7 @@ def _run_job(command: str, cfg) -> tuple[object, dict]:
 
     trainer = Trainer(cfg, job=build_job(command, cfg))
     summary = trainer.train()
-    if not summary.get("stopped") and int(os.environ.get("RANK", "0")) == 0:
+    if not summary.get("stopped") and not summary.get("already_finished") and int(os.environ.get("RANK", "0")) == 0:
         # After training, never inside the loop: ranks > 0 never import matplotlib. The curves
         # are read back from tb/, which the trainer has closed (flushed).
         from .report import write_report
@@ -130,6 +130,8 @@ def _fit_head(argv: list[str]) -> int:
         return 0
     family = trainer.job.family
     out = Path(cfg.output_dir)
+    if summary.get("already_finished") and (out / "fit_head.json").is_file():
+        return 0  # scored when it finished; a resume of a finished run changes nothing
     if cfg.fit_head.eval_urls:
         from .data.pipeline import shard_urls
 

@@ -70,7 +70,7 @@ def _input_model(run_dir: Path, cfg) -> Path:
 def main(argv: list[str]) -> int:
     from .config import apply_dict, load_config
     from .evaluation.finetune import EvalConfig, evaluate
-    from .checkpoint import complete_tags
+    from .checkpoint import verified_tags
     from .models import get_family
 
     ap = argparse.ArgumentParser(prog="recipe-dist dynamics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         raise RecipeError(f"RUN_DIR: {run_dir} has no config.yaml (not a purify run directory)")
     run_cfg = load_config(str(run_dir / "config.yaml"), [])
     run_id = (run_dir / "RUN_ID").read_text().strip() if (run_dir / "RUN_ID").is_file() else ""
-    tags = sorted(complete_tags(run_dir / "checkpoints", run_id))
+    tags = sorted(verified_tags(run_dir / "checkpoints", run_id))  # a damaged checkpoint is named and skipped
     if not tags:
         raise RecipeError(f"dynamics: no complete checkpoint in {run_dir / 'checkpoints'} (run purify with --checkpoint.keep large enough)")
     family = get_family(run_cfg.model.family)

@@ -79,24 +79,19 @@ class RunDir:
         out = self.path
         if fresh and overwrite and out.exists() and _entries(out):
             aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-            # One rename: the old run stays whole under its new name, and a second run racing
-            # for the same directory will find it absent or already moved.
+            # The old directory's lock first: a run still alive in it keeps its directory (moving
+            # it would pull the files from under a live run). Held through the rename, released after.
+            old_fd = self._lock(out)
             try:
+                # One rename: the old run stays whole under its new name, and a second run racing
+                # for the same directory will find it absent or already moved.
                 os.rename(out, aside)
             except OSError as e:
                 raise RunDirError(f"output_dir: cannot move {out} aside to {aside}: {e.strerror}") from None
+            finally:
+                os.close(old_fd)
             print(f"output_dir: moved the previous contents of {out} to {aside}", flush=True)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise RunDirError(f"output_dir: cannot write {out}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = (os.pread(fd, 64, 0).decode(errors="replace").split() or ["unknown"])[0]
-            os.close(fd)
-            raise RunDirError(f"output_dir: {out} is in use by another run (process {holder}); wait for it or choose another output_dir") from None
+        fd = self._lock(out)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -114,6 +109,22 @@ class RunDir:
             self.release()
             raise
         return self.run_id
+
+    @staticmethod
+    def _lock(out: Path) -> int:
+        """An open descriptor of out/.lock holding its flock (the directory made if needed)."""
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"output_dir: cannot write {out}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = (os.pread(fd, 64, 0).decode(errors="replace").split() or ["unknown"])[0]
+            os.close(fd)
+            raise RunDirError(f"output_dir: {out} is in use by another run (process {holder}); wait for it or choose another output_dir") from None
+        return fd
 
     def release(self) -> None:
         if self._lock_fd is not None:
@@ -201,6 +212,30 @@ def check_resume_config(saved: dict | None, now: dict, where: Path) -> dict:
             f"setting that changes the result (start a new run in a new output_dir, or resume with --{key}={old[key]})"
         )
     return allowed
+
+
+def finished_summary(out: Path, now: dict) -> dict | None:
+    """summary.json of a run in `out` that already finished with the config `now` (up to keys in
+    MAY_CHANGE), else None. A resume of it has nothing left to do and must change nothing: not
+    re-export the model, not rewrite the summary without its final losses (slurm run-task always
+    passes --resume auto, so a requeued finished job lands here)."""
+    out = Path(out)
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or "output_weights_sha256" not in summary or not (out / "model").is_dir():
+        return None
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())  # written by write_run_config
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    check_resume_config(saved, now, out)  # a change that alters the result is refused as on any resume
+    return summary
 
 
 def record_history(out: Path, step: int, changes: dict) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from .checkpoint.manager import Checkpointer
-from .config import ConfigError, RunConfig, deepspeed_config
+from .config import ConfigError, RunConfig, deepspeed_config, to_dict
 from .data.train_data import KeyLog, TrainData
 from .distributed import DistInfo, barrier, destroy_distributed, init_distributed, run_on_main
 from .errors import RecipeError
@@ -28,7 +28,7 @@ from .jobs import Job
 from .metrics import build_logger
 from .models.base import sha256_files
 from .preempt import Preemption, requeue
-from .rundir import RunDir, write_progress, write_run_config, write_summary
+from .rundir import RunDir, finished_summary, write_progress, write_run_config, write_summary
 from .seeds import Stream, mix_seed
 
 
@@ -128,6 +128,17 @@ class Trainer:
         """Run the job to its last step, or until stopped, preempted or diverged; export at the end."""
         cfg = self.cfg
         with self._session():
+            if cfg.resume == "auto":
+                finished = run_on_main(finished_summary, self.out, to_dict(cfg))
+                if finished is not None:
+                    from .data.pipeline import shard_urls
+
+                    self.model_dir = Path(cfg.model.path) if cfg.model.path else self.out / "input_model"
+                    self.urls = shard_urls(cfg.data.train_urls) if cfg.data.train_urls else []
+                    if self.dist.is_main:
+                        print(f"{self.name}: {self.out} already finished at step {finished.get('steps')} "
+                              f"(summary.json, model/); nothing to resume, nothing changed", flush=True)
+                    return {**finished, "already_finished": True}
             loaded, data, engine, total = self._build()
             step, samples = self.checkpointer.restore(engine, self.resume_plan)
             metrics = StepMetrics(engine, data, self.params, step, total, info=self.dist, out=self.out,

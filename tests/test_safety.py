@@ -88,6 +88,23 @@ def test_a_second_concurrent_run_is_refused(tmp_path, finished):
     assert digest(out) == before
 
 
+@pytest.mark.slow  # a real CLI process
+def test_overwrite_of_a_live_runs_directory_is_refused_before_anything_moves(tmp_path, finished):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = digest(out)
+    with open(out / ".lock", "w") as f:  # the lock a live run holds
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("4343\n")
+        f.flush()
+        proc = purify(out, "--overwrite=true")
+    assert proc.returncode == 2
+    error_line(proc, out, "in use by another run", "4343")
+    assert digest(out) == before and not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+
+
 @pytest.mark.slow
 def test_resume_and_pruning_ignore_another_runs_checkpoints(tmp_path, finished):
     import shutil
@@ -101,6 +118,38 @@ def test_resume_and_pruning_ignore_another_runs_checkpoints(tmp_path, finished):
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     assert foreign.is_dir() and json.loads((foreign / "COMPLETE").read_text())["run_id"] != (out / "RUN_ID").read_text().strip()
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_in_the_newest_checkpoint_is_skipped_and_the_run_ends_as_if_uninterrupted(tmp_path, finished):
+    out = tmp_path / "run"
+    purify(out, "--train.stop_at_step=4", check=True)
+    states = next((out / "checkpoints" / "step_00000004").glob("*model_states.pt"))
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, deep inside a tensor: torch.load would read it silently
+    states.write_bytes(bytes(data))
+    proc = purify(out, "--resume=auto", check=True)
+    warned = [ln for ln in proc.stdout.splitlines() if "skipping checkpoint" in ln]
+    assert len(warned) == 1 and "step_00000004" in warned[0] and "sha256" in warned[0], proc.stdout[-2000:]
+    assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+    assert (out / "model" / "model.safetensors").read_bytes() == (finished / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, finished):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = digest(out)
+    proc = purify(out, "--resume=auto", check=True)
+    assert "already finished at step 6" in proc.stdout and "nothing changed" in proc.stdout
+    assert digest(out) == before
+    # A change that alters the result is refused as on any resume; nothing changes either.
+    proc = purify(out, "--resume=auto", "--regularizer.lam=0.5")
+    assert proc.returncode == 2
+    error_line(proc, "regularizer.lam")
+    assert digest(out) == before
 
 
 # ------------------------------------------------------------------ 2. non-finite guards

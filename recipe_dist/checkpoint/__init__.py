@@ -5,12 +5,13 @@ Layout under `<output_dir>/checkpoints/`: see store.py. The names below are the 
 
 from .resume import WORLD_SIZE_CHANGE, ResumePlan, check_data_state, load, plan, to_universal
 from .store import (COMPLETE, GARBAGE_RE, PARTIAL, TAG_RE, UNIVERSAL, CheckpointError, _describe, complete_tags,
-                    find_resume, prune, read_meta, resolve, rng_state, save, set_rng_state, tag_for, weights_only_loads)
+                    file_digests, find_resume, prune, read_meta, resolve, rng_state, save, set_rng_state, tag_for, verified_tags,
+                    verify, weights_only_loads)
 
 __all__ = [
     "WORLD_SIZE_CHANGE", "ResumePlan", "check_data_state", "load", "plan", "to_universal", "COMPLETE", "GARBAGE_RE",
     "PARTIAL", "TAG_RE", "UNIVERSAL", "CheckpointError", "_describe", "complete_tags", "find_resume", "prune",
-    "read_meta", "resolve", "rng_state", "save", "set_rng_state", "tag_for", "weights_only_loads", "Checkpointer",
+    "file_digests", "read_meta", "resolve", "verified_tags", "verify", "rng_state", "save", "set_rng_state", "tag_for", "weights_only_loads", "Checkpointer",
 ]
 
 

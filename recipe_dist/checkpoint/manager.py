@@ -31,8 +31,8 @@ class Checkpointer:
         self.root = out / "checkpoints"
 
     def last_good(self) -> Path | None:
-        tag = store.find_resume(self.root, self.run_id)
-        return self.root / tag if tag else None
+        good = store.verified_tags(self.root, self.run_id, warn=lambda _: None, first_only=True)
+        return self.root / good[0][1] if good else None
 
     # ------------------------------------------------------------------ resume
     def plan_resume(self) -> resuming.ResumePlan | None:

@@ -5,7 +5,8 @@ through the Checkpointer (manager.py).
 
 Layout under `<output_dir>/checkpoints/`:
   step_00000100/            a complete checkpoint: DeepSpeed's files, rng_rank<r>.pt per rank and
-                            COMPLETE (JSON: step, world size, ZeRO stage, data state)
+                            COMPLETE (JSON: run id, step, world size, ZeRO stage, data state, config
+                            and the size and sha256 of every other file in the directory)
   step_00000100.partial/    a save in progress, or one that died: never loaded, removed by the
                             next save and by pruning
   universal/step_00000100/  DeepSpeed's universal form of a ZeRO 1-3 checkpoint, made when a run
@@ -17,7 +18,11 @@ writes succeeded (one collective, which is also the barrier); rank 0 writes COMP
 directory to step_N (an atomic rename), replaces `latest` and prunes. A process killed at any
 point leaves the older checkpoints untouched and, at worst, a .partial directory. DeepSpeed's own
 `latest` is written by rank 0 while other ranks may still be writing, so it is never written or
-read; `--resume auto` scans the step_N directories from the newest down to the first complete one.
+read; `--resume auto` scans the step_N directories from the newest down to the first one that
+verifies: its COMPLETE parses, names this run, and every file it lists has the recorded size and
+sha256 (a truncated file, a flipped byte, a COMPLETE edited or copied in from another run). Each one
+skipped is named in one warning line; when checkpoints of the run exist and none verifies, resume
+stops rather than start over.
 
 A save that fails on any rank (a full disk, say) fails on every rank with one message; the
 .partial directory is removed and the previous complete checkpoint is left as it was.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
@@ -87,36 +93,116 @@ def set_rng_state(state: dict) -> None:
 
 
 def read_meta(path: Path) -> dict | None:
-    """The COMPLETE record of checkpoint directory `path`; None if it is not complete."""
+    """The COMPLETE record of checkpoint directory `path`; None if there is none or it does not
+    parse as a JSON object (an empty or damaged COMPLETE makes nothing complete)."""
     try:
-        text = (path / COMPLETE).read_text()
-    except OSError:
+        meta = json.loads((path / COMPLETE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    try:
-        return json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError:
-        return {}  # written by an older version as plain text; complete all the same
+    return meta if isinstance(meta, dict) else None
+
+
+def file_digests(path: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under `path` but COMPLETE."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name != COMPLETE:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+            out[f.relative_to(path).as_posix()] = [f.stat().st_size, h.hexdigest()]
+    return out
+
+
+def _record_digest(record: dict) -> str:
+    """sha256 of a COMPLETE record's own content (its `record_sha256` aside), so that an edit that
+    still parses (a changed lambda in the saved config, another run id) is caught too."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def verify(path: Path, run_id: str = "") -> str | None:
+    """Why checkpoint directory `path` cannot be used (None when it verifies): its COMPLETE must
+    parse, name run `run_id` (when given), and list every file with its size and sha256."""
+    meta = read_meta(path)
+    if meta is None:
+        return f"{COMPLETE} is missing, empty or not valid JSON"
+    if meta.get("record_sha256") != _record_digest(meta):
+        return f"{COMPLETE} was changed after it was written (its record_sha256 does not match)" if "record_sha256" in meta else \
+            f"{COMPLETE} lists no file checksums (written before recipe-dist verified checkpoints)"
+    if run_id and meta.get("run_id") != run_id:
+        return f"written by run {meta.get('run_id') or '(none recorded)'}, not this run ({run_id})"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{COMPLETE} lists no file checksums (written before recipe-dist verified checkpoints)"
+    on_disk = {f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file() and f.name != COMPLETE}
+    if on_disk - set(files):
+        return f"holds files {COMPLETE} does not list: {', '.join(sorted(on_disk - set(files))[:3])}"
+    for name, (size, _) in files.items():  # sizes first: a truncated file is found without hashing
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} when saved (truncated or replaced)"
+    digests = file_digests(path)
+    bad = next((n for n, (_, sha) in files.items() if digests[n][1] != sha), None)
+    return f"{bad} does not match its sha256 recorded at save (the file changed after it was written)" if bad else None
 
 
 def complete_tags(root: Path, run_id: str = "") -> list[tuple[int, str]]:
-    """(step, tag) of complete checkpoints, newest first; with `run_id`, only that run's (and
-    those written before run ids were recorded)."""
+    """(step, tag) of checkpoints whose COMPLETE parses (of run `run_id` when given), newest
+    first; their files are not hashed here (see `verified_tags`)."""
     if not root.is_dir():
         return []
     found = []
     for d in root.iterdir():
         m = TAG_RE.match(d.name)
-        if m and (d / COMPLETE).is_file():
-            if run_id and (read_meta(d) or {}).get("run_id", run_id) != run_id:
+        if m and (meta := read_meta(d)) is not None:
+            if run_id and meta.get("run_id") != run_id:
                 continue
             found.append((int(m.group(1)), d.name))
     return sorted(found, reverse=True)
 
 
-def find_resume(root: Path, run_id: str = "") -> str | None:
-    """The newest complete checkpoint tag (of run `run_id`), scanning down past incomplete ones."""
-    tags = complete_tags(root, run_id)
-    return tags[0][1] if tags else None
+def _damaged(root: Path, run_id: str) -> list[tuple[int, str]]:
+    """(step, tag) of directories with a COMPLETE file that is not another run's valid record."""
+    out = []
+    for d in root.iterdir() if root.is_dir() else ():
+        m = TAG_RE.match(d.name)
+        if m and (d / COMPLETE).is_file():
+            meta = read_meta(d)
+            if meta is None or not run_id or meta.get("run_id") == run_id:
+                out.append((int(m.group(1)), d.name))
+    return sorted(out, reverse=True)
+
+
+def verified_tags(root: Path, run_id: str = "", warn=None, first_only: bool = False) -> list[tuple[int, str]]:
+    """(step, tag) of checkpoints that verify (see `verify`), newest first; `warn(line)` hears of
+    each one skipped. With `first_only`, stop at the newest that verifies."""
+    warn = warn or (lambda line: print(line, flush=True))
+    out = []
+    for step, tag in _damaged(root, run_id):
+        why = verify(root / tag, run_id)
+        if why:
+            warn(f"[recipe-dist] warning: skipping checkpoint {root / tag}: {why}")
+            continue
+        out.append((step, tag))
+        if first_only:
+            break
+    return out
+
+
+def find_resume(root: Path, run_id: str = "", warn=None) -> str | None:
+    """The newest checkpoint tag (of run `run_id`) that verifies; None when the run has none at
+    all. When it has some and none verifies, raises: starting over would hide the damage."""
+    good = verified_tags(root, run_id, warn, first_only=True)
+    if good:
+        return good[0][1]
+    if _damaged(root, run_id):
+        raise CheckpointError(f"resume: no checkpoint in {root} verifies (each is named above); "
+                              "move the directory aside to start over, or pass --resume with a good checkpoint")
+    return None
 
 
 def resolve(resume: str, own_root: Path, run_id: str = "") -> tuple[Path, str] | None:
@@ -132,8 +218,9 @@ def resolve(resume: str, own_root: Path, run_id: str = "") -> tuple[Path, str] |
         return (own_root, tag) if tag else None
     path = Path(resume)
     if TAG_RE.match(path.name):
-        if read_meta(path) is None:
-            raise CheckpointError(f"resume: {path} is not a complete checkpoint (no {COMPLETE}); pick an older step_* directory")
+        why = verify(path)
+        if why:
+            raise CheckpointError(f"resume: {path} cannot be used: {why}; pick an older step_* directory")
         return path.parent, path.name
     tag = find_resume(path)
     if tag is None:
@@ -224,7 +311,8 @@ def _save(engine, root: Path, step: int, client_state: dict, keep: int, rank: in
     tag = tag_for(step)
     partial = root / (tag + PARTIAL)
     run_id = (meta or {}).get("run_id", "")
-    previous = find_resume(root, run_id) if rank == 0 else None
+    newest = complete_tags(root, run_id) if rank == 0 else []
+    previous = newest[0][1] if newest else None
     failure = None
     if rank == 0:
         try:
@@ -255,7 +343,10 @@ def _save(engine, root: Path, step: int, client_state: dict, keep: int, rank: in
             for f in partial.rglob("*"):
                 if f.is_file():
                     _fsync(f)
-            _write_durably(partial / COMPLETE, json.dumps({**(meta or {}), "step": step, "time": time.time()}))
+            # Sizes and digests of what is on disk now (just written, so read from the page cache):
+            # resume uses the checkpoint only if every file still matches.
+            record = {**(meta or {}), "step": step, "time": time.time(), "files": file_digests(partial)}
+            _write_durably(partial / COMPLETE, json.dumps({**record, "record_sha256": _record_digest(record)}))
             if (root / tag).exists():  # this step was saved before, by a run resumed from an older checkpoint
                 _remove(root / tag)
             os.rename(partial, root / tag)
