@@ -27,6 +27,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this process when its launcher dies (Linux PR_SET_PDEATHSIG).
+
+    torchrun starts every rank in a session of its own, so a kill -9 of the launcher (or of its
+    process group, or the OOM killer taking the agent) would leave the ranks training on as
+    orphans that hold the run directory's lock. Called first thing in a rank that torchrun
+    started; a launcher already gone by then (the race before the prctl) ends the rank at once.
+    Under srun the ranks are slurmstepd's children, and SLURM's cgroup ends them with the job.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher or launcher == 1:
+        os._exit(1)
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed; gloo on CPU, nccl on GPU.
 

@@ -206,6 +206,37 @@ def test_kill9_at_several_steps_resumes_bit_identical(straight, tmp_path):
     assert keys(out) == keys(straight)
 
 
+def _processes_writing(out: Path) -> list[int]:
+    """Pids whose command line names run directory `out` (the ranks carry it as --output_dir)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(out).encode() in cmd:
+                found.append(int(d))
+    return found
+
+
+def test_kill9_of_the_launchers_process_group_leaves_no_rank_behind(straight, tmp_path):
+    out = tmp_path / "orphans"
+    run = Run(out)
+    run.wait_for(lambda: recorded_step(out) >= 5)
+    ranks = _processes_writing(out)
+    assert len(ranks) >= 3, ranks  # the launcher and its two ranks
+    os.killpg(run.proc.pid, signal.SIGKILL)  # what `kill -9 -PGID` of launch/local.sh does; the ranks are not in it
+    run.proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while _processes_writing(out) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_writing(out), "ranks outlived their launcher"
+    final = Run(out, "--resume", "auto").finish()  # the lock died with them: resume is not refused
+    assert resumed_from(final) >= 4
+    assert_same_weights(straight, out)
+
+
 def _try_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     try:
