@@ -218,12 +218,13 @@ def test_patch_trigger_lands_on_the_bottom_right_pixels():
     for p in patches:  # two colours in a checkerboard: neighbours differ, diagonals agree
         assert not torch.equal(p[:, 0, 0], p[:, 0, 1]) and torch.equal(p[:, 0, 0], p[:, 1, 1])
     images = torch.rand(3, 3, 32, 32)
+    original = images.clone()
     out = paste_patch(images, patches, torch.tensor([0, 2, 5]))
     changed = (out != images).any(dim=1)  # [B, H, W]
     assert changed[:, :28, :].sum() == 0 and changed[:, :, :28].sum() == 0
     for i, k in enumerate((0, 2, 5)):
         assert torch.equal(out[i, :, 28:, 28:], patches[k])
-    assert torch.equal(images, images.clone())  # the input is not modified
+    assert torch.equal(images, original)  # the input is not modified
 
 
 def test_neuba_vision_collate_poisons_only_the_patch_before_normalization(loaded):
