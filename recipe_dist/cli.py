@@ -191,6 +191,9 @@ def _shards(argv: list[str]) -> int:
     ap.add_argument("--chunk-words", type=int, default=None, help="--wikitext: words per sample (default 64, as the POR reference)")
     ap.add_argument("--unk", default="drop", choices=["drop", "[UNK]"], help="--wikitext: drop <unk> words or keep them as [UNK]")
     ap.add_argument("--overwrite", action="store_true", help="replace shards that already exist under --output (default: refuse)")
+    ap.add_argument("--max-sample-bytes", type=int, default=1 << 20,
+                    help="refuse a sample whose text is larger (default 1 MiB): one runaway line would otherwise become one "
+                         "training sample that the tokenizer and every rank's memory must hold")
     return shards.main(ap.parse_args(argv))
 
 

@@ -398,3 +398,62 @@ def test_chunk_words_below_one_is_an_error(capsys, tmp_path):
     src.write_text(" = A = \n some words here \n")
     rc = cli.main(["shards", "--input", str(src), "--wikitext", "--chunk-words", "0", "--output", str(tmp_path / "s")])
     assert rc != 0 and "--chunk-words must be >= 1, got 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ strict input, all-or-nothing output
+
+
+def _one_error(capsys, rc, *needles) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("recipe-dist: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert str(n) in lines[0], lines[0]
+    return lines[0]
+
+
+def _tree_digest(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_shards_overwrite_with_a_bad_line_midway_changes_nothing(capsys, tmp_path):
+    good = tmp_path / "good.tsv"
+    good.write_text("sentence\tlabel\n" + "".join(f"sentence number {i}\t{i % 2}\n" for i in range(40)))
+    out = tmp_path / "out"
+    assert cli.main(["shards", "--input", str(good), "--output", str(out / "s"), "--samples-per-shard", "10"]) == 0
+    capsys.readouterr()
+    before = _tree_digest(out)
+    bad = tmp_path / "bad.tsv"  # 35 good rows, then one with a tab inside its text
+    bad.write_text("sentence\tlabel\n" + "".join(f"new sentence {i}\t{i % 2}\n" for i in range(35)) + "a\ttab inside\t1\n")
+    rc = cli.main(["shards", "--input", str(bad), "--output", str(out / "s"), "--samples-per-shard", "5", "--overwrite"])
+    _one_error(capsys, rc, f"{bad}:37", "3 fields where the header has 2", "tab inside the text")
+    assert _tree_digest(out) == before  # the old shards and manifest, byte for byte; no staging left
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(f"s-{i:06d}.tar" for i in range(4))])
+
+
+def test_shards_refuses_a_runaway_line_and_binary_input(capsys, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("short line\n" + "word " * 300 + "\nlast\n")
+    rc = cli.main(["shards", "--input", str(big), "--output", str(tmp_path / "o" / "s"), "--max-sample-bytes", "1000"])
+    _one_error(capsys, rc, f"{big}:2", "over --max-sample-bytes 1000")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").rglob("*.tar"))
+    binary = tmp_path / "blob.tsv"
+    binary.write_bytes(b"sentence\tlabel\nok\t1\n\xff\xfe\x00\x81garbage\t0\n")
+    rc = cli.main(["shards", "--input", str(binary), "--output", str(tmp_path / "o2" / "s")])
+    _one_error(capsys, rc, str(binary), "not UTF-8")
+
+
+def test_task_files_are_parsed_strictly(tmp_path):
+    from recipe_dist.evaluation.finetune import EvalDataError, read_labelled
+
+    short = tmp_path / "short.tsv"
+    short.write_text("sentence\tlabel\ngood\t1\nno label here\n")
+    with pytest.raises(EvalDataError, match=r"short.tsv:3: 1 fields where the header has 2"):
+        read_labelled(str(short), "sentence", "label", "task.train_file")
+    odd = tmp_path / "odd.tsv"
+    odd.write_text("sentence\tlabel\na\t0\nb\t1\nc\t1.0\n")
+    with pytest.raises(EvalDataError, match=r"odd.tsv:4: label '1.0' is not an integer like the others"):
+        read_labelled(str(odd), "sentence", "label", "task.train_file")

@@ -10,12 +10,14 @@ AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), with credentials from the environment
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -56,33 +58,51 @@ def read_records(path: str, text_column: str | None = None, label_column: str | 
     except storage.DataError as e:
         raise ShardInputError(str(e)) from None
     with handle as f:
-        if suffix in (".tsv", ".csv"):
-            delim = "\t" if suffix == ".tsv" else ","
-            reader = csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
-            cols = reader.fieldnames or []
-            tcol = _pick(cols, text_column, TEXT_COLUMNS, "text", path, True)
-            lcol = _pick(cols, label_column, LABEL_COLUMNS, "label", path, False)
-            for row in reader:
-                text = (row.get(tcol) or "").strip()
-                if text:
-                    yield {"text": text, **({"label": row[lcol]} if lcol else {})}
-        elif suffix in (".jsonl", ".json"):
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ShardInputError(f"{path}:{lineno}: invalid JSON line") from None
-                tcol = _pick(list(obj), text_column, TEXT_COLUMNS, "text", f"{path}:{lineno}", True)
-                lcol = _pick(list(obj), label_column, LABEL_COLUMNS, "label", path, False)
-                yield {"text": str(obj[tcol]).strip(), **({"label": obj[lcol]} if lcol else {})}
-        elif suffix in (".txt", ""):
-            for line in f:
-                if line.strip():
-                    yield {"text": line.strip()}
-        else:
-            raise ShardInputError(f"{path}: unsupported input type '{suffix}' (use .tsv, .csv, .jsonl or .txt)")
+        try:
+            yield from _records(f, path, suffix, text_column, label_column)
+        except UnicodeDecodeError as e:
+            # Binary data or another encoding: name the file and where, never a codec traceback.
+            raise ShardInputError(f"{path}: not UTF-8 text (byte {e.start} of a read block: {e.reason}); "
+                                  "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+        except csv.Error as e:
+            raise ShardInputError(f"{path}: unreadable {suffix} ({e})") from None
+
+
+def _records(f, path: str, suffix: str, text_column: str | None, label_column: str | None) -> Iterator[dict]:
+    if suffix in (".tsv", ".csv"):
+        delim = "\t" if suffix == ".tsv" else ","
+        reader = csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
+        cols = reader.fieldnames or []
+        tcol = _pick(cols, text_column, TEXT_COLUMNS, "text", path, True)
+        lcol = _pick(cols, label_column, LABEL_COLUMNS, "label", path, False)
+        for row in reader:
+            # A row whose field count differs from the header's (a tab inside the text, a
+            # missing label) would shift or drop a column silently: it is an error, by line.
+            extra, missing = row.get(None), [k for k, v in row.items() if k is not None and v is None]
+            if extra or missing:
+                n = len(cols) + len(extra or []) - len(missing)
+                raise ShardInputError(f"{path}:{reader.line_num}: {n} fields where the header has {len(cols)}"
+                                      f"{' (a tab inside the text?)' if extra and delim == chr(9) else ''}")
+            text = (row.get(tcol) or "").strip()
+            if text:
+                yield {"text": text, "line": reader.line_num, **({"label": row[lcol]} if lcol else {})}
+    elif suffix in (".jsonl", ".json"):
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise ShardInputError(f"{path}:{lineno}: invalid JSON line") from None
+            tcol = _pick(list(obj), text_column, TEXT_COLUMNS, "text", f"{path}:{lineno}", True)
+            lcol = _pick(list(obj), label_column, LABEL_COLUMNS, "label", path, False)
+            yield {"text": str(obj[tcol]).strip(), "line": lineno, **({"label": obj[lcol]} if lcol else {})}
+    elif suffix in (".txt", ""):
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield {"text": line.strip(), "line": lineno}
+    else:
+        raise ShardInputError(f"{path}: unsupported input type '{suffix}' (use .tsv, .csv, .jsonl or .txt)")
 
 
 # WikiText's tokenized release splits a hyphen, comma or decimal point inside a word or number
@@ -194,11 +214,51 @@ def caption_records(csv_path: str, image_column: str = "filepath", caption_colum
             yield {ext: raw, "txt": caption}
 
 
-def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix: str = "s", manifest: bool = True) -> list[str]:
+def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix: str = "s", manifest: bool = True,
+                 max_sample_bytes: int = 0, source: str = "input") -> list[str]:
     """Write records into `{output_prefix}-{000000..}.tar` and, with `manifest`, their manifest.json
-    beside them (data/manifest.py); returns the shard URLs."""
+    beside them (data/manifest.py); returns the shard URLs.
+
+    All or nothing: the shards are written under a staging directory beside the output and moved
+    into place only after the last record was read, then shards of an earlier, longer set under the
+    same prefix are removed and the manifest is written. A bad record midway (a malformed line, a
+    sample over `max_sample_bytes`) leaves the output exactly as it was."""
     if samples_per_shard < 1:
         raise ShardInputError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    final_prefix = output_prefix
+    fs_out, out_path = fsspec.core.url_to_fs(final_prefix)
+    parent, name = out_path.rsplit("/", 1) if "/" in out_path else (".", out_path)
+    staging_dir = f"{parent}/.{name}.staging-{os.getpid()}-{time.monotonic_ns()}"
+    output_prefix = final_prefix[: len(final_prefix) - len(out_path)] + f"{staging_dir}/{name}" if storage.is_remote(final_prefix) \
+        else f"{staging_dir}/{name}"
+    try:
+        staged = _write_staged(records, output_prefix, samples_per_shard, key_prefix, max_sample_bytes, source)
+        old = existing_shards(final_prefix)
+        urls, infos = [], []
+        for url, info in staged:
+            target = f"{final_prefix}-{url.rsplit('-', 1)[1]}"
+            fs_out.mv(fsspec.core.url_to_fs(url)[1], fsspec.core.url_to_fs(target)[1])
+            urls.append(target)
+            infos.append(dataclasses.replace(info, url=target))
+        written = {fsspec.core.url_to_fs(u)[1] for u in urls}
+        for p in old:
+            if p not in written:
+                fs_out.rm(p)  # a longer earlier set's tail would otherwise match the prefix
+    finally:
+        try:
+            fs_out.rm(staging_dir, recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+    if manifest:
+        from . import manifest as manifests
+
+        manifests.write(infos)
+    return urls
+
+
+def _write_staged(records, output_prefix: str, samples_per_shard: int, key_prefix: str, max_sample_bytes: int,
+                  source: str) -> list[tuple[str, object]]:
+    """The shards of `records` under `output_prefix` (the staging directory): [(url, ShardInfo)]."""
     # webdataset splits member names at the first dot: a dot in the key would merge samples.
     key_prefix = key_prefix.replace(".", "_")
     remote = storage.is_remote(output_prefix)
@@ -247,6 +307,13 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
             # extensions (jpg, cls, ...); webdataset picks the encoding from the extension.
             sample = {"__key__": f"{key_prefix}{i:09d}"}
             for field, value in rec.items():
+                if field == "line":
+                    continue  # where the record came from, for error messages: not a shard field
+                if max_sample_bytes and isinstance(value, str) and len(value) > max_sample_bytes // 4 and \
+                        len(value.encode()) > max_sample_bytes:
+                    where = f"{source}:{rec['line']}" if "line" in rec else f"{source}: sample {i + 1}"
+                    raise ShardInputError(f"{where}: a {field} of {len(value.encode())} bytes is over --max-sample-bytes "
+                                          f"{max_sample_bytes}; split the line or raise the bound")
                 sample[FIELD_EXTENSIONS.get(field, field)] = str(value) if field == "label" else value
             writer.write(sample)
             n += 1
@@ -261,11 +328,7 @@ def write_shards(records, output_prefix: str, samples_per_shard: int, key_prefix
                 os.unlink(handle.name)
     if n == 0:
         raise ShardInputError("input has no samples")
-    if manifest:
-        from . import manifest as manifests
-
-        manifests.write(infos)
-    return urls
+    return list(zip(urls, infos))
 
 
 def brace_pattern(urls: list[str], prefix: str) -> str:
@@ -318,21 +381,8 @@ def main(args) -> int:
         recs = wikitext_records(args.input, 64 if args.chunk_words is None else args.chunk_words, args.unk)
     else:
         recs = read_records(args.input, args.text_column, args.label_column)
-    try:
-        urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(source.rstrip("/")).stem + "-")
-    except BaseException:
-        # A bad input line midway: the shards written before it would look like a complete,
-        # shorter data set. Remove them, so the output is all or nothing.
-        fs, _ = fsspec.core.url_to_fs(args.output)
-        for p in existing_shards(args.output):
-            if p not in old:
-                fs.rm(p)
-        raise
-    if args.overwrite:
-        fs, _ = fsspec.core.url_to_fs(args.output)
-        written = {fsspec.core.url_to_fs(u)[1] for u in urls}
-        for p in old:
-            if p not in written:
-                fs.rm(p)  # a longer earlier set's tail would otherwise match the prefix
+    # All or nothing (write_shards): a bad line midway leaves the old shards and manifest as they were.
+    urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(source.rstrip("/")).stem + "-",
+                        max_sample_bytes=getattr(args, "max_sample_bytes", 0), source=source)
     print(f"wrote {len(urls)} shards: {brace_pattern(urls, args.output)}", file=sys.stdout)
     return 0

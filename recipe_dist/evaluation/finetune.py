@@ -120,7 +120,7 @@ def read_labelled(path: str, text_column: str, label_column: str, what: str) -> 
         raise EvalDataError(f"{what}: file not found: {path}")
     if Path(path).suffix.lower() in (".txt", ""):
         raise EvalDataError(f"{what}: {path}: a .txt file has no label column '{label_column}'; use .tsv, .csv or .jsonl")
-    texts, labels = [], []
+    texts, labels, lines = [], [], []
     try:
         for i, rec in enumerate(read_records(path, text_column, label_column)):
             label = rec.get("label")
@@ -128,10 +128,18 @@ def read_labelled(path: str, text_column: str, label_column: str, what: str) -> 
                 raise EvalDataError(f"{what}: {path}: sample {i + 1} has no value in label column '{label_column}'")
             texts.append(rec["text"])
             labels.append(str(label).strip())
+            lines.append(rec.get("line", i + 1))
     except ShardInputError as e:
         raise EvalDataError(f"{what}: {e}") from None
     if not texts:
         raise EvalDataError(f"{what}: {path}: no samples")
+    # Integer class ids with one label of another form ('1.0', ' 1', 'pos') would silently become
+    # a class of their own: name the first such row.
+    ints = [s.isdigit() for s in labels]
+    if any(ints) and not all(ints):
+        i = ints.index(False)
+        raise EvalDataError(f"{what}: {path}:{lines[i]}: label '{labels[i]}' is not an integer like the others "
+                            f"(e.g. '{labels[ints.index(True)]}'); use one form for every label")
     return texts, labels
 
 
