@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -96,6 +97,15 @@ class RunDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         try:
+            if fresh and _entries(out) and _failed_start(out):
+                # Left by a run that stopped before its first checkpoint (a missing model, a full
+                # disk, a bad key): nothing in it can be resumed or reported, so the corrected
+                # retry takes the directory over instead of being refused as another run's.
+                print(f"output_dir: {out} holds only the files of a run that stopped before its first checkpoint; "
+                      f"replacing them ({', '.join(sorted(_entries(out))[:4])})", flush=True)
+                for name in _entries(out):
+                    target = out / name
+                    shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
             existing = (out / RUN_ID).read_text().strip() if (out / RUN_ID).is_file() else ""
             if fresh and _entries(out):
                 raise RunDirError(
@@ -130,6 +140,16 @@ class RunDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
+
+
+def _failed_start(out: Path) -> bool:
+    """Whether `out` holds only what a run of ours leaves before its first complete checkpoint:
+    its RUN_ID, and no checkpoint, model, summary or report (and nothing we did not write)."""
+    ours = {RUN_ID, "config.yaml", "config_history.jsonl", "progress.json", "tb", "keys", "input_model", "checkpoints"}
+    entries = _entries(out)
+    if RUN_ID not in entries or not entries <= ours:
+        return False
+    return not any((out / "checkpoints").glob("step_*/COMPLETE"))
 
 
 def _entries(path: Path) -> set[str]:

@@ -203,6 +203,14 @@ def test_evaluate_refuses_non_finite_weights_and_one_class_test_sets(tmp_path, t
     assert proc.returncode == 2
     error_line(proc, "task.test_file", "one class")
     assert not (tmp_path / "e" / "eval.json").exists()
+    # purify names the tensor as evaluate does, before any step (not "training diverged").
+    proc = run_cli(["purify", "--config", TINY, "--model.path", bad, "--output_dir", tmp_path / "p", *SMALL], check=False)
+    assert proc.returncode == 2
+    error_line(proc, bad / "model.safetensors", key, "non-finite")
+    assert not (tmp_path / "p" / "checkpoints").exists()
+    # The corrected retry takes over what the failed start left (no checkpoint in it), without --overwrite.
+    proc = run_cli(["purify", "--config", TINY, "--model.path", tiny_bert_dir, "--output_dir", tmp_path / "p", *SMALL])
+    assert "stopped before its first checkpoint" in proc.stdout and (tmp_path / "p" / "model" / "model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------ 3. validation before any work

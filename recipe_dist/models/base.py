@@ -69,7 +69,10 @@ def open_model_dir(path: Path, mcfg, config_name: str = "config.json") -> tuple[
     if not (path / config_name).is_file():
         raise ModelLoadError(f"model.path: no {config_name} in {path}")
     if is_safe:
-        check_safetensors(files)
+        # Every tensor read once (the load reads them again, from the page cache): a NaN in the
+        # input is named here, by file and tensor, instead of surfacing steps later as "training
+        # diverged ... lower optim.lr", which would send the user after the wrong cause.
+        check_safetensors(files, finite=True)
     return files, is_safe
 
 
