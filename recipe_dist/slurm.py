@@ -202,12 +202,48 @@ def _last_error(log_glob: list[Path]) -> str:
     return ""
 
 
+def _json_or_none(path: Path) -> dict | None:
+    """A run's JSON file as a dict; None when absent, unreadable or not a JSON object (the table
+    then shows what it can instead of a traceback)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _job_records(path: Path) -> list[dict]:
+    """The submissions in jobs.jsonl. A last line cut short (a submit killed while appending) is
+    skipped with a warning; a damaged line before the end is an error naming it."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise SlurmError(f"{path}: unreadable ({e.strerror})") from None
+    records = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not {"job", "outputs", "array"} <= set(rec):
+                raise ValueError("not a submission record")
+        except ValueError as e:
+            if no == len(lines):
+                print(f"[recipe-dist] warning: {path}:{no}: last line is incomplete ({e}); skipped", file=sys.stderr)
+                continue
+            raise SlurmError(f"{path}:{no}: not a submission record ({e}); fix or remove that line") from None
+        records.append(rec)
+    return records
+
+
 def status(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="recipe-dist slurm status", description="One table: each submitted run's state.")
     ap.add_argument("--output_dir", "--output-dir", required=True, help="the output_dir given to submit (a batch directory for manifests)")
     a = ap.parse_args(argv)
     base = Path(a.output_dir)
-    records = [json.loads(ln) for ln in (base / "slurm" / "jobs.jsonl").read_text().splitlines()] if (base / "slurm" / "jobs.jsonl").is_file() else []
+    records = _job_records(base / "slurm" / "jobs.jsonl")
     if not records:
         raise SlurmError(f"--output_dir: no submissions recorded in {base / 'slurm' / 'jobs.jsonl'}")
     queue, unreadable = _squeue()
@@ -218,13 +254,13 @@ def status(argv: list[str]) -> int:
             run_dir = Path(run)
             state = None if queue is None else queue.get(job) or (queue.get(rec["job"]) if not rec["array"] else None)
             logs = list((base / "slurm").glob(f"slurm-{rec['job']}_{i}.out" if rec["array"] else f"slurm-{rec['job']}.out"))
-            progress = json.loads((run_dir / "progress.json").read_text()) if (run_dir / "progress.json").is_file() else None
-            if (run_dir / "summary.json").is_file():
-                summary = json.loads((run_dir / "summary.json").read_text())
+            progress = _json_or_none(run_dir / "progress.json")  # replaced atomically, but a copy may be cut short
+            summary = _json_or_none(run_dir / "summary.json")
+            if summary is not None:
                 detail = f"{summary.get('steps')} steps"
-                ev = run_dir / "eval" / "eval.json"
-                if ev.is_file():
-                    detail += f", AASR {json.loads(ev.read_text())['aasr']:.2f}"
+                ev = _json_or_none(run_dir / "eval" / "eval.json")
+                if ev is not None and isinstance(ev.get("aasr"), (int, float)):
+                    detail += f", AASR {ev['aasr']:.2f}"
                 rows.append((job, run, "done", detail))
             elif state == "PD":
                 rows.append((job, run, "queued", ""))

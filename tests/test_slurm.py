@@ -235,6 +235,32 @@ def test_status_says_unknown_not_failed_when_squeue_cannot_be_read(tmp_path):
     assert "failed |" not in out.stdout.replace("squeue failed", "")
 
 
+def test_status_reads_cut_short_files_without_a_traceback(tmp_path):
+    """A jobs.jsonl whose last line was cut short, a truncated progress.json or summary.json: the
+    table shows what it can; a damaged line before the end is one error naming it."""
+    batch, fake = tmp_path / "batch", tmp_path / "bin"
+    (batch / "slurm").mkdir(parents=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "summary.json").write_text('{"steps": 7, "out')  # cut short
+    (b / "progress.json").write_text('{"step": 3, "total')
+    good = json.dumps({"job": "51", "array": True, "outputs": [str(a), str(b)]})
+    (batch / "slurm" / "jobs.jsonl").write_text(good + "\n" + '{"job": "52", "arr')
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\necho '51_1 R'\n")
+    (fake / "squeue").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "recipe_dist", "slurm", "status", "--output_dir", str(batch)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "jobs.jsonl:2: last line is incomplete" in out.stderr
+    assert f"| 51_1 | {b} | running | starting |" in out.stdout, out.stdout
+    (batch / "slurm" / "jobs.jsonl").write_text('{"job": "5\n' + good + "\n")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "jobs.jsonl:1: not a submission record" in out.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "-2"], "--nodes: must be >= 1, got -2"),
     (["--ntasks-per-node", "0"], "--ntasks-per-node: must be >= 1"),
