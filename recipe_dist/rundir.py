@@ -145,7 +145,8 @@ class RunDir:
 def _failed_start(out: Path) -> bool:
     """Whether `out` holds only what a run of ours leaves before its first complete checkpoint:
     its RUN_ID, and no checkpoint, model, summary or report (and nothing we did not write)."""
-    ours = {RUN_ID, "config.yaml", "config_history.jsonl", "progress.json", "tb", "keys", "input_model", "checkpoints"}
+    ours = {RUN_ID, "config.yaml", "config_history.jsonl", "progress.json", "tb", "keys", "input_model", "checkpoints", "data",
+            "model.partial"}
     entries = _entries(out)
     if RUN_ID not in entries or not entries <= ours:
         return False

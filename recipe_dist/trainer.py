@@ -8,6 +8,7 @@ resuming; `StepMetrics` logging and the divergence check; `RunDir` the output di
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -272,6 +273,29 @@ class Trainer:
             print(f"stopped at step {step}/{total} (train.stop_at_step); continue with --resume auto")
         return {"steps": step, "stopped": True}
 
+    def _write_model(self, loaded, state) -> list[Path]:
+        """The job's export into model.partial/, renamed to model/ when complete: a full disk or a
+        read-only mount midway leaves no half-written model/ that looks finished, and one line
+        that says the checkpoints still hold the run (hashes are taken before the rename)."""
+        import shutil
+
+        target, partial = self.out / "model", self.out / "model.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            files = self.job.export(loaded, state, partial)
+            digests = sha256_files(files)
+            if target.exists():
+                shutil.rmtree(target)  # a resumed run that re-exports (e.g. after a crash right after the rename)
+            os.rename(partial, target)
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            from .checkpoint.store import _describe
+
+            raise RecipeError(f"export: cannot write {target}: {_describe(e, self.out)}; the run's checkpoints are intact, "
+                              "so `--resume auto` writes the model once the cause is fixed") from None
+        self._out_digests = digests
+        return [target / Path(f).relative_to(partial) for f in files]
+
     def _export(self, engine, loaded, step: int, samples: int, last: dict | None) -> dict:
         """Write the trained model (rank 0, refusing non-finite tensors) and summary.json."""
         state = self.checkpointer.consolidated_state(engine, loaded.model)
@@ -280,7 +304,7 @@ class Trainer:
             bad = [k for k, v in state.items() if v is not None and v.is_floating_point() and not bool(torch.isfinite(v).all())]
             if bad:
                 raise RecipeError(f"export refused: {len(bad)} tensor(s) hold non-finite values (first: {bad[0]}); nothing was written to {self.out / 'model'}")
-            out_files = self.job.export(loaded, state, self.out / "model")
+            out_files = self._write_model(loaded, state)
             summary = {
                 "steps": step,
                 "samples": samples,
@@ -289,7 +313,7 @@ class Trainer:
                 "zero_stage": self.cfg.train.zero_stage,
                 **{f"final_{k}": v for k, v in (last or {}).items()},
                 "input_weights_sha256": sha256_files(loaded.weight_files),
-                "output_weights_sha256": sha256_files(out_files),
+                "output_weights_sha256": self._out_digests,
             }
             write_summary(self.out, summary)
         barrier()

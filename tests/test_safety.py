@@ -152,6 +152,27 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, finished):
     assert digest(out) == before
 
 
+@pytest.mark.slow
+def test_a_failed_export_is_one_line_and_leaves_no_model_that_looks_finished(tmp_path, finished):
+    out = tmp_path / "run"
+    purify(out, "--train.stop_at_step=4", check=True)
+    (out / "model.partial").write_text("in the way")  # the export cannot create its directory (as on a read-only mount)
+    proc = purify(out, "--resume=auto")
+    assert proc.returncode == 2
+    error_line(proc, "export: cannot write", out / "model", "checkpoints are intact")
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+    (out / "model.partial").unlink()
+    proc = purify(out, "--resume=auto", check=True)
+    assert (out / "model" / "model.safetensors").read_bytes() == (finished / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_family_that_does_not_fit_the_model_is_one_line(tmp_path, finished):
+    proc = purify(tmp_path / "r", "--model.path", finished / "model", "--model.family=roberta")
+    assert proc.returncode == 2
+    error_line(proc, "model.family=roberta", finished / "model", "bert model", "lm_head")
+
+
 # ------------------------------------------------------------------ 2. non-finite guards
 
 

@@ -196,6 +196,19 @@ class ModelFamily(abc.ABC):
     prune_defaults: dict = {"fp_keep": 0, "gm_layers": 4.0, "ga_layers": 6.0}
 
     # ------------------------------------------------------------------ weights
+    def check_fits(self, model: nn.Module, path: Path, model_type: str, needs: tuple[str, ...] = ()) -> None:
+        """Refuse, with one line, a model of another family loaded under this one (e.g.
+        --model.family=roberta on a BERT directory): its regularized weights (and the attributes in
+        `needs`) must exist, else every later step would fail far from the cause."""
+        import re
+
+        names = [n for n, _ in model.named_parameters()]
+        missing = [a for a in needs if not hasattr(model, a)]
+        if missing or (self.default_regularized and not any(re.search(p, n) for p in self.default_regularized for n in names)):
+            what = f"no `{missing[0]}`" if missing else f"no weight matching {self.default_regularized[0]!r}"
+            raise ModelLoadError(f"model.family={self.name}: {path} is a {model_type or 'different'} model (config.json model_type) "
+                                 f"with {what}; pass the --model.family that matches it")
+
     @abc.abstractmethod
     def load(self, path: Path, cfg) -> LoadedModel:
         """The model at `path`, loaded without unpickling or remote code unless cfg.model opts in."""

@@ -105,6 +105,7 @@ class CausalLMFamily(ModelFamily):
         # Nothing is missing or unused by design: any key the report lists is loud.
         model = load_with_summary(AutoModelForCausalLM, str(path), expected_missing=(), expected_unused=(), role="the causal LM",
                                   config=hf_cfg, trust_remote_code=mcfg.trust_remote_code, use_safetensors=is_safe, dtype=torch.float32)
+        self.check_fits(model, path, getattr(hf_cfg, "model_type", ""))
         keys, dtype = input_layout(files, is_safe, model)
         return LoadedModel(model=model, processor=self._tokenizer(path, cfg), path=path, weight_files=files,
                            input_dtype=dtype, input_keys=keys)

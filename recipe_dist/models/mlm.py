@@ -99,6 +99,7 @@ class MaskedLMFamily(ModelFamily):
         base = load_with_summary(AutoModel, str(path), expected_missing=(), expected_unused=HEADS,
                                  role="the encoder", config=hf_cfg, **kw)  # with its pooler
         setattr(mlm, mlm.base_model_prefix, base)
+        self.check_fits(mlm, path, getattr(hf_cfg, "model_type", ""), needs=(self.head_attr,))
         mlm.tie_weights()
         keys, dtype = input_layout(files, is_safe, mlm)
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
