@@ -9,8 +9,12 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 nproc="$1"; shift
-# --standalone picks a free rendezvous port, so several local jobs can run side by side.
+# recipe_dist.launch is torchrun --standalone (a free rendezvous port, so several local jobs can
+# run side by side) called as a library, ending a failed run with one line instead of torchrun's
+# ChildFailedError traceback. Each rank dies with it (PR_SET_PDEATHSIG), so kill -9 of this
+# process leaves no orphan behind.
 # OMP_NUM_THREADS: torchrun sets 1 when unset; keep the caller's value, else share the cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
+py="${RECIPE_DIST_PYTHON:-python}"
 echo "launch: torchrun --standalone --nproc_per_node=$nproc -m recipe_dist $* (OMP_NUM_THREADS=$OMP_NUM_THREADS)" >&2
-exec torchrun --standalone --nproc_per_node="$nproc" -m recipe_dist "$@"
+exec "$py" -m recipe_dist.launch "$nproc" "$@"

@@ -173,6 +173,17 @@ def test_a_family_that_does_not_fit_the_model_is_one_line(tmp_path, finished):
     error_line(proc, "model.family=roberta", finished / "model", "bert model", "lm_head")
 
 
+@pytest.mark.slow
+def test_a_failed_multi_rank_run_ends_in_the_ranks_line_and_one_launcher_line(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "2", "purify", "--config", str(TINY), "--output_dir",
+                           str(tmp_path / "r"), "--model.path", str(tmp_path / "absent")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("launch: rank ") and lines[-1].endswith("exited with code 2 (its message is above)")
+    assert lines[-2] == f"recipe-dist: error: model.path: not a directory: {tmp_path / 'absent'}"
+
+
 # ------------------------------------------------------------------ 2. non-finite guards
 
 
