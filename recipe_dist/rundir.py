@@ -190,6 +190,36 @@ def write_summary(out: Path, summary: dict) -> None:
     _write(Path(out) / "summary.json", json.dumps(summary, indent=2) + "\n", durable=True)
 
 
+def write_dir_aside(target: Path, write) -> dict[str, str]:
+    """Run `write(partial)` to fill `<target>.partial/`, then rename it to `target`: a crash, a full
+    disk or an unwritable mount midway leaves no half-written `target` that looks finished.
+    Returns {relative path: sha256} of every file written (taken before the rename). An OSError
+    becomes one line naming `target`; the caller's earlier outputs (checkpoints) are untouched."""
+    import hashlib
+
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write(partial)
+        digests = {}
+        for f in sorted(partial.rglob("*")):
+            if f.is_file():
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        h.update(block)
+                digests[f.relative_to(partial).as_posix()] = h.hexdigest()
+        if target.exists():
+            shutil.rmtree(target)  # a rerun after a crash right after the rename, before the summary
+        os.rename(partial, target)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        why = "no space left on device" if e.errno == 28 else (e.strerror or type(e).__name__)
+        raise RecipeError(f"cannot write {target}: {why}{f' ({e.filename})' if e.filename else ''}") from None
+    return digests
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

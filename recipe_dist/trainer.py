@@ -8,7 +8,6 @@ resuming; `StepMetrics` logging and the divergence check; `RunDir` the output di
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +28,7 @@ from .jobs import Job
 from .metrics import build_logger
 from .models.base import sha256_files
 from .preempt import Preemption, requeue
-from .rundir import RunDir, finished_summary, write_progress, write_run_config, write_summary
+from .rundir import RunDir, finished_summary, write_dir_aside, write_progress, write_run_config, write_summary
 from .seeds import Stream, mix_seed
 
 
@@ -273,28 +272,17 @@ class Trainer:
             print(f"stopped at step {step}/{total} (train.stop_at_step); continue with --resume auto")
         return {"steps": step, "stopped": True}
 
-    def _write_model(self, loaded, state) -> list[Path]:
-        """The job's export into model.partial/, renamed to model/ when complete: a full disk or a
-        read-only mount midway leaves no half-written model/ that looks finished, and one line
-        that says the checkpoints still hold the run (hashes are taken before the rename)."""
-        import shutil
-
-        target, partial = self.out / "model", self.out / "model.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+    def _write_model(self, loaded, state) -> dict[str, str]:
+        """The job's export, written aside and renamed into model/ (rundir.write_dir_aside);
+        returns the sha256 of each weight file."""
+        files: list = []
         try:
-            files = self.job.export(loaded, state, partial)
-            digests = sha256_files(files)
-            if target.exists():
-                shutil.rmtree(target)  # a resumed run that re-exports (e.g. after a crash right after the rename)
-            os.rename(partial, target)
-        except OSError as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            from .checkpoint.store import _describe
-
-            raise RecipeError(f"export: cannot write {target}: {_describe(e, self.out)}; the run's checkpoints are intact, "
-                              "so `--resume auto` writes the model once the cause is fixed") from None
-        self._out_digests = digests
-        return [target / Path(f).relative_to(partial) for f in files]
+            digests = write_dir_aside(self.out / "model", lambda d: files.extend(self.job.export(loaded, state, d)))
+        except RecipeError as e:
+            raise RecipeError(f"export: {e}; the run's checkpoints are intact, so `--resume auto` writes the model once "
+                              "the cause is fixed") from None
+        weights = {Path(f).name for f in files}
+        return {name: sha for name, sha in digests.items() if Path(name).name in weights}
 
     def _export(self, engine, loaded, step: int, samples: int, last: dict | None) -> dict:
         """Write the trained model (rank 0, refusing non-finite tensors) and summary.json."""
@@ -304,7 +292,7 @@ class Trainer:
             bad = [k for k, v in state.items() if v is not None and v.is_floating_point() and not bool(torch.isfinite(v).all())]
             if bad:
                 raise RecipeError(f"export refused: {len(bad)} tensor(s) hold non-finite values (first: {bad[0]}); nothing was written to {self.out / 'model'}")
-            out_files = self._write_model(loaded, state)
+            out_digests = self._write_model(loaded, state)
             summary = {
                 "steps": step,
                 "samples": samples,
@@ -313,7 +301,7 @@ class Trainer:
                 "zero_stage": self.cfg.train.zero_stage,
                 **{f"final_{k}": v for k, v in (last or {}).items()},
                 "input_weights_sha256": sha256_files(loaded.weight_files),
-                "output_weights_sha256": self._out_digests,
+                "output_weights_sha256": out_digests,
             }
             write_summary(self.out, summary)
         barrier()

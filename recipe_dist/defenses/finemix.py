@@ -27,7 +27,7 @@ from ..config import ConfigError
 from ..errors import RecipeError
 from ..models.base import check_safetensors, sha256_files, weight_files
 from ..models.load_report import load_with_summary
-from ..rundir import RunDir, write_run_config, write_summary
+from ..rundir import RunDir, write_dir_aside, write_run_config, write_summary
 from . import register_defense
 
 
@@ -150,8 +150,8 @@ class FineMixing:
             torch.manual_seed(fm.finetune.seed)
             report["finetune_loss"] = train_classifier(model, tok, texts, y, fm.finetune, fm.finetune.seed, torch.device("cpu"), what="finemix")
         target = out / "model"
-        model.save_pretrained(str(target))
-        tok.save_pretrained(str(target))
+        # Written aside and renamed into model/ when complete (rundir.write_dir_aside).
+        write_dir_aside(target, lambda d: (model.save_pretrained(str(d)), tok.save_pretrained(str(d))))
         report["output_weights_sha256"] = sha256_files(sorted(target.glob("*.safetensors")))
         report["wall_time_s"] = round(time.time() - t0, 2)
         (out / "finemix.json").write_text(json.dumps(report, indent=2) + "\n")

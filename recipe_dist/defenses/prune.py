@@ -24,7 +24,7 @@ from ..distributed import barrier, init_distributed, run_on_main
 from ..jobs import FamilyJob
 from ..models.base import sha256_files
 from ..neurons import apply_pruning, prune_selection, record
-from ..rundir import RunDir, write_run_config, write_summary
+from ..rundir import RunDir, write_dir_aside, write_run_config, write_summary
 from . import register_defense
 
 
@@ -108,7 +108,9 @@ class FinePruning:
             copies: dict[int, torch.Tensor] = {}
             state = {k: copies.setdefault(id(v), v.detach().clone()) for k, v in fresh.model.state_dict(keep_vars=True).items()}
             apply_pruning(state, family.neuron_sites(fresh.model), chosen)
-            files = family.export(fresh, state, out / "model")
+            files: list = []  # written aside, renamed into model/ when complete
+            write_dir_aside(out / "model", lambda d: files.extend(family.export(fresh, state, d)))
+            files = [out / "model" / Path(f).name for f in files]
             per_layer = {st.site.layer: len(chosen.get(st.site.layer, [])) for st in stats}
             report = {
                 "variant": p.variant, "model": str(model_dir), "samples": stats[0].samples,
