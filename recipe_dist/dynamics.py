@@ -49,9 +49,23 @@ def checkpoint_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(run_dir: Path, tag: str, family, cfg, target: Path) -> Path:
-    """The checkpoint `tag` of `run_dir` as a model directory of the family (like the run's own export)."""
-    if (target / "config.json").is_file():
-        return target
+    """The checkpoint `tag` of `run_dir` as a model directory of the family (like the run's own export).
+
+    An export already in `target` is reused only when its source.json names this very checkpoint
+    (run directory, run id and the checkpoint's own record digest): an output directory reused for
+    another run, or a checkpoint rewritten since, is exported again, never read stale."""
+    from .checkpoint import read_meta
+    from .rundir import write_dir_aside
+
+    meta = read_meta(run_dir / "checkpoints" / tag) or {}
+    source = {"run_dir": str(run_dir.resolve()), "run_id": meta.get("run_id"), "checkpoint": tag,
+              "record_sha256": meta.get("record_sha256")}
+    record = target.with_name(target.name + ".source.json")
+    try:
+        if (target / "config.json").is_file() and json.loads(record.read_text()) == source:
+            return target
+    except (OSError, ValueError):
+        pass
     loaded = family.load(_input_model(run_dir, cfg), cfg)
     model_state = loaded.model.state_dict(keep_vars=True)
     saved = _strip_to(set(model_state), checkpoint_state(run_dir / "checkpoints" / tag))
@@ -59,7 +73,9 @@ def export_checkpoint(run_dir: Path, tag: str, family, cfg, target: Path) -> Pat
     # theirs. Names of one tied tensor share one value, so the export writes the tie as the run did.
     shared: dict[int, torch.Tensor] = {}
     state = {k: shared.setdefault(id(v), saved.get(k, v.detach()).detach().clone()) for k, v in model_state.items()}
-    family.export(loaded, state, target)
+    record.unlink(missing_ok=True)
+    write_dir_aside(target, lambda d: family.export(loaded, state, d))
+    record.write_text(json.dumps(source) + "\n")  # last: names a complete export
     return target
 
 

@@ -280,6 +280,17 @@ def test_dynamics_scores_every_checkpoint_and_the_last_one_is_the_export(tmp_pat
         assert torch.allclose(last[k], final[k], atol=1e-6), k
     first = _tensors(out / "step_00000002" / "model")
     assert any(not torch.equal(first[k], final[k]) for k in final)
+    if stage == 0:  # the same output directory for another run: its exports are made again, never reused stale
+        run2 = tmp_path / "purify2"
+        run_cli(["purify", "--config", TINY, "--model.path", tiny_bert_dir, "--output_dir", run2, "--train.max_steps=6",
+                 "--checkpoint.every_steps=2", "--checkpoint.keep=10", "--data.synthetic_samples=256", "--train.seed=7",
+                 "--model.trainable=all"])
+        run_cli(["dynamics", run2, "--config", REPO / "configs" / "eval" / "sst2.yaml", "--output_dir", out,
+                 "--task.train_file", train, "--task.test_file", train, "--finetune.epochs=1", "--finetune.max_length=32",
+                 "--finetune.batch_size=16", "--seeds=1", "--triggers.words=cf"])
+        last2, final2 = _tensors(out / "step_00000006" / "model"), _tensors(run2 / "model")
+        assert all(torch.allclose(last2[k], final2[k], atol=1e-6) for k in final2)
+        assert any(not torch.equal(final2[k], final[k]) for k in final)
 
 
 def test_analyze_refuses_zero_insertions(tmp_path):
@@ -287,3 +298,15 @@ def test_analyze_refuses_zero_insertions(tmp_path):
     clean.write_text("a clean sentence\n")
     proc = run_cli(["analyze", "--model.path", tmp_path, "--clean", clean, "--insertions", "0", "--output_dir", tmp_path / "an"], check=False)
     assert proc.returncode == 2 and "--insertions: must be >= 1" in proc.stderr and not (tmp_path / "an").exists()
+
+
+@pytest.mark.slow  # a real CLI process
+def test_prune_refuses_a_count_that_would_zero_every_neuron(tmp_path, tiny_bert_dir):
+    """FP-GM's BERT default is 4 layers' worth (method.md); on a 2-layer model that is every FFN neuron."""
+    out = tmp_path / "fp-gm"
+    proc = run_cli(["prune", "--config", TINY, "--model.path", tiny_bert_dir, "--output_dir", out, "--prune.variant=fp-gm",
+                    "--data.synthetic_samples=64", "--train.global_batch_size=32", "--train.micro_batch_size=32"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("recipe-dist: error:")][-1]
+    assert "prune.gm_layers: 4 layers' worth" in line and "model's 2 FFN layers" in line, line
+    assert not (out / "model").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import deepspeed_config
+from ..config import ConfigError, deepspeed_config
 from ..data.train_data import TrainData
 from ..distributed import barrier, init_distributed, run_on_main
 from ..jobs import FamilyJob
@@ -98,6 +98,12 @@ class FinePruning:
         gm = p.gm_layers or family.prune_defaults["gm_layers"]
         ga = p.ga_layers or family.prune_defaults["ga_layers"]
         keep = family.prune_defaults.get("fp_keep", 0)
+        worth, key = {"fp-gm": (gm, "prune.gm_layers"), "fp-ga": (ga, "prune.ga_layers")}.get(p.variant, (0, ""))
+        if worth >= len(stats):
+            # The paper's counts are for 12-layer models; on a shallower one they would zero every
+            # FFN neuron, and the "defense" would be a destroyed model.
+            raise ConfigError(f"{key}: {worth:g} layers' worth of neurons (the {family.name} default from method.md when 0) is "
+                              f">= the model's {len(stats)} FFN layers, so every neuron would be pruned; set {key} below {len(stats)}")
         chosen = prune_selection(stats, p.variant, gm, ga, fp_keep=keep)
         report = {}
         if info.is_main:
