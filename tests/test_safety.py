@@ -184,6 +184,36 @@ def test_a_failed_multi_rank_run_ends_in_the_ranks_line_and_one_launcher_line(tm
     assert lines[-2] == f"recipe-dist: error: model.path: not a directory: {tmp_path / 'absent'}"
 
 
+@pytest.fixture
+def read_only_dirs(tmp_path):
+    """Two read-only tmpfs mounts (root only): a HOME and an output mount."""
+    home, mnt = tmp_path / "home", tmp_path / "mnt"
+    mounted = []
+    for d in (home, mnt):
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True).returncode != 0:
+            for m in mounted:
+                subprocess.run(["umount", "-l", str(m)])
+            pytest.skip("needs root to mount a read-only tmpfs")
+        mounted.append(d)
+    yield home, mnt
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)])
+
+
+@pytest.mark.slow
+def test_read_only_home_still_runs_and_a_read_only_output_is_one_line(tmp_path, read_only_dirs):
+    home, mnt = read_only_dirs
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "TORCH_EXTENSIONS_DIR")}
+    env.update(HOME=str(home), MPLCONFIGDIR=str(tmp_path / "mpl"))
+    cmd = [sys.executable, "-m", "recipe_dist", "purify", "--config", str(TINY), *SMALL]
+    proc = subprocess.run([*cmd, "--output_dir", str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # DeepSpeed's op build went to the temporary directory
+    proc = subprocess.run([*cmd, "--output_dir", str(mnt / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    error_line(proc, f"cannot write {mnt / 'run'}", "Read-only file system")
+
+
 # ------------------------------------------------------------------ 2. non-finite guards
 
 
