@@ -11,6 +11,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
+import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
