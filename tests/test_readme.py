@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 RESULTS = REPO / "recipe_dist" / "lab" / "results"
@@ -189,6 +191,7 @@ def test_every_repo_path_the_readme_names_exists():
     assert missing_paths(readme_text(), REPO) == []
 
 
+@pytest.mark.slow  # several CLI processes: CI runs it, the fast lane leaves it out
 def test_every_command_the_readme_shows_answers_help_with_its_options():
     calls = invocations(readme_text())
     assert {p for p, _ in calls} >= {("purify",), ("fit-head",), ("shards",), ("evaluate",), ("report",), ("slurm", "submit")}
@@ -204,6 +207,7 @@ def test_every_command_of_the_cli_is_in_the_readme():
     assert sorted(set(commands) - mentioned) == []
 
 
+@pytest.mark.slow  # several CLI processes: CI runs it, the fast lane leaves it out
 def test_the_tiny_purify_runs_as_written_and_writes_what_the_readme_lists(tmp_path):
     text = readme_text()
     assert TINY_PURIFY in command_lines(text), "the README no longer shows the tiny purify; update this test"
@@ -277,6 +281,7 @@ def test_the_results_page_anchors_lead_to_its_headings():
     assert sorted(set(re.findall(r"\]\(#([^)]+)\)", text)) - slugs) == []
 
 
+@pytest.mark.slow  # several CLI processes: CI runs it, the fast lane leaves it out
 def test_the_render_commands_on_the_results_page_give_its_tables():
     renders = [line for line in command_lines(RESULTS_PAGE.read_text()) if "--render" in line]
     assert len(renders) >= 4

@@ -275,6 +275,7 @@ def test_submit_refuses_a_bad_directive_before_submitting(tmp_path, args, messag
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # several CLI processes: CI runs it, the fast lane leaves it out
 def test_submit_accepts_the_time_forms_and_a_handled_signal(tmp_path):
     for t in ("90", "30:00", "12:00:00", "2-00", "2-12:00:00", "UNLIMITED"):
         run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "run", "--dry-run", "--time", t])
