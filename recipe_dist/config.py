@@ -165,7 +165,9 @@ class DataConfig:
     masking: Literal["dynamic", "static"] = _f("dynamic", "dynamic (new mask every epoch) or static (one mask per sample, as the reference code)")
     shuffle_buffer: int = _f(1000, "sample shuffle buffer", check=gt(0))
     num_workers: int = _f(0, "DataLoader workers per rank", check=ge(0))
-    synthetic_samples: int = _f(2000, "sentences in the synthetic corpus used when train_urls is empty", check=gt(0))
+    synthetic_samples: int = _f(0, "samples of the family's SYNTHETIC corpus used when train_urls is empty: 0 means 2000 for the "
+                                "embedded tiny model and an error for a real model (model.path), which is never trained on "
+                                "synthetic text unless a count is given on purpose (wiring tests)", check=ge(0))
     endpoint_url: str = _f("", "S3-compatible endpoint (e.g. http://minio:9000); empty uses AWS_ENDPOINT_URL(_S3) or AWS. "
                            "Credentials never go here: they come from the environment or profiles")
     retries: int = _f(5, "retries of a transient storage error (5xx, reset, timeout) before the run fails; counted as data/retries", check=ge(0))
@@ -347,6 +349,16 @@ class RunConfig:
             raise ConfigError(f"resume: no checkpoint directory {self.resume}")
         if self.overwrite and self.resume:
             raise ConfigError(f"overwrite: true moves the old run aside, so it cannot be combined with resume={self.resume!r}")
+        if not self.data.train_urls and not self.data.synthetic_samples and not self.model.path:
+            self.data.synthetic_samples = 2000  # the embedded default's corpus, recorded as such in config.yaml
+
+    def check_training_data(self) -> None:
+        """For commands that train on auxiliary data (purify, attack, fit-head, prune's statistics):
+        a real model (model.path) never falls back to the SYNTHETIC corpus unless asked."""
+        if self.model.path and not self.data.train_urls and not self.data.synthetic_samples:
+            raise ConfigError(f"data.train_urls: empty, so {self.model.path} would train on the SYNTHETIC template corpus; "
+                              "give --data.train_urls SHARDS (make them with `recipe-dist shards --input FILE --output PREFIX`), "
+                              "or --data.synthetic_samples=N to run on synthetic text on purpose")
 
 
 # --------------------------------------------------------------------------------------------

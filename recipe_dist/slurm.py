@@ -122,7 +122,7 @@ def read_manifest(path: Path, config: str, command: str, common: list[str]) -> l
                 "--output_dir", str(Path(entry["output_dir"]).resolve())]
         args += [f"--{k}={v if not isinstance(v, (list, dict)) else json.dumps(v)}" for k, v in entry.items() if k not in ("model", "output_dir")]
         try:
-            load_config(config, args[3:])
+            load_config(config, args[3:]).check_training_data()
         except ConfigError as e:
             raise SlurmError(f"--manifest {path}:{no}: {e}") from None
         tasks.append(args)
@@ -134,6 +134,8 @@ def read_manifest(path: Path, config: str, command: str, common: list[str]) -> l
 def submit(argv: list[str]) -> int:
     a, overrides = _parser().parse_known_args(argv)
     cfg = load_config(a.config, overrides)  # every key and value checked before anything is submitted
+    if not a.manifest:
+        cfg.check_training_data()  # a manifest's lines are checked with their own model.path (read_manifest)
     check_directives(a, cfg)
     out = Path(cfg.output_dir).resolve()
     env = {"RECIPE_DIST_PYTHON": sys.executable, "RECIPE_DIST_ROOT": str(REPO)}
@@ -265,9 +267,11 @@ def status(argv: list[str]) -> int:
             elif state == "PD":
                 rows.append((job, run, "queued", ""))
             elif state in ("R", "CG"):
-                if progress:
-                    eta = (progress["total_steps"] - progress["step"]) / max(progress["steps_per_second"], 1e-9)
-                    rows.append((job, run, "running", f"step {progress['step']}/{progress['total_steps']}, ETA {eta / 60:.1f} min"))
+                fields = [progress.get(k) for k in ("step", "total_steps", "steps_per_second")] if progress else []
+                if fields and all(isinstance(v, (int, float)) for v in fields):
+                    step, total, rate = fields
+                    eta = (total - step) / max(rate, 1e-9)
+                    rows.append((job, run, "running", f"step {step}/{total}, ETA {eta / 60:.1f} min"))
                 else:
                     rows.append((job, run, "running", "starting"))
             else:

@@ -129,8 +129,8 @@ def test_a_flipped_byte_in_the_newest_checkpoint_is_skipped_and_the_run_ends_as_
     data[len(data) // 2] ^= 0x10  # one bit, deep inside a tensor: torch.load would read it silently
     states.write_bytes(bytes(data))
     proc = purify(out, "--resume=auto", check=True)
-    warned = [ln for ln in proc.stdout.splitlines() if "skipping checkpoint" in ln]
-    assert len(warned) == 1 and "step_00000004" in warned[0] and "sha256" in warned[0], proc.stdout[-2000:]
+    warned = [ln for ln in proc.stderr.splitlines() if "skipping checkpoint" in ln]
+    assert len(warned) == 1 and "step_00000004" in warned[0] and "sha256" in warned[0], proc.stderr[-2000:]
     assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
     assert (out / "model" / "model.safetensors").read_bytes() == (finished / "model" / "model.safetensors").read_bytes()
 

@@ -166,7 +166,11 @@ def test_dry_run_prints_the_directives_and_submits_nothing(tmp_path):
 
 def test_bad_manifest_line_and_missing_sbatch_are_one_line(tmp_path):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"model": "/m", "output_dir": str(tmp_path / "a")}) + "\n{broken\n")
+    manifest.write_text(json.dumps({"model": "/m", "output_dir": str(tmp_path / "a")}) + "\n")
+    proc = run_cli(["slurm", "submit", "--config", TINY, "--manifest", manifest, "--output_dir", tmp_path / "b"], check=False)
+    # A real model with no auxiliary data would train on synthetic text: refused before the queue.
+    assert proc.returncode == 2 and f"{manifest}:1: data.train_urls: empty" in proc.stderr.strip().splitlines()[-1]
+    manifest.write_text(json.dumps({"model": "/m", "output_dir": str(tmp_path / "a"), "data.synthetic_samples": 64}) + "\n{broken\n")
     proc = run_cli(["slurm", "submit", "--config", TINY, "--manifest", manifest, "--output_dir", tmp_path / "b"], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("recipe-dist: error:")
     assert f"{manifest}:2" in proc.stderr
@@ -255,6 +259,9 @@ def test_status_reads_cut_short_files_without_a_traceback(tmp_path):
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "jobs.jsonl:2: last line is incomplete" in out.stderr
     assert f"| 51_1 | {b} | running | starting |" in out.stdout, out.stdout
+    (b / "progress.json").write_text('{"step": 5}')  # parses, but lacks the fields the ETA needs
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and f"| 51_1 | {b} | running | starting |" in out.stdout, out.stderr[-2000:]
     (batch / "slurm" / "jobs.jsonl").write_text('{"job": "5\n' + good + "\n")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -38,6 +38,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def _damaged(root: Path, run_id: str) -> list[tuple[int, str]]:
 def verified_tags(root: Path, run_id: str = "", warn=None, first_only: bool = False) -> list[tuple[int, str]]:
     """(step, tag) of checkpoints that verify (see `verify`), newest first; `warn(line)` hears of
     each one skipped. With `first_only`, stop at the newest that verifies."""
-    warn = warn or (lambda line: print(line, flush=True))
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))  # seen even with stdout redirected
     out = []
     for step, tag in _damaged(root, run_id):
         why = verify(root / tag, run_id)
@@ -348,6 +349,10 @@ def _save(engine, root: Path, step: int, client_state: dict, keep: int, rank: in
             record = {**(meta or {}), "step": step, "time": time.time(), "files": file_digests(partial)}
             _write_durably(partial / COMPLETE, json.dumps({**record, "record_sha256": _record_digest(record)}))
             if (root / tag).exists():  # this step was saved before, by a run resumed from an older checkpoint
+                other = (read_meta(root / tag) or {}).get("run_id")
+                if other and other != run_id:
+                    print(f"[recipe-dist] warning: replacing {root / tag}, a checkpoint of another run ({other}) "
+                          "that was in this run's checkpoints/", file=sys.stderr, flush=True)
                 _remove(root / tag)
             os.rename(partial, root / tag)
             _fsync(root)

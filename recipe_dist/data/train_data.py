@@ -50,6 +50,7 @@ class TrainData:
     def _shard_urls(self, out_dir: Path) -> list[str]:
         cfg = self.cfg
         if not cfg.data.train_urls:
+            cfg.check_training_data()  # a real model never falls back to synthetic text silently
             prefix = out_dir / "data" / "synthetic"
 
             def make():

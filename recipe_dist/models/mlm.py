@@ -112,9 +112,16 @@ class MaskedLMFamily(ModelFamily):
 
     def pretraining_loss(self, loaded: LoadedModel, cfg) -> MaskedLMLoss:
         if not self.ships_head(loaded) and int(os.environ.get("RANK", "0")) == 0:
+            import shlex
+
+            # A command that runs as printed: this run's own data and a directory beside its output.
+            head_dir = f"{cfg.output_dir.rstrip('/')}-head"
+            data = f"--data.train_urls {shlex.quote(cfg.data.train_urls)}" if cfg.data.train_urls else \
+                f"--data.synthetic_samples={cfg.data.synthetic_samples}"
             print(f"recipe-dist: warning: {loaded.path} has no masked-LM head ({self.head_attr}.*): L_PT goes through a freshly "
-                  f"initialised head. Fit one first: recipe-dist fit-head --config configs/fit-head-bert.yaml "
-                  f"--model.path {loaded.path} --output_dir DIR, then purify DIR/model", file=sys.stderr, flush=True)
+                  f"initialised head. Fit one first: recipe-dist fit-head --config configs/fit-head-bert.yaml --model.family={self.name} "
+                  f"--model.path {shlex.quote(str(loaded.path))} {data} --output_dir {shlex.quote(head_dir)}; then purify "
+                  f"--model.path {shlex.quote(head_dir + '/model')}", file=sys.stderr, flush=True)
         return MaskedLMLoss(loaded.model, self.head_attr, fused=cfg.kernels.fused, chunk_size=cfg.kernels.chunk_size)
 
     def set_trainable(self, model: nn.Module, regularized: set[str], policy: str) -> None:
