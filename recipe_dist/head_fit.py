@@ -34,6 +34,7 @@ class HeadFitJob(FamilyJob):
     (fit_head.scope=head) or the whole model does but the pooler (scope=all)."""
 
     name = "fit-head"
+    keep_head = True  # the fitted head is the output
 
     def __init__(self, family):
         if not isinstance(family, MaskedLMFamily):

@@ -60,5 +60,14 @@ class FamilyJob:
     def collate(self, processor, cfg):
         return self.family.collate(processor, cfg)
 
+    #: keep a masked-LM head the input did not have (fit-head's whole point); other jobs drop it,
+    #: so their output has the input's tensors and naming and replaces it as it stands
+    keep_head = False
+
     def export(self, loaded: LoadedModel, state: dict, out_dir: Path) -> list[Path]:
-        return self.family.export(loaded, state, out_dir)
+        from .models.base import carry_input_files
+
+        extra = {"keep_head": True} if self.keep_head else {}
+        files = self.family.export(loaded, state, out_dir, **extra)
+        carry_input_files(loaded.path, out_dir, replace=getattr(self.family, "verbatim_files", lambda keep: ())(self.keep_head))
+        return files

@@ -22,7 +22,7 @@ from ..config import ConfigError, deepspeed_config
 from ..data.train_data import TrainData
 from ..distributed import barrier, init_distributed, run_on_main
 from ..jobs import FamilyJob
-from ..models.base import sha256_files
+from ..models.base import carry_input_files, sha256_files
 from ..neurons import apply_pruning, prune_selection, record
 from ..rundir import RunDir, write_dir_aside, write_run_config, write_summary
 from . import register_defense
@@ -115,7 +115,11 @@ class FinePruning:
             state = {k: copies.setdefault(id(v), v.detach().clone()) for k, v in fresh.model.state_dict(keep_vars=True).items()}
             apply_pruning(state, family.neuron_sites(fresh.model), chosen)
             files: list = []  # written aside, renamed into model/ when complete
-            write_dir_aside(out / "model", lambda d: files.extend(family.export(fresh, state, d)))
+            def write(d: Path) -> None:
+                files.extend(family.export(fresh, state, d))
+                carry_input_files(model_dir, d, replace=getattr(family, "verbatim_files", lambda keep: ())(False))
+
+            write_dir_aside(out / "model", write)
             files = [out / "model" / Path(f).name for f in files]
             per_layer = {st.site.layer: len(chosen.get(st.site.layer, [])) for st in stats}
             report = {

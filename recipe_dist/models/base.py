@@ -148,6 +148,37 @@ def eval_mode(model: nn.Module):
             m.training = mode
 
 
+def carry_input_files(src: Path, out_dir: Path, replace: tuple[str, ...] = ()) -> None:
+    """Copy every non-weight entry of input directory `src` into `out_dir`, so the output is a
+    drop-in for the directory that was received: tokenizer files, a sentence-transformers model's
+    modules.json / pooling and normalize modules / configs, the README or model card. Entries the
+    export already wrote are kept unless named in `replace` (then the input's own bytes win).
+    Weight files are never copied (the export writes them); hidden entries (.git*) are skipped.
+    Each written weight file takes the mode of the input's, so the permissions match too."""
+    import shutil
+
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_dir() or src.resolve() == out_dir.resolve():
+        return
+    weights = [p for p in src.iterdir() if p.suffix in SAFE_SUFFIXES + PICKLE_SUFFIXES or p.name.endswith(".index.json")]
+    for entry in sorted(src.iterdir()):
+        if entry.name.startswith(".") or entry in weights:
+            continue
+        target = out_dir / entry.name
+        if target.exists() and entry.name not in replace:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(entry, target)
+        else:
+            shutil.copy2(entry, target)
+    if weights:
+        mode = weights[0].stat().st_mode & 0o777
+        for f in out_dir.iterdir():
+            if f.suffix in SAFE_SUFFIXES or f.name.endswith(".index.json"):
+                f.chmod(mode)
+
+
 def sha256_files(files: list[Path]) -> dict[str, str]:
     out = {}
     for f in files:
@@ -215,7 +246,8 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
-        """Write `state_dict` (full tensors of loaded.model) in the family's own format; returns the weight files."""
+        """Write `state_dict` (full tensors of loaded.model) in the family's own format; returns the
+        weight files. The job then carries the input's other files over (`carry_input_files`)."""
 
     # ------------------------------------------------------------------ data
     def decode(self, cfg):

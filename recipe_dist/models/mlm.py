@@ -223,8 +223,18 @@ class MaskedLMFamily(ModelFamily):
         return collate
 
     # ------------------------------------------------------------------ export
-    def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
-        """HF directory with every tensor the input had (pooler included), in the input's dtype."""
+    def verbatim_files(self, keep_head: bool) -> tuple[str, ...]:
+        """Input files whose own bytes replace the export's re-save (carry_input_files): the
+        tokenizer's, and config.json unless a head the input lacked is kept (its architecture
+        then changes to *ForMaskedLM)."""
+        tok = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
+        return tok if keep_head else (*tok, "config.json")
+
+    def export(self, loaded: LoadedModel, state_dict: dict[str, torch.Tensor], out_dir: Path, keep_head: bool = False) -> list[Path]:
+        """HF directory with every tensor the input had (pooler included), in the input's dtype.
+        A masked-LM head the input did not have (trained only for L_PT) is dropped, and the
+        tensors take the input's naming (a sentence-transformers export stores them without the
+        `bert.` prefix), unless `keep_head` (fit-head), which writes the *ForMaskedLM layout."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
@@ -257,6 +267,12 @@ class MaskedLMFamily(ModelFamily):
                             continue
                         by_file.setdefault(k, h.get_tensor(k))
             state.update(by_file)
+        if loaded.input_keys and not keep_head:
+            stored = set(loaded.input_keys)
+            head = self.head_attr + "."
+            state = {k: v for k, v in state.items() if k in stored or not k.startswith(head)}
+            if not any(k.startswith(prefix) for k in stored):  # the input's names carry no `bert.` prefix
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
         state = {k: v.contiguous() for k, v in state.items()}
         # Other tied entries (decoder.bias is predictions.bias) get their own copy: safetensors
         # refuses tensors that share storage.
