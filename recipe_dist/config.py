@@ -590,6 +590,28 @@ def help_text(cls: type = RunConfig) -> str:
 # DeepSpeed config, derived
 
 
+def fit_batch_to_world(cfg: RunConfig, world_size: int) -> str:
+    """Make train.micro_batch_size x world size divide train.global_batch_size, keeping the global
+    batch (what the result depends on) and lowering the micro batch to the largest size that
+    fits (more accumulation steps, the same mathematics). Returns a line saying what changed
+    ("" if nothing did). A global batch that no micro batch can fit is one error naming the
+    exact overrides that would work."""
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * world_size) == 0:
+        return ""
+    if t.global_batch_size % world_size:
+        lower = t.global_batch_size // world_size * world_size
+        options = [g for g in (lower, lower + world_size) if g > 0]
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} cannot be split over {world_size} ranks; pass "
+                          f"{' or '.join(f'--train.global_batch_size={g}' for g in options)}, or run on a number of ranks that divides it")
+    per_rank = t.global_batch_size // world_size
+    micro = max(d for d in range(1, min(t.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    note = (f"train.micro_batch_size {t.micro_batch_size} -> {micro}: global batch {t.global_batch_size} = {micro} x {world_size} "
+            f"rank(s) x {per_rank // micro} accumulation step(s)")
+    t.micro_batch_size = micro
+    return note
+
+
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for this run. Batch arithmetic is checked here, with the keys named.
     `load_universal`: the resume reads a universal checkpoint (another world size)."""

@@ -14,6 +14,7 @@ before anything is submitted. Submissions are recorded in OUTPUT_DIR/slurm/jobs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, deepspeed_config, load_config
+from .config import ConfigError, fit_batch_to_world, load_config
 from .errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,9 @@ def check_directives(a, cfg) -> None:
         raise SlurmError(f"--signal: {a.signal} is not one the run handles (preempt.signals: {', '.join(cfg.preempt.signals)}); "
                          f"it would stop the job without a save; add it with --preempt.signals or pick one of those")
     try:
-        deepspeed_config(cfg, a.nodes * a.ntasks_per_node)
+        # What each rank will do at start: lower the micro batch where that fits, else refuse now,
+        # not after the job waited in the queue.
+        fit_batch_to_world(copy.deepcopy(cfg), a.nodes * a.ntasks_per_node)
     except ConfigError as e:
         raise SlurmError(f"--nodes {a.nodes} x --ntasks-per-node {a.ntasks_per_node}: {e}") from None
 

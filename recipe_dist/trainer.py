@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from .checkpoint.manager import Checkpointer
-from .config import ConfigError, RunConfig, deepspeed_config, to_dict
+from .config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world, to_dict
 from .data.train_data import KeyLog, TrainData
 from .distributed import DistInfo, barrier, destroy_distributed, init_distributed, run_on_main
 from .errors import RecipeError
@@ -221,6 +221,9 @@ class Trainer:
     def _build(self):
         """Model, data, resume plan and engine: (loaded model, TrainData, engine, total steps)."""
         cfg, info = self.cfg, self.dist
+        note = fit_batch_to_world(cfg, info.world_size)  # before config.yaml, which records the micro batch used
+        if note and info.is_main:
+            print(note, flush=True)
         if info.is_main and not cfg.resume:
             write_run_config(self.out, cfg)
         self._check_precision()

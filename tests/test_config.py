@@ -313,3 +313,17 @@ def test_cli_purify_unknown_key_exits_2_with_one_line(capsys):
 def test_cli_unknown_command_exits_2(capsys):
     assert cli.main(["purfy"]) == 2
     assert "purfy" in capsys.readouterr().err
+
+
+def test_the_micro_batch_is_lowered_to_fit_the_world_and_an_unsplittable_batch_names_the_overrides():
+    from recipe_dist.config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world
+
+    cfg = RunConfig()
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 32, 32
+    assert fit_batch_to_world(cfg, 2) == "train.micro_batch_size 32 -> 16: global batch 32 = 16 x 2 rank(s) x 1 accumulation step(s)"
+    assert deepspeed_config(cfg, 2)["gradient_accumulation_steps"] == 1 and fit_batch_to_world(cfg, 2) == ""
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 48, 10
+    assert fit_batch_to_world(cfg, 4) == "train.micro_batch_size 10 -> 6: global batch 48 = 6 x 4 rank(s) x 2 accumulation step(s)"
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 32, 8
+    with pytest.raises(ConfigError, match=r"cannot be split over 3 ranks; pass --train.global_batch_size=30 or --train.global_batch_size=33"):
+        fit_batch_to_world(cfg, 3)

@@ -274,7 +274,8 @@ def test_status_reads_cut_short_files_without_a_traceback(tmp_path):
     (["--time", "abc"], "--time: 'abc' is not a SLURM time limit"),
     (["--signal-lead", "-5"], "--signal-lead: seconds before the time limit"),
     (["--signal", "USR2"], "--signal: USR2 is not one the run handles (preempt.signals: USR1, TERM)"),
-    (["--nodes", "3"], "--nodes 3 x --ntasks-per-node 1: train.global_batch_size=32 is not a multiple"),
+    (["--nodes", "3"], "--nodes 3 x --ntasks-per-node 1: train.global_batch_size=32 cannot be split over 3 ranks; pass "
+                       "--train.global_batch_size=30 or --train.global_batch_size=33"),
 ])
 def test_submit_refuses_a_bad_directive_before_submitting(tmp_path, args, message):
     proc = run_cli(["slurm", "submit", "--config", TINY, "--output_dir", tmp_path / "run", "--dry-run", *args], check=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, deepspeed_config
+from ..config import ConfigError, deepspeed_config, fit_batch_to_world
 from ..data.train_data import TrainData
 from ..distributed import barrier, init_distributed, run_on_main
 from ..jobs import FamilyJob
@@ -48,6 +48,9 @@ def neuron_statistics(family, loaded, cfg, dist_info, out: Path, max_samples: in
     """The family's neuron statistics of `loaded.model` over one pass of data.train_urls on every rank."""
     import deepspeed
 
+    note = fit_batch_to_world(cfg, dist_info.world_size)
+    if note and dist_info.is_main:
+        print(note, flush=True)
     data = TrainData(cfg, dist_info, _FeatureJob(family), loaded.processor, out,
                      deepspeed_config(cfg, dist_info.world_size)["gradient_accumulation_steps"])
     model = loaded.model
