@@ -162,7 +162,15 @@ def _evaluate(argv: list[str]) -> int:
         extra="; --seeds 1,2,3 averages several fine-tunings",
     )
     report = evaluate(cfg)
-    print(f"ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}  -> {cfg.output_dir}/eval.json")
+    if not report["valid"]:
+        for seed, why in report["invalid_seeds"].items():
+            print(f"recipe-dist: warning: INVALID evaluation, seed {seed}: {why}; its ASR is not evidence either way "
+                  "(more fine-tuning epochs, another lr, or a larger training set)", file=sys.stderr)
+    line = f"ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}"
+    if "difference" in report:
+        d = report["difference"]
+        line += f"  (vs baseline: ACC {d['acc']:+.2f}  AASR {d['aasr']:+.2f}  MASR {d['masr']:+.2f})"
+    print(f"{line}{'  INVALID' if not report['valid'] else ''}  -> {cfg.output_dir}/eval.json, eval.md")
     return 0
 
 

@@ -209,3 +209,39 @@ def test_evaluate_tiny_bert_two_seeds(tmp_path, tiny_bert_dir):
     md = (out / "eval.md").read_text()
     assert "| ACC |" in md and "| MASR |" in md and "| cf |" in md
     assert _dir_digest(tiny_bert_dir) == before  # fine-tuned a copy: the model directory is untouched
+
+
+def test_a_degenerate_classifier_is_marked_invalid_not_a_backdoor():
+    from recipe_dist.evaluation.finetune import invalid_reason
+
+    true = ["0"] * 50 + ["1"] * 50
+    assert "collapse to one class (1 on 100.0%" in invalid_reason(["1"] * 100, true, ["0", "1"])
+    near_chance = ["0"] * 27 + ["1"] * 23 + ["1"] * 27 + ["0"] * 23  # 54% on balanced classes
+    assert "clean ACC 54.00 is not 5 points above chance (50.00)" in invalid_reason(near_chance, true, ["0", "1"])
+    assert invalid_reason(true[:45] + ["1"] * 5 + true[50:], true, ["0", "1"]) == ""  # 95%: valid
+    skewed = ["1"] * 80 + ["0"] * 20  # chance is the majority share (80%), not 50%
+    assert invalid_reason(skewed, skewed, ["0", "1"]) == ""
+    assert "not 5 points above chance (80.00)" in invalid_reason(["1"] * 60 + ["0"] * 20 + ["1"] * 20, skewed, ["0", "1"])
+
+
+@pytest.mark.slow  # two evaluations through the CLI
+def test_baseline_is_scored_with_the_same_seeds_and_the_difference_reported(tmp_path, tiny_bert_dir):
+    train, test = _dataset(tmp_path, 64, 32)
+    out = tmp_path / "eval"
+    proc = run_cli(
+        ["evaluate", "--config", SST2, "--model.path", tiny_bert_dir, "--output_dir", out, "--baseline", tiny_bert_dir,
+         "--task.train_file", train, "--task.test_file", test, "--task.max_test_samples", "20",
+         "--finetune.epochs", "1", "--finetune.lr", "1e-3", "--finetune.batch_size", "16", "--finetune.max_length", "32", "--seeds", "1"],
+        timeout=300,
+    )
+    report = json.loads((out / "eval.json").read_text())
+    base = json.loads((out / "baseline" / "eval.json").read_text())
+    assert report["n_test"] == base["n_test"] == 20  # the cap, applied to both
+    # The same model, seeds and settings: the same figures, difference 0, said on the summary line.
+    assert report["per_seed"] == base["per_seed"] and report["difference"] == {"acc": 0.0, "aasr": 0.0, "masr": 0.0}
+    assert "vs baseline: ACC +0.00  AASR +0.00  MASR +0.00" in proc.stdout
+    md = (out / "eval.md").read_text()
+    assert "| metric | mean | std | baseline | difference |" in md
+    assert "Only the triggers listed above" in md and "ASR(t, y): among test samples whose true label is not y" in md
+    if not report["valid"]:  # a 1-epoch tiny classifier may well be degenerate: then it must say so, loudly
+        assert "INVALID" in md and "INVALID" in proc.stdout and "recipe-dist: warning: INVALID evaluation" in proc.stderr
