@@ -59,7 +59,17 @@ def _run_job(command: str, cfg) -> tuple[object, dict]:
 
         out = trainer.out
         write_report(out, title=f"recipe-dist {trainer.name}: {out.name}")
-        print(f"{trainer.name}: wrote {out / 'model'} and {out / 'report.md'}")
+        figures = ", ".join(f"{k.removeprefix('final_')} {v:.4g}" for k, v in summary.items()
+                            if k.startswith("final_") and isinstance(v, (int, float)))
+        print(f"{trainer.name}: {summary.get('steps')} steps in {summary.get('wall_time_s', 0):.0f} s"
+              f"{'; last logged ' + figures if figures else ''}; wrote {out / 'model'} and {out / 'report.md'}")
+        if command in ("purify", "attack"):
+            import shlex
+
+            # The next step of the README's workflow, runnable as printed once the task files exist.
+            base = f" --baseline {shlex.quote(str(trainer.model_dir))}" if command == "purify" and cfg.model.path else ""
+            print(f"next: recipe-dist evaluate --config configs/eval/sst2.yaml --model.path {shlex.quote(str(out / 'model'))}{base} "
+                  f"--task.train_file TRAIN.tsv --task.test_file TEST.tsv --output_dir {shlex.quote(str(out) + '-eval')}")
     return trainer, summary
 
 
@@ -244,6 +254,29 @@ def _slurm(argv: list[str]) -> int:
 
 COMMANDS = {"prune": _prune, "finemix": _finemix, "analyze": _analyze, "dynamics": _dynamics, "slurm": _slurm, "purify": _purify, "attack": _attack, "fit-head": _fit_head, "shards": _shards, "evaluate": _evaluate, "report": _report}
 
+# `recipe-dist --help`: each command in one line, in the order a user meets them.
+SUMMARIES = {
+    "shards": "pack text, images or image-caption pairs into WebDataset shards (+ manifest)",
+    "fit-head": "fit the masked-LM head an encoder ships without (or continue MLM training)",
+    "purify": "RECIPE: continual pre-training with lambda * sum ||W||_F, on DeepSpeed",
+    "evaluate": "fine-tune on a clean task and score ACC, ASR, AASR, MASR (--baseline to compare)",
+    "report": "a run's loss and weight-norm curves, with before/after evaluation tables",
+    "slurm": "submit purify/attack/fit-head to SLURM (one job or a manifest array) and follow them",
+    "attack": "build a backdoored PTM (POR, NeuBA, BadPre, NeuBA-vision) for study",
+    "prune": "baselines: fine-pruning (FP, FP-GM, FP-GA) by neuron activations",
+    "finemix": "baseline: Fine-mixing (and E-PUR) of a fine-tuned model with its clean base",
+    "analyze": "neuron analysis: poison-only and overlapping FFN neurons before/after",
+    "dynamics": "score every checkpoint of a purify run (ASR over training)",
+}
+
+
+def _usage(plugins: dict) -> str:
+    width = max(map(len, [*COMMANDS, *plugins]))
+    lines = ["usage: recipe-dist COMMAND [options]    (recipe-dist COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {SUMMARIES.get(name, '')}" for name in SUMMARIES]
+    lines += [f"  {name:<{width}}  {'(the lab: ' + name + ' --help)'}" for name in plugins]
+    return "\n".join(lines)
+
 
 def plugin_commands() -> dict:
     """Commands other packages add under the entry-point group `recipe_dist.commands` (each a
@@ -258,11 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plugins = plugin_commands()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in {**COMMANDS, **plugins}:
-        print(f"usage: recipe-dist {{{','.join([*COMMANDS, *plugins])}}} [options]   (recipe-dist <command> --help)", file=sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(_usage(plugins), file=sys.stdout if asked else sys.stderr)
+        if argv and not asked:
             print(f"recipe-dist: error: unknown command '{argv[0]}'", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if asked else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     try:
         command = COMMANDS.get(argv[0]) or plugins[argv[0]].load()
         return command(argv[1:])
@@ -275,6 +310,31 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             _error_line("interrupted; nothing partial was kept: continue from the last complete checkpoint with --resume auto")
         return 130
+
+
+def _quiet_libraries() -> None:
+    """Silence, at their source, library messages that are never about the user's input:
+    - DeepSpeed's "Setting accelerator to CPU" warning (each rank, each start): on a machine
+      without CUDA the CPU accelerator is the only choice, so it is named explicitly;
+    - torch's "No CUDA runtime is found, using CUDA_HOME" (logged when DeepSpeed imports the
+      extension builder on a CPU machine; the op it builds is the CPU one);
+    - transformers' per-load "Loading weights" progress bars (a load takes well under a second
+      here; the load report itself is cut to one line by models/load_report.py).
+    Warnings about the user's own model or data are left alone."""
+    import logging
+
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _error_line(message: str) -> None:

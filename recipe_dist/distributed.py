@@ -109,7 +109,18 @@ def init_distributed() -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" on every rank at every
+        # start; anything else it prints here is passed on.
+        import contextlib
+        import io
+        import sys
+
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        rest = [ln for ln in said.getvalue().splitlines() if ln.strip() and "built successfully" not in ln]
+        if rest:
+            print("\n".join(rest), file=sys.stdout, flush=True)
     return info
 
 

@@ -89,7 +89,9 @@ def main(argv: list[str]) -> int:
     from .checkpoint import verified_tags
     from .models import get_family
 
-    ap = argparse.ArgumentParser(prog="recipe-dist dynamics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="recipe-dist dynamics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Any key of the evaluation config is an option too, e.g. --task.train_file PATH "
+                                        "--task.test_file PATH --seeds 1,2 (recipe-dist evaluate --help lists them).")
     ap.add_argument("run_dir", metavar="RUN_DIR", help="a purify output_dir with its checkpoints")
     ap.add_argument("--config", required=True, help="evaluation config (configs/eval/*.yaml); its output_dir is replaced")
     ap.add_argument("--output_dir", "--output-dir", required=True)

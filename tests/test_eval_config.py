@@ -127,7 +127,7 @@ def test_run_config_bounds_refuse_nan_and_inf_too():
 def test_evaluate_cli_refuses_a_bad_lr_with_one_line(tmp_path):
     for value in ("1e30", "nan"):
         proc = run_cli(["evaluate", "--config", SST2, "--model.path", tmp_path / "m", "--output_dir", tmp_path / "out",
-                        f"--finetune.lr={value}"], check=False, timeout=120)
+                        "--task.train_file", "train.tsv", "--task.test_file", "test.tsv", f"--finetune.lr={value}"], check=False, timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("recipe-dist: error: finetune.lr: "), proc.stderr

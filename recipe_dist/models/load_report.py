@@ -9,6 +9,7 @@ a full table for them on every load, which buries a run's own progress. Families
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from typing import Any, Callable
@@ -72,7 +73,7 @@ def load_with_summary(
     """
     from transformers.utils import logging as hf_logging
 
-    log = log or _stderr
+    log = log or _stderr  # (compared by identity below)
     # The report is a warning from this logger (transformers.utils.loading_report.log_state_dict_report).
     hf_logger = hf_logging.get_logger("transformers.modeling_utils")
     hold = _HoldLoadReport()
@@ -101,5 +102,6 @@ def load_with_summary(
     elif new or unused:
         parts = [f"{', '.join(new)} newly initialised"] if new else []
         parts += [f"{', '.join(unused)} unused by {role}"] if unused else []
-        log(f"{name} from {path}: {'; '.join(parts)}, as expected")
+        if log is not _stderr or os.environ.get("RANK", "0") == "0":  # every rank loads the same: rank 0 says it
+            log(f"{name} from {path}: {'; '.join(parts)}, as expected")
     return model
