@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,22 @@ def read_manifest(path: Path, config: str, command: str, common: list[str]) -> l
     return tasks
 
 
+def _without_output_dir(overrides: list[str]) -> list[str]:
+    """`overrides` less its --output_dir (given once, resolved, by the caller)."""
+    out, skip = [], False
+    for arg in overrides:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--output_dir", "--output-dir"):
+            skip = True
+            continue
+        if arg.startswith(("--output_dir=", "--output-dir=")):
+            continue
+        out.append(arg)
+    return out
+
+
 def submit(argv: list[str]) -> int:
     a, overrides = _parser().parse_known_args(argv)
     cfg = load_config(a.config, overrides)  # every key and value checked before anything is submitted
@@ -153,13 +170,15 @@ def submit(argv: list[str]) -> int:
     else:
         tasks = None
         script = _render("purify.sbatch", _directives(a, str(slurm_dir / "slurm-%j.out"), None), env)
-        args = [a.command, "--config", str(Path(a.config).resolve()), *overrides, "--output_dir", str(out)]
+        args = [a.command, "--config", str(Path(a.config).resolve()), *_without_output_dir(overrides), "--output_dir", str(out)]
         outputs = [str(out)]
     script_path = slurm_dir / f"job-{stamp}.sbatch"
     line = ["sbatch", "--parsable", str(script_path), *args]
     if a.dry_run:
+        # Nothing is written: the line names the script by the file the user saves it to.
         print(script)
-        print("# submit with: " + " ".join(line))
+        print("# to submit: save the script above as job.sbatch, then run")
+        print("# " + shlex.join(["mkdir", "-p", str(slurm_dir)]) + " && " + shlex.join(["sbatch", "--parsable", "job.sbatch", *args]))
         return 0
     sbatch = shutil.which("sbatch")
     if sbatch is None:

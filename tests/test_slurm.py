@@ -162,6 +162,15 @@ def test_dry_run_prints_the_directives_and_submits_nothing(tmp_path):
         assert f"#SBATCH {d}" in proc.stdout, d
     assert "--regularizer.lam=0.5" in proc.stdout and "sbatch --parsable" in proc.stdout
     assert not (tmp_path / "run").exists()
+    # The submit line: shell-quoted, --output_dir once, the script by the name the user saves it under.
+    import shlex
+
+    line = proc.stdout.strip().splitlines()[-1].removeprefix("# ")
+    mkdir, sbatch = line.split(" && ")
+    assert shlex.split(mkdir) == ["mkdir", "-p", str(tmp_path / "run" / "slurm")]
+    words = shlex.split(sbatch)
+    assert words[:3] == ["sbatch", "--parsable", "job.sbatch"] and words.count("--output_dir") == 1
+    assert words[words.index("--output_dir") + 1] == str(tmp_path / "run")
 
 
 def test_bad_manifest_line_and_missing_sbatch_are_one_line(tmp_path):
