@@ -14,15 +14,29 @@ def _config_command(argv: list[str], prog: str, description: str, config_help: s
     from .config import RunConfig, help_text, load_config
 
     cls = cls or RunConfig
+    hidden = HIDDEN_SECTIONS.get(prog, ()) if cls is RunConfig else ()
+    note = ("\n  --model.tiny.*: the embedded tiny model built when model.path is empty (see configs/tiny-bert.yaml)"
+            if "model.tiny" in hidden else "")
     ap = argparse.ArgumentParser(
         prog=f"recipe-dist {prog}",
         description=description,
-        epilog=f"config keys (override with --section.key=value{extra}):\n" + help_text(cls),
+        epilog=f"config keys (override with --section.key=value{extra}):\n" + help_text(cls, hidden) + note,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--config", help=config_help)
     args, rest = ap.parse_known_args(argv)
     return load_config(args.config, rest, cls=cls)
+
+
+# RunConfig sections each command's --help leaves out: the other commands' own settings.
+_OTHERS = ("attack", "prune", "finemix", "fit_head")
+HIDDEN_SECTIONS = {
+    "purify": (*_OTHERS[:3], "fit_head", "model.tiny"),
+    "attack": ("prune", "finemix", "fit_head", "model.tiny"),
+    "fit-head": ("attack", "prune", "finemix", "regularizer", "model.tiny"),
+    "prune": ("attack", "finemix", "fit_head", "regularizer", "kernels", "model.tiny"),
+    "finemix": ("attack", "prune", "fit_head", "regularizer", "kernels", "preempt", "checkpoint", "model.tiny"),
+}
 
 
 def build_job(command: str, cfg):

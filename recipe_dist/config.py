@@ -569,14 +569,18 @@ def _help_type(typ: Any) -> str:
     return _type_name(typ)
 
 
-def help_text(cls: type = RunConfig) -> str:
-    """One line per key: `--section.key TYPE (default ...): help`; choices and list elements from the annotation."""
+def help_text(cls: type = RunConfig, hide: tuple[str, ...] = ()) -> str:
+    """One line per key: `--section.key TYPE (default ...): help`; choices and list elements from
+    the annotation. Sections in `hide` (dotted, e.g. "attack", "model.tiny") are left out: another
+    command's settings only bury this one's (they are still accepted, and checked)."""
     lines = []
 
     def walk(c: type, prefix: str) -> None:
         inst = c()
         for f in dataclasses.fields(c):
             t = _hints(c)[f.name]
+            if f"{prefix}{f.name}" in hide:
+                continue
             if dataclasses.is_dataclass(t):
                 walk(t, f"{prefix}{f.name}.")
             else:
