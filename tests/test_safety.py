@@ -333,6 +333,18 @@ def test_planted_pickle_payload_in_a_checkpoint_never_runs(tmp_path):
 
     target = out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload()}, target)
+    # First line of defence: the file no longer matches the sha256 recorded at save.
+    proc = purify(out, "--resume=auto")
+    assert proc.returncode == 2 and "skipping checkpoint" in proc.stderr and "step_00000002: mp_rank_00_model_states.pt" in proc.stderr
+    error_line(proc, "no checkpoint in", "verifies")
+    assert not marker.exists()
+    # An uploader who also rewrites COMPLETE's digests: the loader still never unpickles code.
+    from recipe_dist.checkpoint import file_digests, store
+
+    complete = target.parent / "COMPLETE"
+    record = {k: v for k, v in json.loads(complete.read_text()).items() if k != "record_sha256"}
+    record["files"] = file_digests(target.parent)
+    complete.write_text(json.dumps({**record, "record_sha256": store._record_digest(record)}))
     proc = purify(out, "--resume=auto")
     assert proc.returncode == 2
     error_line(proc, target, "refusing to unpickle")
