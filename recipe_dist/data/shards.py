@@ -381,6 +381,8 @@ def main(args) -> int:
         recs = wikitext_records(args.input, 64 if args.chunk_words is None else args.chunk_words, args.unk)
     else:
         recs = read_records(args.input, args.text_column, args.label_column)
+    if getattr(args, "max_sample_bytes", 1) < 1:
+        raise ShardInputError(f"--max-sample-bytes must be >= 1, got {args.max_sample_bytes}")
     # All or nothing (write_shards): a bad line midway leaves the old shards and manifest as they were.
     urls = write_shards(recs, args.output, args.samples_per_shard, key_prefix=Path(source.rstrip("/")).stem + "-",
                         max_sample_bytes=getattr(args, "max_sample_bytes", 0), source=source)
