@@ -72,7 +72,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, finished):
     assert (out / "model" / "model.safetensors").is_file() and (out / "RUN_ID").read_text() != (aside[0] / "RUN_ID").read_text()
 
 
-def test_a_second_concurrent_run_is_refused(tmp_path, finished):
+def _refused_while_a_live_run_holds_the_lock(tmp_path, finished, pid: str, *args):
+    """Copy the finished run, hold its lock as a live run would, run purify with `args`: refused,
+    naming the holder, nothing changed."""
     import shutil
 
     out = tmp_path / "run"
@@ -80,29 +82,22 @@ def test_a_second_concurrent_run_is_refused(tmp_path, finished):
     before = digest(out)
     with open(out / ".lock", "w") as f:  # the lock a live run holds
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.write("4242\n")
+        f.write(f"{pid}\n")
         f.flush()
-        proc = purify(out, "--resume=auto")
+        proc = purify(out, *args)
     assert proc.returncode == 2
-    error_line(proc, out, "in use by another run", "4242")
+    error_line(proc, out, "in use by another run", pid)
     assert digest(out) == before
+
+
+def test_a_second_concurrent_run_is_refused(tmp_path, finished):
+    _refused_while_a_live_run_holds_the_lock(tmp_path, finished, "4242", "--resume=auto")
 
 
 @pytest.mark.slow  # a real CLI process
 def test_overwrite_of_a_live_runs_directory_is_refused_before_anything_moves(tmp_path, finished):
-    import shutil
-
-    out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    before = digest(out)
-    with open(out / ".lock", "w") as f:  # the lock a live run holds
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.write("4343\n")
-        f.flush()
-        proc = purify(out, "--overwrite=true")
-    assert proc.returncode == 2
-    error_line(proc, out, "in use by another run", "4343")
-    assert digest(out) == before and not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+    _refused_while_a_live_run_holds_the_lock(tmp_path, finished, "4343", "--overwrite=true")
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
 
 
 @pytest.mark.slow
