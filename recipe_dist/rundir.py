@@ -42,6 +42,9 @@ MAY_CHANGE = (
     "checkpoint.every_steps", "checkpoint.keep",
     # the world size may change on resume (checkpoint.WORLD_SIZE_CHANGE); the micro batch with it
     "train.micro_batch_size",
+    # any ZeRO stage to any other, the AdamW state converted (checkpoint/stages.py; a user short
+    # of memory moves a long job to ZeRO-3, or back)
+    "train.zero_stage",
     # the same shards reached another way; the sample count is checked separately (check_data_state)
     "data.train_urls", "data.endpoint_url", "data.retries", "data.retry_backoff", "data.io_timeout", "data.record_keys",
     # the same mathematics to fp32 rounding (tests/test_kernels.py)
@@ -51,16 +54,8 @@ MAY_CHANGE = (
 )
 
 # Keys that may change between some values only: (allowed(old, new), why not otherwise).
-MAY_CHANGE_IF = {
-    # ZeRO 1 and 2 store the same partitioned fp32 optimizer state with whole module weights; a
-    # change between them goes through DeepSpeed's universal checkpoint (tests/test_resume.py).
-    # ZeRO-0 keeps optimizer state whole, ZeRO-3 partitions the weights too: DeepSpeed 0.19's
-    # universal loader does not read a ZeRO 1/2 checkpoint into ZeRO-3 (it looks for ZeRO-3's
-    # per-rank model files and optimizer keys), so those changes are refused here, up front.
-    "train.zero_stage": (lambda old, new: {old, new} <= {1, 2},
-                         "only a change between ZeRO stages 1 and 2 is supported on resume (ZeRO-0 keeps optimizer state whole; "
-                         "DeepSpeed's universal checkpoint does not load a ZeRO 1/2 checkpoint into ZeRO-3); keep the stage"),
-}
+MAY_CHANGE_IF: dict = {}
+
 
 
 class RunDirError(RecipeError):

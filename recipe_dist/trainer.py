@@ -236,7 +236,7 @@ class Trainer:
         self.urls = data.urls
         total = data.total_steps()
         self.checkpointer = Checkpointer(cfg, self.out, info, self.run_id, data)
-        self.resume_plan = self.checkpointer.plan_resume()
+        self.resume_plan = self.checkpointer.plan_resume(task)
         ds_config = deepspeed_config(cfg, info.world_size, load_universal=self.resume_plan is not None and self.resume_plan.universal)
         self.params = [p for p in task.parameters() if p.requires_grad]
         schedule = cfg.optim.schedule if cfg.optim.schedule == "linear" else "constant_with_warmup"

@@ -334,31 +334,38 @@ def test_world_size_change_2_to_1(straight, tmp_path):
     assert got == expected[: len(got)] and len(got) == 12 * 16
 
 
-def test_zero_stage_change_1_to_2_continues_and_0_or_3_is_refused(straight, tmp_path):
-    """A ZeRO-1 checkpoint resumed under ZeRO-2 (same ranks) continues the same run through
-    DeepSpeed's universal format; a change to ZeRO-0 or ZeRO-3 is refused with one line."""
+def test_zero_stage_changes_in_every_direction_continue_the_run(straight, tmp_path):
+    """A ZeRO-1 checkpoint (2 ranks, mid-epoch) resumed under ZeRO 0, 2 and 3, and checkpoints of
+    those runs resumed under 0, 1, 2 and 3 again: each continues the same run. The first step
+    after the resume sees the checkpoint's weights (its regularizer norms equal the uninterrupted
+    run's), the data and schedule are the uninterrupted run's, and the final weights agree to
+    float rounding (the stages' own arithmetic differs by ~1e-8)."""
     from recipe_dist.metrics import read_scalars
 
-    src = straight / "checkpoints" / ckpt.tag_for(10)
-    for stage in (0, 3):
-        refused = run_cli([*COMMON, "--output_dir", tmp_path / f"zero{stage}", "--resume", src, f"--train.zero_stage={stage}"],
-                          nproc=2, check=False)
-        assert refused.returncode != 0 and f"train.zero_stage is {stage} but" in refused.stderr
-        assert "only a change between ZeRO stages 1 and 2 is supported" in refused.stderr
-        assert not (tmp_path / f"zero{stage}" / "checkpoints").exists()  # refused before anything was written
-
-    out = tmp_path / "zero2"
-    proc = run_cli([*COMMON, "--output_dir", out, "--resume", src, "--train.zero_stage=2"], nproc=2)
-    assert resumed_from(proc.stdout) == 10
-    a, b = read_scalars(straight / "tb"), read_scalars(out / "tb")
+    a = read_scalars(straight / "tb")
     norms = [t for t in a if t.startswith("reg/norm/")]
-    # Step 11's forward sees exactly step 10's weights; the data and schedule are the straight run's.
-    assert norms and all(dict(a[t])[11] == pytest.approx(dict(b[t])[11], rel=1e-6) for t in norms)
-    assert keys(out)["rank0.jsonl"] == [r for r in keys(straight)["rank0.jsonl"] if r["step"] > 10]
-    x, y = load_file(str(straight / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
-    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-5) for k in x)
-    history = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
-    assert history[-1]["changes"]["train.zero_stage"] == [1, 2]
+    x = load_file(str(straight / "model" / "model.safetensors"))
+
+    def resume_under(src: Path, stage: int, name: str, at: int) -> Path:
+        out = tmp_path / name
+        proc = run_cli([*COMMON, "--output_dir", out, "--resume", src, f"--train.zero_stage={stage}", "--checkpoint.keep=100"], nproc=2)
+        assert resumed_from(proc.stdout) == at, proc.stdout[-2000:]
+        b = read_scalars(out / "tb")
+        assert norms and all(dict(a[t])[at + 1] == pytest.approx(dict(b[t])[at + 1], rel=1e-6) for t in norms), name
+        assert keys(out)["rank0.jsonl"] == [r for r in keys(straight)["rank0.jsonl"] if r["step"] > at], name
+        y = load_file(str(out / "model" / "model.safetensors"))
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-5) for k in x), name
+        history = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
+        assert history[-1]["changes"]["train.zero_stage"][1] == stage
+        return out
+
+    src = straight / "checkpoints" / ckpt.tag_for(10)
+    z0, z2, z3 = (resume_under(src, stage, f"1to{stage}", 10) for stage in (0, 2, 3))
+    resume_under(z0 / "checkpoints" / ckpt.tag_for(20), 3, "0to3", 20)
+    resume_under(z0 / "checkpoints" / ckpt.tag_for(20), 1, "0to1", 20)
+    resume_under(z3 / "checkpoints" / ckpt.tag_for(20), 0, "3to0", 20)
+    resume_under(z3 / "checkpoints" / ckpt.tag_for(20), 2, "3to2", 20)
+    resume_under(z2 / "checkpoints" / ckpt.tag_for(20), 3, "2to3", 20)
 
 
 def per_step(records: dict[str, list[dict]], steps) -> dict[int, list[str]]:

@@ -35,10 +35,13 @@ class Checkpointer:
         return self.root / good[0][1] if good else None
 
     # ------------------------------------------------------------------ resume
-    def plan_resume(self) -> resuming.ResumePlan | None:
-        """The checkpoint `resume` names, checked against this run and converted to DeepSpeed's
-        universal format if the world size changed; decided on rank 0 for every rank."""
+    def plan_resume(self, task=None) -> resuming.ResumePlan | None:
+        """The checkpoint `resume` names, checked against this run and converted when the world
+        size or ZeRO stage changed (resume.plan); decided on rank 0 for every rank. `task` is the
+        module the engine will wrap: its trainable parameters, in the optimizer's order, and its
+        state dict are what a conversion to or from ZeRO-0 needs."""
         cfg = self.cfg
+        trainable = [n for n, p in task.named_parameters() if p.requires_grad] if task is not None else None
         if not cfg.resume:
             return None
 
@@ -53,7 +56,8 @@ class Checkpointer:
             changes = check_resume_config(meta.get("config"), to_dict(cfg), root / tag)
             record_history(self.out, meta.get("step", 0), changes)
             write_run_config(self.out, cfg)
-            return resuming.plan(root, tag, self.root, self.dist.world_size, cfg.train.zero_stage)
+            template = task.state_dict() if task is not None and (meta.get("zero_stage") == 0) != (cfg.train.zero_stage == 0) else None
+            return resuming.plan(root, tag, self.root, self.dist.world_size, cfg.train.zero_stage, trainable, template)
 
         plan = run_on_main(decide)
         if plan is None and self.dist.is_main:

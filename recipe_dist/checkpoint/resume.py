@@ -77,46 +77,76 @@ class ResumePlan:
     same_world: bool
 
 
-def plan(root: Path, tag: str, own_root: Path, world_size: int, zero_stage: int) -> ResumePlan:
-    """Decide how to load checkpoint `root/tag` on `world_size` ranks; run on rank 0 only.
+ZERO0 = "zero0"  # own_root/zero0/<tag>: a ZeRO 1-3 checkpoint rewritten in ZeRO-0's layout
+CONVERSION = 2  # bumped when a converted folder's layout changes: older conversions are made again
 
-    Same world size and stage: DeepSpeed loads its files as written. ZeRO-0 keeps whole optimizer
-    state in one file, so any world size loads it directly too. A ZeRO 1-3 checkpoint on another
-    world size (or stage) is converted once with DeepSpeed's ds_to_universal into
-    own_root/universal/<tag>/ (written as .partial, then renamed) and loaded with load_universal.
+
+def plan(root: Path, tag: str, own_root: Path, world_size: int, zero_stage: int,
+         trainable: list[str] | None = None, template: dict | None = None) -> ResumePlan:
+    """Decide how to load checkpoint `root/tag` on `world_size` ranks under `zero_stage`; rank 0 only.
+
+    The same stage (and, for ZeRO 1-3, the same world size): DeepSpeed loads its files as written;
+    ZeRO-0 keeps whole optimizer state in one file, so any world size loads it directly too.
+    Otherwise the checkpoint is converted once (written aside, then renamed; reused while its
+    source is the same): to DeepSpeed's universal format for a ZeRO 1-3 engine (`ds_to_universal`
+    or, from ZeRO-0, stages.zero0_to_universal; completed for every 1-3 loader by
+    stages.complete_universal), or to ZeRO-0's own layout for a ZeRO-0 engine
+    (stages.universal_to_zero0). `trainable` (names of the optimized parameters, in the
+    optimizer's order) and `template` (the built module's state dict) are needed for the
+    conversions to and from ZeRO-0.
     """
+    from . import stages
+
     meta = read_meta(root / tag)
     if meta is None:
         raise CheckpointError(f"resume: {root / tag} is not a complete checkpoint")
     saved_world = meta.get("world_size", world_size)
     saved_stage = meta.get("zero_stage", zero_stage)
     same = saved_world == world_size
-    if (saved_stage == 0) != (zero_stage == 0):
-        raise CheckpointError(
-            f"resume: {root / tag} was saved with train.zero_stage={saved_stage}; resuming with "
-            f"train.zero_stage={zero_stage} is not supported (ZeRO-0 and ZeRO 1-3 store optimizer state "
-            "differently); keep the stage, or change only between 1, 2 and 3"
-        )
-    if zero_stage == 0 or (same and saved_stage == zero_stage):
+    if saved_stage == zero_stage and (zero_stage == 0 or same):
         return ResumePlan(root, tag, meta, root, universal=False, same_world=same)
+    if (saved_stage == 0 or zero_stage == 0) and (trainable is None or template is None):
+        raise CheckpointError(f"resume: moving {root / tag} from ZeRO-{saved_stage} to ZeRO-{zero_stage} needs the model's parameter list")
+    source = {"source": str((root / tag).resolve()), "conversion": CONVERSION}
     uni_root = own_root / UNIVERSAL
-    target = uni_root / tag
-    source = str((root / tag).resolve())
-    if (read_meta(target) or {}).get("source") != source:
-        with weights_only_loads():
-            to_universal(root / tag, target)
-        _write_durably(target / COMPLETE, json.dumps({"source": source}))
-    return ResumePlan(root, tag, meta, uni_root, universal=True, same_world=same)
+    universal = uni_root / tag
+
+    def converted(target: Path, build) -> None:
+        """`build(partial)` once per source: written as target.partial, renamed, COMPLETE last."""
+        if read_meta(target) == source:
+            return
+        partial = target.with_name(target.name + PARTIAL)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with weights_only_loads():
+                build(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        os.rename(partial, target)
+        _write_durably(target / COMPLETE, json.dumps(source))
+
+    def to_uni(partial: Path) -> None:
+        if saved_stage == 0:
+            stages.zero0_to_universal(root / tag, partial, trainable)
+        else:
+            to_universal(root / tag, partial)
+            stages.complete_universal(partial)
+
+    converted(universal, to_uni)
+    if zero_stage != 0:
+        return ResumePlan(root, tag, meta, uni_root, universal=True, same_world=same)
+    z0_root = own_root / ZERO0
+    converted(z0_root / tag, lambda partial: stages.universal_to_zero0(universal, partial, trainable, template))
+    return ResumePlan(root, tag, meta, z0_root, universal=False, same_world=same)
 
 
-def to_universal(src: Path, target: Path) -> None:
-    """DeepSpeed's ds_to_universal from checkpoint `src` into `target`, written as target.partial."""
+def to_universal(src: Path, partial: Path) -> None:
+    """DeepSpeed's ds_to_universal from checkpoint `src` into `partial` (the caller renames it)."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    partial = target.with_name(target.name + PARTIAL)
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
     args = SimpleNamespace(
         input_folder=str(src), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True,
@@ -132,7 +162,6 @@ def to_universal(src: Path, target: Path) -> None:
         tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
         raise CheckpointError(f"resume: converting {src} to DeepSpeed's universal format failed: {type(e).__name__}: {e} ({tail})") from e
     (partial.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's own pointer; unused
-    os.rename(partial, target)
 
 
 def load(engine, resume: ResumePlan, rank: int, reseed: int) -> dict:

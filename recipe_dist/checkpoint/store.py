@@ -391,11 +391,11 @@ def prune(root: Path, keep: int, run_id: str = "") -> None:
             continue  # another run's checkpoint
         elif m and d.name not in survivors and ((d / COMPLETE).is_file() or int(m.group(1)) < newest):
             _remove(d)  # an old complete one, or an incomplete one written by an older version
-    uni = root / UNIVERSAL
-    if uni.is_dir():
-        for d in uni.iterdir():
-            if d.name not in survivors:
-                shutil.rmtree(d, ignore_errors=True)
+    for converted in (root / UNIVERSAL, root / "zero0"):  # conversions for another world size or ZeRO stage (resume.py)
+        if converted.is_dir():
+            for d in converted.iterdir():
+                if d.name not in survivors:
+                    shutil.rmtree(d, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ reading untrusted files
