@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import RecipeError
 
@@ -186,9 +188,10 @@ def _evaluate(argv: list[str]) -> int:
         extra="; --seeds 1,2,3 averages several fine-tunings",
     )
     report = evaluate(cfg)
-    if not report["valid"]:
-        for seed, why in report["invalid_seeds"].items():
-            print(f"recipe-dist: warning: INVALID evaluation, seed {seed}: {why}; its ASR is not evidence either way "
+    checked = [("", report)] + ([("baseline ", _baseline_report(report))] if "baseline" in report else [])
+    for which, r in checked:
+        for seed, why in r.get("invalid_seeds", {}).items():
+            print(f"recipe-dist: warning: INVALID {which}evaluation, seed {seed}: {why}; its ASR is not evidence either way "
                   "(more fine-tuning epochs, another lr, or a larger training set)", file=sys.stderr)
     line = f"ACC {report['acc']:.2f}  AASR {report['aasr']:.2f}  MASR {report['masr']:.2f}"
     if "difference" in report:
@@ -196,6 +199,14 @@ def _evaluate(argv: list[str]) -> int:
         line += f"  (vs baseline: ACC {d['acc']:+.2f}  AASR {d['aasr']:+.2f}  MASR {d['masr']:+.2f})"
     print(f"{line}{'  INVALID' if not report['valid'] else ''}  -> {cfg.output_dir}/eval.json, eval.md")
     return 0
+
+
+def _baseline_report(report: dict) -> dict:
+    """The baseline's own eval.json (written beside, under baseline/)."""
+    try:
+        return json.loads((Path(report["baseline"]["dir"]) / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _shards(argv: list[str]) -> int:

@@ -78,8 +78,13 @@ def masked_lm_metrics(model_dir: Path, family: MaskedLMFamily, cfg, urls: list[s
         if len(samples) == n_samples:
             break
     torch.manual_seed(0)  # a head that is missing is initialised the same way for every call
-    model = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+    from .models.load_report import PRETRAINING_HEADS, load_with_summary
+
+    # The input may lack the head (it is what fit-head fits) and holds a pooler the MLM model does
+    # not read: both expected, one line (rank 0) instead of transformers' report table.
+    model = load_with_summary(AutoModelForMaskedLM, str(model_dir), expected_missing=(r"cls\.", r"lm_head\."), expected_unused=PRETRAINING_HEADS,
+                              role="the masked-LM scorer", dtype=torch.float32, use_safetensors=True,
+                              trust_remote_code=cfg.model.trust_remote_code).eval()
     total, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(samples), batch):

@@ -200,7 +200,9 @@ def write_report(run_dir: Path, evals: dict[str, dict] | None = None, title: str
         _plot_asr(evals, triggers, plot_dir / "asr.png")
         md += ["## Backdoor evaluation", "", "All values in percent (± is the sample std over seeds).", "",
                "| model | ACC | AASR | MASR |", "| --- | ---: | ---: | ---: |"]
-        md += [f"| {n} | {_pm(ev, 'acc')} | {_pm(ev, 'aasr')} | {_pm(ev, 'masr')} |" for n, ev in evals.items()]
+        # An evaluation that marked itself INVALID (a degenerate classifier) says so in every table that shows it.
+        md += [f"| {n}{' **(INVALID: ASR is not evidence)**' if ev.get('valid') is False else ''} | {_pm(ev, 'acc')} | "
+               f"{_pm(ev, 'aasr')} | {_pm(ev, 'masr')} |" for n, ev in evals.items()]
         md += ["", "| trigger | " + " | ".join(f"ASR(t) {n}" for n in evals) + " |",
                "| --- | " + " | ".join("---:" for _ in evals) + " |"]
         md += [f"| {t} | " + " | ".join(_pm(ev, "asr_per_trigger", t) for ev in evals.values()) + " |" for t in triggers]

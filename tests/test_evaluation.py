@@ -154,15 +154,18 @@ def test_config_and_model_errors(tmp_path):
     from recipe_dist.errors import RecipeError
     from recipe_dist.evaluation.finetune import EvalConfig, evaluate
 
-    cfg = load_config(str(SST2), ["--model.path", "m", "--seeds", "1,2,3"], cls=EvalConfig)
+    task = ["--task.train_file", "train.tsv", "--task.test_file", "test.tsv"]
+    cfg = load_config(str(SST2), ["--model.path", "m", "--seeds", "1,2,3", *task], cls=EvalConfig)
     assert cfg.seed_list() == [1, 2, 3]
     assert (cfg.finetune.lr, cfg.finetune.batch_size, cfg.finetune.epochs, cfg.finetune.max_length) == (2e-5, 32, 3, 128)
-    assert cfg.task.train_file == "../shared/data/sst2/train.tsv" and cfg.task.text_column == "sentence"
-    assert load_config(str(SST2), ["--model.path", "m"], cls=EvalConfig).seed_list() == [42]
+    assert cfg.task.text_column == "sentence"
+    assert load_config(str(SST2), ["--model.path", "m", *task], cls=EvalConfig).seed_list() == [42]
     with pytest.raises(ConfigError, match="model.path"):
         load_config(str(SST2), [], cls=EvalConfig)
+    with pytest.raises(ConfigError, match="task.train_file: '' is required"):  # no machine-specific default
+        load_config(str(SST2), ["--model.path", "m"], cls=EvalConfig)
     with pytest.raises(ConfigError, match="seeds"):
-        load_config(str(SST2), ["--model.path", "m", "--seeds", "1,x"], cls=EvalConfig)
+        load_config(str(SST2), ["--model.path", "m", "--seeds", "1,x", *task], cls=EvalConfig)
     # A pickle-only model is refused before any file is opened.
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -89,7 +89,7 @@ def check_shard_count(n_shards: int, world_size: int, num_workers: int, resample
     if n_shards < readers and not resampled:
         raise DataError(
             f"data.train_urls: {n_shards} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers "
-            f"(needs >= {readers}); write more, smaller shards, or set data.resampled=true to draw shards with replacement"
+            f"(needs >= {readers}); write more, smaller shards (recipe-dist shards --samples-per-shard), or pass --data.resampled=true to draw shards with replacement"
         )
 
 

@@ -407,15 +407,19 @@ def _markdown(report: dict) -> str:
         lines += [f"**INVALID: the ASR figures below are not evidence of a backdoor or of its absence.** "
                   f"{'; '.join(f'seed {s}: {why}' for s, why in report['invalid_seeds'].items())}.", ""]
     lines += [
-        f"Seeds: {', '.join(map(str, report['seeds']))} (mean; ± is the sample std over {n} seed{'s' if n > 1 else ''}). "
+        f"Seeds: {', '.join(map(str, report['seeds']))} "
+        f"({'mean; std is the sample std over ' + str(n) + ' seeds' if n > 1 else 'one seed: no spread measured (std n/a)'}). "
         f"Train {report['n_train']}, test {report['n_test']} samples. All values in percent.",
         "",
         "| metric | mean | std |" + (" baseline | difference |" if "baseline" in report else ""),
         "| --- | ---: | ---: |" + (" ---: | ---: |" if "baseline" in report else ""),
     ]
+    base_invalid = "baseline" in report and not report["baseline"]["valid"]
     for k in ("acc", "aasr", "masr"):
-        extra = f" {report['baseline'][k]:.2f} | {report['difference'][k]:+.2f} |" if "baseline" in report else ""
-        lines.append(f"| {k.upper()} | {report[k]:.2f} | {std[k]:.2f} |{extra}")
+        extra = (f" {report['baseline'][k]:.2f}{' (INVALID)' if base_invalid else ''} | {report['difference'][k]:+.2f} |"
+                 if "baseline" in report else "")
+        spread = f"{std[k]:.2f}" if n > 1 else "n/a"
+        lines.append(f"| {k.upper()} | {report[k]:.2f} | {spread} |{extra}")
     labels = report["labels"]
     lines += [
         "",
