@@ -205,8 +205,14 @@ class Trainer:
         if self.cfg.model.path:
             return Path(self.cfg.model.path)
         target = self.out / "input_model"
-        if not (target / "config.json").is_file():
-            run_on_main(self.job.family.build_tiny, target, self.cfg.model.tiny, self.cfg.model.tiny.seed)
+
+        def build() -> None:
+            # Decided and built on rank 0 only, written aside and renamed: every rank enters the
+            # collective, so none can see (and read) a half-written config.json while rank 0 writes it.
+            if not (target / "config.json").is_file():
+                write_dir_aside(target, lambda d: self.job.family.build_tiny(d, self.cfg.model.tiny, self.cfg.model.tiny.seed))
+
+        run_on_main(build)
         return target
 
     def _check_precision(self) -> None:

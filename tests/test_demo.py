@@ -29,7 +29,8 @@ def test_demo_smoke_writes_table_json_and_report(tmp_path):
         assert (out / stage / "report.md").is_file()  # purify and attack write their own report too
     assert (out / "ptm" / "SYNTHETIC.md").is_file() and (out / "task" / "SYNTHETIC.md").is_file()
     report = (out / "report.md").read_text()
-    assert "SYNTHETIC" in report and "| backdoored |" in report
+    # (the smoke preset's classifiers are degenerate: report.md rightly marks them INVALID)
+    assert "SYNTHETIC" in report and "| backdoored" in report
     # Image links in the top-level report resolve to real PNGs in the purify run.
     for link in ("purify/report/loss.png", "purify/report/norms.png", "purify/report/asr.png"):
         assert f"]({link})" in report, link
