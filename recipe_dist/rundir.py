@@ -190,21 +190,14 @@ def write_dir_aside(target: Path, write) -> dict[str, str]:
     disk or an unwritable mount midway leaves no half-written `target` that looks finished.
     Returns {relative path: sha256} of every file written (taken before the rename). An OSError
     becomes one line naming `target`; the caller's earlier outputs (checkpoints) are untouched."""
-    import hashlib
+    from .checkpoint.store import file_digests
 
     target = Path(target)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         write(partial)
-        digests = {}
-        for f in sorted(partial.rglob("*")):
-            if f.is_file():
-                h = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    while block := fh.read(1 << 22):
-                        h.update(block)
-                digests[f.relative_to(partial).as_posix()] = h.hexdigest()
+        digests = {name: sha for name, (_, sha) in file_digests(partial).items()}
         if target.exists():
             shutil.rmtree(target)  # a rerun after a crash right after the rename, before the summary
         os.rename(partial, target)
