@@ -87,11 +87,13 @@ def extension_cache() -> str:
     return os.path.join(candidates[-1], "torch_extensions", key)
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed; gloo on CPU, nccl on GPU.
 
     With no launcher the run is a single process: the rendezvous variables are filled in
-    for a world of one so the same code path (and DeepSpeed) runs.
+    for a world of one so the same code path (and DeepSpeed) runs. `timeout_s` bounds every
+    collective (and the rendezvous): a rank whose peer died or dropped off the network fails
+    after it instead of waiting forever (preempt.collective_timeout); None keeps DeepSpeed's 600 s.
     """
     os.environ["TORCH_EXTENSIONS_DIR"] = extension_cache()  # before DeepSpeed builds its comm op
     import deepspeed
@@ -116,12 +118,159 @@ def init_distributed() -> DistInfo:
         import sys
 
         said = io.StringIO()
+        from datetime import timedelta
+
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        if timeout_s:
+            # The groups DeepSpeed makes later (ZeRO's data-parallel group, via dist.new_group) do
+            # not inherit the world group's timeout: new_group falls back to torch's module default
+            # (30 min), and a rank whose peer's network was cut waited that long in ZeRO's
+            # all-reduce (seen with a 8 s world timeout). Every group of the run gets the same bound.
+            from torch.distributed import distributed_c10d as c10d
+
+            c10d.default_pg_timeout = kwargs["timeout"]
+            if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+                c10d.default_pg_nccl_timeout = kwargs["timeout"]
         with contextlib.redirect_stdout(said):
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
         rest = [ln for ln in said.getvalue().splitlines() if ln.strip() and "built successfully" not in ln]
         if rest:
             print("\n".join(rest), file=sys.stdout, flush=True)
+        _meet_peers(info)
     return info
+
+
+# ---------------------------------------------------------------------- lost peers
+# Every rank listens on a small TCP port of its own (a thread that accepts and closes) and learns
+# every other rank's host, address and port at start. When a collective fails (a peer's process
+# died, its node went down, the network between them dropped past the collective timeout), the
+# surviving rank knocks on each peer's port to name which one is gone and how: "refused" means
+# its host answers but the process is gone, no answer means the host or the network is down.
+# A rank that fails of its own accord (an error in its own code) first leaves its message in the
+# process group's store, so the others say "rank R failed" rather than "lost", and do not requeue.
+_PEERS: list[dict] = []
+_FAILED_KEY = "recipe_dist/failed/"
+
+
+def _local_address() -> str:
+    """The address this host uses to reach MASTER_ADDR (the interface the ranks talk over)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1"))))  # no packet is sent
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _serve_knocks(listener: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+            conn.close()
+        except OSError:
+            return
+
+
+def _meet_peers(info: DistInfo) -> None:
+    global _PEERS
+    if info.world_size == 1:
+        _PEERS = []
+        return
+    import threading
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(16)
+    threading.Thread(target=_serve_knocks, args=(listener,), name="recipe-dist-knock", daemon=True).start()
+    me = {"rank": info.rank, "host": socket.gethostname(), "addr": _local_address(), "port": listener.getsockname()[1]}
+    table: list = [None] * info.world_size
+    dist.all_gather_object(table, me)
+    _PEERS = table
+
+
+def describe_world() -> str:
+    """One line: where the ranks run and where they meet, e.g. for a multi-node job's log."""
+    hosts = {p["host"] for p in _PEERS}
+    where = ", ".join(f"rank {p['rank']} {p['host']} {p['addr']}" for p in _PEERS)
+    return (f"cluster: {len(_PEERS)} ranks on {len(hosts)} node(s), rendezvous {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')}: {where}")
+
+
+def peers() -> list[dict]:
+    """Every rank's {rank, host, addr, port}, as gathered at start (empty for a world of one)."""
+    return list(_PEERS)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective or store operation that failed because a peer did not answer
+    (gloo/NCCL read errors, resets, timeouts), not an error in this rank's own work."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection reset", "Connection closed",
+                                                                     "Timed out waiting", "Socket Timeout", "Broken pipe"))
+
+
+def knock(peer: dict, timeout: float = 3.0) -> str:
+    """'alive', 'gone' (its host answers, nothing listens: the process died) or 'unreachable'."""
+    try:
+        with socket.create_connection((peer["addr"], peer["port"]), timeout=timeout):
+            return "alive"
+    except ConnectionRefusedError:
+        return "gone"
+    except OSError:
+        return "unreachable"
+
+
+def report_own_failure(message: str) -> None:
+    """Leave this rank's error in the store for the others (best effort, a few seconds at most)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    try:
+        from datetime import timedelta
+
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=3))
+        store.set(f"{_FAILED_KEY}{dist.get_rank()}", message[:500])
+    except Exception:  # the store's host may be the rank that is gone
+        pass
+
+
+def _failed_peers(candidates: list[dict]) -> dict[int, str]:
+    """The ranks among `candidates` that reported an error of their own, with its message."""
+    try:
+        from datetime import timedelta
+
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=3))
+        return {p["rank"]: store.get(f"{_FAILED_KEY}{p['rank']}").decode(errors="replace")
+                for p in candidates if store.check([f"{_FAILED_KEY}{p['rank']}"])}
+    except Exception:  # the store lives in rank 0's process: gone with it
+        return {}
+
+
+def diagnose(e: BaseException) -> tuple[str, bool]:
+    """(one line naming the peer(s) lost and how, whether a requeue can help) for a collective failure.
+
+    A requeue helps when a peer was lost (node down, network cut, process killed from outside);
+    it does not when a peer stopped on an error of its own, which a restart would only repeat."""
+    me = dist.get_rank() if dist.is_initialized() else 0
+    others = [p for p in _PEERS if p["rank"] != me]
+    states = {p["rank"]: knock(p) for p in others}
+    failed = _failed_peers([p for p in others if states[p["rank"]] != "unreachable"])
+    if failed:
+        r, msg = next(iter(failed.items()))
+        return f"rank {r} stopped with an error of its own ({msg}); this rank stops too", False
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # gloo's own words, less its source location and advice ("[.../pair.cc:545] Read error [addr]:port: ...")
+    import re
+
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first).split(". This is typically")[0]
+    how = {"gone": "its process is gone (its host refuses)", "unreachable": "its host does not answer (node down or network cut)"}
+    lost = [f"rank {p['rank']} on {p['host']} ({p['addr']}): {how[states[p['rank']]]}" for p in others if states[p["rank"]] != "alive"]
+    if not lost:
+        return f"a collective failed while every peer still answers ({first})", True
+    return f"lost {'; '.join(lost)} [{first}]", True
 
 
 def destroy_distributed() -> None:

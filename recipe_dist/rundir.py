@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +39,7 @@ HISTORY = "config_history.jsonl"
 # logs, how storage is reached. Anything else differing from the checkpoint's config is refused.
 MAY_CHANGE = (
     "output_dir", "resume", "overwrite", "preempt.signals", "preempt.requeue", "preempt.max_requeues",
+    "preempt.collective_timeout",
     "train.stop_at_step", "train.log_every",
     "checkpoint.every_steps", "checkpoint.keep",
     # the world size may change on resume (checkpoint.WORLD_SIZE_CHANGE); the micro batch with it
@@ -140,7 +142,7 @@ class RunDir:
 def _failed_start(out: Path) -> bool:
     """Whether `out` holds only what a run of ours leaves before its first complete checkpoint:
     its RUN_ID, and no checkpoint, model, summary or report (and nothing we did not write)."""
-    ours = {RUN_ID, "config.yaml", "config_history.jsonl", "progress.json", "tb", "keys", "input_model", "checkpoints", "data",
+    ours = {RUN_ID, "config.yaml", "config_history.jsonl", "progress.json", ATTEMPTS, "tb", "keys", "input_model", "checkpoints", "data",
             "model.partial"}
     entries = _entries(out)
     if RUN_ID not in entries or not entries <= ours:
@@ -283,6 +285,21 @@ def record_history(out: Path, step: int, changes: dict) -> None:
         return
     with open(out / HISTORY, "a") as f:
         f.write(json.dumps({"resumed_at_step": step, "time": time.time(), "changes": changes}) + "\n")
+
+
+ATTEMPTS = "attempts.jsonl"
+
+
+def record_attempt(out: Path, event: str, **fields) -> None:
+    """Append one line to attempts.jsonl: a start of the run (which job, nodes, from which step)
+    or how it ended. `recipe-dist slurm status` shows them as the job's history; a start with no
+    end line is an attempt that was killed outright (its node died, SIGKILL)."""
+    from .preempt import slurm_job_id
+
+    record = {"event": event, "time": time.time(), "job": slurm_job_id(), "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+              "host": socket.gethostname(), **fields}
+    with open(out / ATTEMPTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def write_progress(out: Path, step: int, total_steps: int, steps_per_second: float) -> None:

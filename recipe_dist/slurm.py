@@ -307,7 +307,45 @@ def status(argv: list[str]) -> int:
     print("| --- | --- | --- | --- |")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    for rec in records:
+        for run in rec["outputs"]:
+            history = attempt_history(Path(run))
+            if len(history) > 1 or any(h[-1] != "finished" for h in history):
+                print(f"\nhistory of {run} (attempts.jsonl):\n")
+                print("| attempt | job | nodes | rank 0 on | steps | how it ended |")
+                print("| --- | --- | --- | --- | --- | --- |")
+                for i, h in enumerate(history, 1):
+                    print("| " + " | ".join([str(i), *h]) + " |")
     return 0
+
+
+def attempt_history(run_dir: Path) -> list[tuple[str, str, str, str, str]]:
+    """The run's attempts from its attempts.jsonl (rundir.record_attempt): (job, nodes, rank 0's
+    host, steps, how it ended) each. A start with no end line is an attempt killed outright."""
+    try:
+        lines = (run_dir / "attempts.jsonl").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    attempts: list[dict] = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill: the others still tell the story
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("event") == "start":
+            attempts.append({"start": rec})
+        elif rec.get("event") == "end" and attempts and "end" not in attempts[-1]:
+            attempts[-1]["end"] = rec
+    rows = []
+    for a in attempts:
+        start, end = a["start"], a.get("end", {})
+        job = f"{start.get('job')}" + (f" (requeue {start['restart']})" if start.get("restart") else "") if start.get("job") else "-"
+        steps = f"{start.get('from_step')} -> {end['step']}" if "step" in end else f"from {start.get('from_step')}"
+        how = end.get("outcome") or "no end recorded: killed outright (node failure, SIGKILL, cancelled)"
+        rows.append((job, str(start.get("nodes", "?")), str(start.get("host", "?")), steps, str(how).replace("|", "/")))
+    return rows
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,8 @@ resuming; `StepMetrics` logging and the divergence check; `RunDir` the output di
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +24,14 @@ from transformers import get_scheduler
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world, to_dict
 from .data.train_data import KeyLog, TrainData
-from .distributed import DistInfo, barrier, destroy_distributed, init_distributed, run_on_main
+from .distributed import (DistInfo, barrier, describe_world, destroy_distributed, diagnose, init_distributed, is_collective_failure,
+                          peers, report_own_failure, run_on_main)
 from .errors import RecipeError
 from .jobs import Job
 from .metrics import build_logger
 from .models.base import sha256_files
 from .preempt import Preemption, requeue
-from .rundir import RunDir, finished_summary, write_dir_aside, write_progress, write_run_config, write_summary
+from .rundir import RunDir, finished_summary, record_attempt, write_dir_aside, write_progress, write_run_config, write_summary
 from .seeds import Stream, mix_seed
 
 
@@ -141,6 +144,10 @@ class Trainer:
                     return {**finished, "already_finished": True}
             loaded, data, engine, total = self._build()
             step, samples = self.checkpointer.restore(engine, self.resume_plan)
+            self.step_started = step
+            if self.dist.is_main:
+                record_attempt(self.out, "start", from_step=step, total_steps=total, world_size=self.dist.world_size,
+                               nodes=os.environ.get("SLURM_JOB_NODELIST") or socket.gethostname())
             metrics = StepMetrics(engine, data, self.params, step, total, info=self.dist, out=self.out,
                                   global_batch_size=cfg.train.global_batch_size, last_good=self.checkpointer.last_good)
             keys = KeyLog(self.out / "keys", self.dist.rank, self.dist.world_size, step) if cfg.data.record_keys else None
@@ -189,13 +196,20 @@ class Trainer:
         # First of all: a scheduler's warning that arrives while the model loads must not kill
         # the process (SIGUSR1's default action); the flag is acted on at the first step boundary.
         self.preemption = Preemption(self.cfg.preempt.signals)
-        self.dist = init_distributed()
+        self.dist = init_distributed(self.cfg.preempt.collective_timeout)
+        if self.dist.is_main and len({p["host"] for p in peers()}) > 1:
+            print(describe_world(), flush=True)
         self.t_start = time.time()
         # Rank 0 locks output_dir for the run's life and refuses another run's directory (rundir.py).
         self.run_dir = RunDir(self.out)
         try:
             self.run_id = run_on_main(self.run_dir.claim, fresh=not self.cfg.resume, overwrite=self.cfg.overwrite)
             yield
+        except Exception as e:
+            if is_collective_failure(e):
+                raise self._lost_peer(e) from None
+            report_own_failure(str(e) or type(e).__name__)  # the others then stop without requeueing (distributed.diagnose)
+            raise
         finally:
             self.run_dir.release()
             self.preemption.restore()
@@ -270,7 +284,28 @@ class Trainer:
             return "stop_at"
         return None
 
+    def _lost_peer(self, e: Exception) -> RecipeError:
+        """A collective failed: name the lost peer and, under SLURM, requeue the job (any surviving
+        rank may: rank 0 may be the one lost). The partial step is dropped; the requeued job resumes
+        from the last complete checkpoint."""
+        line, requeue_helps = diagnose(e)
+        what = "not requeued: the error is the peer's own"
+        if requeue_helps:
+            try:
+                what = requeue(self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)
+            except RecipeError as refused:
+                what = str(refused)
+        if hasattr(self, "step_started"):
+            try:
+                record_attempt(self.out, "end", outcome=f"rank {self.dist.rank}: {line}; {what}")
+            except OSError:
+                pass
+        return RecipeError(f"rank {self.dist.rank}: {line}; {what}; continue from the last complete checkpoint")
+
     def _stopped(self, why: str, step: int, total: int) -> dict:
+        if self.dist.is_main:
+            record_attempt(self.out, "end", step=step, outcome=f"{self.preemption.signal_name.removeprefix('SIG')} received"
+                           if why == "preempted" else "train.stop_at_step")
         if why == "preempted":
             # Rank 0 decides and requeues; a refusal (too many requeues) is raised on every rank.
             what = run_on_main(requeue, self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)
@@ -313,5 +348,6 @@ class Trainer:
                 "output_weights_sha256": out_digests,
             }
             write_summary(self.out, summary)
+            record_attempt(self.out, "end", step=step, outcome="finished")
         barrier()
         return summary

@@ -43,6 +43,21 @@ def _wait(cond, timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+def start_munge(munge_dir: Path, sock: Path, env: dict) -> int:
+    """munged as the munge user with a fresh key, its socket at `sock`; returns its pid."""
+    key = munge_dir / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    shutil.chown(munge_dir, "munge", "munge")
+    shutil.chown(key, "munge", "munge")
+    os.chmod(key, 0o400)
+    os.chmod(munge_dir, 0o700)
+    pidfile = munge_dir / "munged.pid"
+    subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--key-file={key}", f"--socket={sock}", f"--pid-file={pidfile}",
+                    f"--log-file={munge_dir / 'munged.log'}", f"--seed-file={munge_dir / 'munged.seed'}", "--force"], check=True, env=env)
+    _wait(lambda: pidfile.is_file() and pidfile.read_text().strip(), 10, "munged")
+    return int(pidfile.read_text())
+
+
 class Cluster:
     def __init__(self, root: Path):
         # munged runs as the munge user, which must reach its socket directory: a 0755 root.
@@ -87,19 +102,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 """)
 
     def start(self) -> "Cluster":
-        key = self.dirs["munge"] / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        for d in ("munge",):
-            shutil.chown(self.dirs[d], "munge", "munge")
-        shutil.chown(key, "munge", "munge")
-        os.chmod(key, 0o400)
-        os.chmod(self.dirs["munge"], 0o700)
-        munge_pid = self.dirs["munge"] / "munged.pid"
-        subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--key-file={key}", f"--socket={self.socket}",
-                        f"--pid-file={munge_pid}", f"--log-file={self.dirs['munge'] / 'munged.log'}",
-                        f"--seed-file={self.dirs['munge'] / 'munged.seed'}", "--force"], check=True, env=self.env)
-        _wait(lambda: munge_pid.is_file(), 10, "munged")
-        self.pids.append(int(munge_pid.read_text()))
+        self.pids.append(start_munge(self.dirs["munge"], self.socket, self.env))
         for daemon, pidfile in (("slurmctld", "slurmctld.pid"), ("slurmd", "slurmd.pid")):
             subprocess.run([f"/usr/sbin/{daemon}", "-f", str(self.conf)], check=True, env=self.env)
             path = self.dirs["run"] / pidfile
@@ -130,3 +133,34 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
         _wait(lambda: self.job_state(job) in done, timeout, f"job {job}")
         return self.job_state(job)
+
+
+# ---------------------------------------------------------------------- helpers for the tests of jobs
+def log_of(out: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((out / "slurm").glob("slurm-*.out")))
+
+
+def wait_for_checkpoint(out: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*[0-9]")):
+        time.sleep(0.3)
+    assert list((out / "checkpoints").glob("step_*[0-9]")), "no checkpoint appeared"
+
+
+def finish(cluster, job: str, out: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    pending_since = None
+    while time.time() < deadline and not (out / "summary.json").is_file():
+        state = cluster.job_state(job)
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break  # ended without the model: fail now, with its log
+        pending_since = (pending_since or time.time()) if state == "PENDING" else None
+        if pending_since and time.time() - pending_since > 10:
+            # SLURM makes a requeued job eligible only ~2 minutes later (EligibleTime); skip the wait,
+            # but only once the previous allocation's batch script has surely ended (srun gives its
+            # tasks up to 7 s): started at once, the new allocation raced the old script's exit,
+            # which then completed the job.
+            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+        time.sleep(1)
+    state = cluster.wait_job(job, 120)
+    assert (out / "summary.json").is_file(), f"{state}\n{log_of(out)[-4000:]}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from slurm_cluster import Cluster, ensure_installed
+from slurm_cluster import Cluster, ensure_installed, finish, log_of, wait_for_checkpoint
 
 TINY = REPO / "configs" / "tiny-bert.yaml"
 # 2 tasks x micro 8 = global 16; long enough to be signalled mid-run.
@@ -50,36 +50,6 @@ def submit(cluster, out, *extra) -> str:
 
 def workers_of(pid: int) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-
-
-def log_of(out: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in sorted((out / "slurm").glob("slurm-*.out")))
-
-
-def wait_for_checkpoint(out: Path, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and not list((out / "checkpoints").glob("step_*[0-9]")):
-        time.sleep(0.3)
-    assert list((out / "checkpoints").glob("step_*[0-9]")), "no checkpoint appeared"
-
-
-def finish(cluster, job: str, out: Path, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    pending_since = None
-    while time.time() < deadline and not (out / "summary.json").is_file():
-        state = cluster.job_state(job)
-        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            break  # ended without the model: fail now, with its log
-        pending_since = (pending_since or time.time()) if state == "PENDING" else None
-        if pending_since and time.time() - pending_since > 10:
-            # SLURM makes a requeued job eligible only ~2 minutes later (EligibleTime); skip the wait,
-            # but only once the previous allocation's batch script has surely ended (srun gives its
-            # tasks up to 7 s): started at once, the new allocation raced the old script's exit,
-            # which then completed the job.
-            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
-        time.sleep(1)
-    state = cluster.wait_job(job, 120)
-    assert (out / "summary.json").is_file(), f"{state}\n{log_of(out)[-4000:]}"
 
 
 @pytest.mark.slow
