@@ -40,7 +40,7 @@ BLOCK_FILES = {"minilm-por-confirm": "minilm-por-search-s1-2-3"}
 
 # README commands the tests run as written; only the run directory moves to tmp_path.
 TINY_PURIFY = "recipe-dist purify --config configs/tiny-bert.yaml --output_dir runs/tiny-bert"
-SLURM_DRY_RUN = ("recipe-dist slurm submit --config configs/tiny-bert.yaml --nodes 1 --ntasks-per-node 2 --time 00:10:00 "
+SLURM_DRY_RUN = ("recipe-dist slurm submit --config configs/tiny-bert.yaml --nodes 2 --ntasks-per-node 1 --time 00:10:00 "
                  "--output_dir runs/slurm-tiny --dry-run")
 
 # A path into the repository: what the README names in backticks, links or code blocks.
@@ -231,7 +231,7 @@ def test_the_slurm_dry_run_runs_as_written_and_submits_nothing():
     existed = out.exists()
     proc = run_cli(shlex.split(SLURM_DRY_RUN)[1:])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "#SBATCH --nodes=1" in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
+    assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --ntasks-per-node=1" in proc.stdout
     assert existed or not out.exists()
 
 
