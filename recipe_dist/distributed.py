@@ -260,7 +260,8 @@ def diagnose(e: BaseException) -> tuple[str, bool]:
     failed = _failed_peers([p for p in others if states[p["rank"]] != "unreachable"])
     if failed:
         r, msg = next(iter(failed.items()))
-        return f"rank {r} stopped with an error of its own ({msg}); this rank stops too", False
+        short = msg if len(msg) <= 120 else msg[:117] + "..."
+        return f"rank {r} stopped with an error of its own ({short}); not requeued: a restart would repeat it", False
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # gloo's own words, less its source location and advice ("[.../pair.cc:545] Read error [addr]:port: ...")
     import re

@@ -94,7 +94,7 @@ def slurm_job_id() -> str | None:
 
 
 def requeue(policy: str, max_requeues: int) -> str:
-    """Requeue this SLURM job (rank 0 only); returns what was done, for the log line."""
+    """Requeue this SLURM job (one rank: rank 0 after a signal, a survivor after a lost peer); returns what was done, for the log line."""
     job = slurm_job_id()
     if policy == "never" or job is None:
         return "not running under SLURM: resubmit with --resume auto to continue" if job is None else "preempt.requeue=never: resubmit with --resume auto"

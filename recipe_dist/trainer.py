@@ -289,18 +289,17 @@ class Trainer:
         rank may: rank 0 may be the one lost). The partial step is dropped; the requeued job resumes
         from the last complete checkpoint."""
         line, requeue_helps = diagnose(e)
-        what = "not requeued: the error is the peer's own"
         if requeue_helps:
             try:
-                what = requeue(self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)
+                line += "; " + requeue(self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)
             except RecipeError as refused:
-                what = str(refused)
+                line += "; " + str(refused)
         if hasattr(self, "step_started"):
             try:
-                record_attempt(self.out, "end", outcome=f"rank {self.dist.rank}: {line}; {what}")
+                record_attempt(self.out, "end", outcome=f"rank {self.dist.rank}: {line}")
             except OSError:
                 pass
-        return RecipeError(f"rank {self.dist.rank}: {line}; {what}; continue from the last complete checkpoint")
+        return RecipeError(f"rank {self.dist.rank}: {line}")
 
     def _stopped(self, why: str, step: int, total: int) -> dict:
         if self.dist.is_main:
