@@ -206,7 +206,7 @@ class Trainer:
             self.run_id = run_on_main(self.run_dir.claim, fresh=not self.cfg.resume, overwrite=self.cfg.overwrite)
             yield
         except Exception as e:
-            if is_collective_failure(e):
+            if self.dist.world_size > 1 and is_collective_failure(e):
                 raise self._lost_peer(e) from None
             report_own_failure(str(e) or type(e).__name__)  # the others then stop without requeueing (distributed.diagnose)
             raise
