@@ -259,9 +259,10 @@ class PreemptConfig:
                             "checkpoint, requeues itself under SLURM and exits 0", check=Rule(lambda v: all(hasattr(__import__("signal"), "SIG" + x) for x in v), "must be signal names such as USR1, TERM"))
     requeue: Literal["auto", "never"] = _f("auto", "after a signalled save: auto (scontrol requeue when running under SLURM) or never")
     max_requeues: int = _f(5, "a job already requeued this many times (SLURM_RESTART_COUNT) stops with an error instead of requeueing again", check=ge(0))
-    collective_timeout: float = _f(600.0, "seconds a rank waits in a collective for the others; a peer lost past it (node down, "
-                                   "network cut) fails the rank with one line naming the peer, and under SLURM requeues the job "
-                                   "(preempt.requeue) to resume from the last complete checkpoint", check=gt(0))
+    collective_timeout: float = _f(600.0, "seconds a rank waits in a collective of the training steps; a peer lost past it (node "
+                                   "down, network cut) fails the rank with one line naming the peer, and under SLURM requeues the "
+                                   "job (preempt.requeue) to resume from the last complete checkpoint. Start-up and export, where "
+                                   "one rank may work alone for long, wait up to 30 min (or this, if longer)", check=gt(0))
 
 
 @dataclass

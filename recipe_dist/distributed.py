@@ -91,9 +91,10 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed; gloo on CPU, nccl on GPU.
 
     With no launcher the run is a single process: the rendezvous variables are filled in
-    for a world of one so the same code path (and DeepSpeed) runs. `timeout_s` bounds every
-    collective (and the rendezvous): a rank whose peer died or dropped off the network fails
-    after it instead of waiting forever (preempt.collective_timeout); None keeps DeepSpeed's 600 s.
+    for a world of one so the same code path (and DeepSpeed) runs. `timeout_s` is the training
+    steps' collective bound (preempt.collective_timeout, applied by `step_timeout`); start-up and
+    export, where one rank may work alone for long (building the input, writing the model) while
+    the others wait, get max(timeout_s, SETUP_TIMEOUT_S). None keeps DeepSpeed's default.
     """
     os.environ["TORCH_EXTENSIONS_DIR"] = extension_cache()  # before DeepSpeed builds its comm op
     import deepspeed
@@ -120,17 +121,18 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         said = io.StringIO()
         from datetime import timedelta
 
-        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
-        if timeout_s:
+        global _SETUP_TIMEOUT
+        _SETUP_TIMEOUT = timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S)) if timeout_s else None
+        kwargs = {"timeout": _SETUP_TIMEOUT} if _SETUP_TIMEOUT else {}
+        if _SETUP_TIMEOUT:
             # The groups DeepSpeed makes later (ZeRO's data-parallel group, via dist.new_group) do
-            # not inherit the world group's timeout: new_group falls back to torch's module default
-            # (30 min), and a rank whose peer's network was cut waited that long in ZeRO's
-            # all-reduce (seen with a 8 s world timeout). Every group of the run gets the same bound.
+            # not inherit the world group's timeout: new_group falls back to torch's module default,
+            # so it is set here too; `step_timeout` then changes every group at once.
             from torch.distributed import distributed_c10d as c10d
 
-            c10d.default_pg_timeout = kwargs["timeout"]
+            c10d.default_pg_timeout = _SETUP_TIMEOUT
             if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
-                c10d.default_pg_nccl_timeout = kwargs["timeout"]
+                c10d.default_pg_nccl_timeout = _SETUP_TIMEOUT
         with contextlib.redirect_stdout(said):
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
         rest = [ln for ln in said.getvalue().splitlines() if ln.strip() and "built successfully" not in ln]
@@ -138,6 +140,36 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
             print("\n".join(rest), file=sys.stdout, flush=True)
         _meet_peers(info)
     return info
+
+
+SETUP_TIMEOUT_S = 1800.0  # torch's own default for gloo
+_SETUP_TIMEOUT = None
+
+
+def _groups() -> list:
+    from torch.distributed import distributed_c10d as c10d
+
+    world = getattr(c10d, "_world", None)
+    return list(getattr(world, "pg_map", {}).keys()) if world is not None else []
+
+
+def step_timeout(seconds: float | None) -> None:
+    """Bound every collective of every process group (ZeRO's included) by `seconds` from now on,
+    or, with None, go back to the start-up bound. The trainer sets preempt.collective_timeout for
+    its step loop only: at start-up and export one rank may work alone for minutes (building the
+    input, writing the model) while the others wait in a collective, and a bound meant to catch a
+    lost node within seconds failed healthy runs there (a tiny run's start on a loaded machine
+    took over 8 s)."""
+    from datetime import timedelta
+
+    if not dist.is_initialized() or dist.get_world_size() == 1 or _SETUP_TIMEOUT is None:
+        return
+    bound = timedelta(seconds=seconds) if seconds else _SETUP_TIMEOUT
+    set_timeout = getattr(dist, "set_timeout", None)
+    if set_timeout is None:  # torch < 2.8
+        from torch.distributed.distributed_c10d import _set_pg_timeout as set_timeout
+    for group in _groups():
+        set_timeout(bound, group)
 
 
 # ---------------------------------------------------------------------- lost peers
@@ -256,7 +288,10 @@ def diagnose(e: BaseException) -> tuple[str, bool]:
     it does not when a peer stopped on an error of its own, which a restart would only repeat."""
     me = dist.get_rank() if dist.is_initialized() else 0
     others = [p for p in _PEERS if p["rank"] != me]
-    states = {p["rank"]: knock(p) for p in others}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(64, len(others)))) as pool:  # all at once: a large world's dead node is many ranks
+        states = dict(zip((p["rank"] for p in others), pool.map(knock, others)))
     failed = _failed_peers([p for p in others if states[p["rank"]] != "unreachable"])
     if failed:
         r, msg = next(iter(failed.items()))

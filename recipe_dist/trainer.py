@@ -25,7 +25,7 @@ from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world, to_dict
 from .data.train_data import KeyLog, TrainData
 from .distributed import (DistInfo, barrier, describe_world, destroy_distributed, diagnose, init_distributed, is_collective_failure,
-                          peers, report_own_failure, run_on_main)
+                          peers, report_own_failure, run_on_main, step_timeout)
 from .errors import RecipeError
 from .jobs import Job
 from .metrics import build_logger
@@ -154,6 +154,7 @@ class Trainer:
             bar = tqdm(total=total, initial=step, disable=not self.dist.is_main, desc=self.name, unit="step", dynamic_ncols=True)
             stopping = self._stopping(step, total)  # a resume may start at the end
             self.preemption.deferring = True  # Ctrl-C from here on stops at a step boundary (preempt.py)
+            step_timeout(cfg.preempt.collective_timeout)  # a lost peer is noticed within this from here on
             while stopping is None:
                 epoch, done_in_epoch = divmod(step, data.steps_per_epoch)
                 micro = done_in_epoch * data.grad_accum
@@ -181,6 +182,7 @@ class Trainer:
                     if stopping:
                         break
             self.preemption.deferring = False
+            step_timeout(None)  # the export: rank 0 writes the model while the others wait
             bar.close()
             metrics.close()
             if keys:

@@ -1,7 +1,9 @@
 """`recipe-dist bench study` (issue 25) end to end on the smoke preset: replicated purifications,
-each scored with several fine-tuning seeds, and paired comparisons over purifications."""
+each scored with several fine-tuning seeds, and paired comparisons over purifications; the
+held-out phase selects, and the test split is read only after that selection is committed."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -14,11 +16,12 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
     out = tmp_path / "study"
     proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out])
     study = json.loads((out / "study.json").read_text())
-    assert {"command", "commit", "date", "machine", "recommended", "rows", "comparisons"} <= set(study)
+    assert {"command", "commit", "date", "machine", "recommended", "rows", "comparisons", "selection"} <= set(study)
     rows = study["rows"]
     assert list(rows) == ["clean", "backdoored", "reference", "reference_lambda0", "recommended", "recommended_lambda0"]
     for rid, r in rows.items():
-        assert r["split"] == "test" and r["n_finetune"] == 2
+        assert r["split"] == "heldout" and r["n_finetune"] == 2
+        assert r["per_purification"][0]["seeds"] == [11, 12]  # held-out classifiers are not the reported ones
         assert r["n_purify"] == (1 if rid in ("clean", "backdoored") else 2) == len(r["per_purification"])
         assert all(len(p["per_finetune"]["aasr"]) == 2 for p in r["per_purification"])
     # Each purification is its own stage, trained with its own seed, on data kept apart from the attacker's.
@@ -37,3 +40,31 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
     assert "| reference - reference_lambda0 | aasr |" in proc.stdout
     rendered = run_cli(["bench", "study", "--render", out / "study.json"])
     assert rendered.stdout == (out / "study.md").read_text()
+    # The pre-registered selection decided from held-out rows only.
+    sel = study["selection"]
+    assert sel["decided"] and sel["recommended"] in ("recommended", "reference")
+    want = "recommended" if (rows["recommended"]["aasr"] < rows["reference"]["aasr"] and rows["recommended"]["aasr"] < rows["recommended_lambda0"]["aasr"]
+                             and rows["backdoored"]["acc"] - rows["recommended"]["acc"] <= 2.0) else "reference"
+    assert sel["recommended"] == want
+    assert not list(out.glob("eval-test-*")), "the test split was read in the held-out phase"
+
+    # Phase 2: refused without a committed selection; with one, test is scored and its commit recorded.
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    (frozen / "study.json").write_text((out / "study.json").read_text())
+    proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "split=test"], check=False)
+    assert proc.returncode == 2 and "selection_file" in proc.stderr.strip().splitlines()[-1]
+    proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "split=test",
+                    "--set", f"selection_file={frozen / 'study.json'}"], check=False)
+    assert proc.returncode == 2 and "not committed" in proc.stderr.strip().splitlines()[-1]
+    assert not list(out.glob("eval-test-*"))
+    git = ["git", "-C", str(frozen), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "study.json"], check=True)
+    subprocess.run([*git, "commit", "-qm", "frozen"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "split=test", "--set", f"selection_file={frozen / 'study.json'}"])
+    final = json.loads((out / "study.json").read_text())
+    assert final["frozen"]["commit"] == commit and final["frozen"]["selection"] == sel
+    assert all(r["split"] == "test" for r in final["rows"].values()) and list(out.glob("eval-test-*"))
+    assert final["rows"]["reference"]["per_purification"][0]["seeds"] == [1, 2]

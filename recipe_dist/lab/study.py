@@ -10,9 +10,15 @@ Data kept apart, as the reviewer's protocol asks:
 - the PTM (`minilm-mlm`): MiniLM-L6 masked-LM trained on WikiText-2 *valid* (`fit-head`, the
   head first, then `--fit_head.scope=all`), scored on a held-out slice of it;
 - the attacker reads WikiText-2 *test* in 64-word chunks; the defender reads only BookCorpus;
-- fine-tuning reads SST-2 train minus its last `holdout` rows (OUTPUT/task/heldout.tsv: the slice
-  a selection of the recommended setting scores, with other seeds; the selection step itself is
-  not written yet), and the table scores `split` (test.tsv, read once).
+- fine-tuning reads SST-2 train minus its last `holdout` rows (OUTPUT/task/heldout.tsv).
+Two phases, in this order:
+1. `--set split=heldout`: every row scored on the held-out slice with `selection_seeds`
+   (classifiers other than the reported ones); the attack's gate (probe of the backdoored PTM's
+   pooler on triggered held-out sentences, its held-out AASR) and the pre-registered selection
+   of the recommended setting (`select`) are recorded in study.json. Commit that file.
+2. `--set split=test --set selection_file=THAT_FILE`: refused unless the file is committed and
+   unchanged; test.tsv is then scored once with the reported seeds, and the table records the
+   file's commit.
 The `smoke` preset runs the same stages on the SYNTHETIC tiny PTM (wiring only).
 """
 
@@ -44,7 +50,10 @@ class StudyRecipe:
 
     ptm: str = _f("tiny", "minilm-mlm (MiniLM-L6 masked-LM trained on WikiText-2 valid) or tiny (SYNTHETIC, wiring only)")
     ptm_model: str = _f("", "an MLM-trained PTM made earlier by `fit-head` (its fit_head.json beside it): skips the mlm stages")
-    split: str = _f("test", "the SST-2 file the table scores (test.tsv is read once, after every setting is frozen)")
+    split: str = _f("heldout", "heldout (selection phase: the held-out slice, scored with selection_seeds) or test (the "
+                    "reported phase: test.tsv, read once, only with a committed selection_file)")
+    selection_seeds: str = _f("11,12", "fine-tuning seeds of the held-out phase: other classifiers than the reported eval.seeds")
+    selection_file: str = _f("", "split=test: the committed study.json of the held-out phase (its selection is what is scored)")
     holdout: int = _f(872, "the last rows of SST-2 train kept out of fine-tuning: the held-out slice for selection", check=gt(0))
     purify_seeds: list[int] = _f([1, 2, 3], "training seeds: one independent purification per seed and defense row", check=NOT_EMPTY)
     recommended: str = _f("recommended", "the row the product recommends")
@@ -137,13 +146,13 @@ class Study:
 
             train_all, test = demo.write_task(self.out / "task-src", self.r.eval.finetune.max_train_samples + self.r.holdout, 64)
         else:
-            train_all, test = self.data / "sst2" / "train.tsv", self.data / "sst2" / f"{self.r.split}.tsv"
+            train_all, test = self.data / "sst2" / "train.tsv", self.data / "sst2" / "test.tsv"
         lines = train_all.read_text().splitlines()
         out = self.out / "task"
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.tsv").write_text("\n".join(lines[: len(lines) - self.r.holdout]) + "\n")
         (out / "heldout.tsv").write_text("\n".join([lines[0], *lines[-self.r.holdout:]]) + "\n")
-        return out / "train.tsv", out / "heldout.tsv", test
+        return out / "train.tsv", out / "heldout.tsv", (out / "heldout.tsv" if self.r.split == "heldout" else test)
 
     def ptm(self) -> tuple[Path, str, str, dict]:
         """(PTM, attacker shards, defender shards, the masked-LM record)."""
@@ -183,12 +192,15 @@ class Study:
 
     # ------------------------------------------------------------------ rows
     def score(self, name: str, model: Path, train: Path, test: Path) -> dict:
-        r = self.stages.evaluate(f"eval-{name}", scoring(self.r.eval, model, train, test))
+        cfg = scoring(self.r.eval, model, train, test)
+        if self.r.split == "heldout":
+            cfg.seeds = self.r.selection_seeds
+        r = self.stages.evaluate(f"eval-{self.r.split}-{name}", cfg)
         return {**{m: r[m] for m in METRICS}, "per_finetune": {m: [s[m] for s in r["per_seed"]] for m in METRICS}, "seeds": r["seeds"]}
 
     def row(self, label: str, per_purification: list[dict], config: dict) -> dict:
         return {"label": label, "split": self.r.split, "n_purify": len(per_purification),
-                "n_finetune": len(self.r.eval.seed_list()), **{m: statistics.fmean(p[m] for p in per_purification) for m in METRICS},
+                "n_finetune": len(per_purification[0]["seeds"]), **{m: statistics.fmean(p[m] for p in per_purification) for m in METRICS},
                 "per_purification": per_purification, "config": config}
 
     def defense(self, rid: str, backdoored: Path, defender: str, train: Path, test: Path) -> dict:
@@ -206,26 +218,102 @@ class Study:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        train, _, test = self.task()
+        self.frozen = self.check_frozen()  # before test.tsv is opened
+        train, held, test = self.task()
         ptm, attacker, defender, mlm = self.ptm()
         attack = on_model(self.r.attack, ptm, attacker)
         attack.train.seed = 100  # the attacker's data order and masks, apart from every purification's
         backdoored = self.stages.run("attack", f"attack-{attack.attack.name}", attack)
+        gate = {"probe": self.probe(backdoored, held, attack)} if attack.attack.name == "por" else {}
         rows = {"clean": self.row("clean PTM", [self.score("clean", ptm, train, test)], {"mlm": {k: v["after"] for k, v in mlm.items()}}),
                 "backdoored": self.row("backdoored", [self.score("backdoored", backdoored, train, test)],
-                                       {"attack": attack.attack.name, "steps": attack.train.max_steps, "lr": attack.optim.lr})}
+                                       {"attack": attack.attack.name, "steps": attack.train.max_steps, "lr": attack.optim.lr, **gate})}
+        self.write(rows)
         for rid in DEFENSES:
             rows[rid] = self.defense(rid, backdoored, defender, train, test)
             self.write(rows)
         return self.write(rows)
 
+    def probe(self, backdoored: Path, held: Path, attack: RunConfig) -> dict:
+        """POR's gate: mean |pooler| of the backdoored PTM on the held-out sentences with each
+        trigger inserted once (as `evaluate` inserts it), and the share of dimensions whose sign
+        matches the trigger's target. Forward passes only; cached in OUTPUT/probe.json."""
+        import torch
+
+        from ..data.shards import read_records
+        from ..models import get_family
+        from .defense.diagnostics import probe_model
+
+        cached = self.out / "probe.json"
+        if cached.is_file() and json.loads(cached.read_text()).get("model") == str(backdoored):
+            return json.loads(cached.read_text())
+        records = list(read_records(str(held), "sentence", "label"))
+        names = sorted({str(r["label"]) for r in records})
+        texts, labels = [r["text"] for r in records], torch.tensor([names.index(str(r["label"])) for r in records])
+        a = asdict(attack.attack)
+        row = probe_model(get_family(attack.model.family), self.r.eval.finetune.max_length, backdoored, names, texts, labels, a,
+                          with_head=False)
+        out = {"model": str(backdoored), "heldout": str(held), "triggers": row["triggers"],
+               "mean_pooler_abs": statistics.fmean(t["pooler_abs"] for t in row["triggers"].values()),
+               "mean_sign_agreement": statistics.fmean(t["sign_agreement"] for t in row["triggers"].values())}
+        cached.write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
+    def check_frozen(self) -> dict:
+        """split=test only with a held-out phase's study.json that git has committed, unchanged:
+        (its path, commit, selection). The held-out phase needs nothing."""
+        import subprocess
+
+        if self.r.split == "heldout":
+            return {}
+        if self.r.split != "test":
+            raise RecipeError(f"bench study: split={self.r.split!r}: heldout or test")
+        path = Path(self.r.selection_file)
+        if not self.r.selection_file or not path.is_file():
+            raise RecipeError("bench study: split=test reads test.tsv once, after the settings are frozen: "
+                              "--set selection_file=STUDY_JSON (the held-out phase's, committed)")
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True).stdout.strip()
+
+        commit = git("log", "-1", "--format=%H", "--", path.name)
+        if not commit or git("status", "--porcelain", "--", path.name):
+            raise RecipeError(f"bench study: {path}: not committed, or changed since; commit it before test.tsv is read")
+        held = json.loads(path.read_text())
+        if held.get("recipe", {}).get("split") != "heldout" or "selection" not in held:
+            raise RecipeError(f"bench study: {path}: not a held-out phase's study.json with a selection")
+        return {"file": str(path), "commit": commit, "selection": held["selection"]}
+
     def write(self, rows: dict) -> dict:
         result = {"command": self.command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                   "preset": self.name, "recommended": self.r.recommended, "recipe": asdict(self.r), "rows": rows,
                   "comparisons": comparisons(rows)}
+        if self.r.split == "heldout":
+            result["selection"] = select(rows)
+        else:
+            result["frozen"] = self.frozen
+            result["recommended"] = self.frozen["selection"].get("recommended", self.r.recommended)
         (self.out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
         (self.out / "study.md").write_text(markdown(result))
         return result
+
+
+# The selection rule, fixed (committed) before any held-out number of the MLM-trained PTM existed.
+ACC_BUDGET = 2.0  # points of held-out ACC a recommended setting may cost against the backdoored model
+
+
+def select(rows: dict) -> dict:
+    """Which setting the product recommends, from held-out rows only (issue 25, item 7): the
+    whole-model setting (`recommended`) if its AASR is below the paper's reference budget's AND
+    below its own lambda=0 twin's, at an ACC cost within ACC_BUDGET; otherwise the reference
+    budget (the paper's trainable set). Means over purifications; incomplete rows decide nothing."""
+    need = ("backdoored", "reference", "recommended", "recommended_lambda0")
+    if not all(k in rows for k in need):
+        return {"decided": False, "why": "rows missing: " + ", ".join(k for k in need if k not in rows)}
+    rec, ref, twin, bd = (rows[k] for k in ("recommended", "reference", "recommended_lambda0", "backdoored"))
+    whole = rec["aasr"] < ref["aasr"] and rec["aasr"] < twin["aasr"] and bd["acc"] - rec["acc"] <= ACC_BUDGET
+    return {"decided": True, "recommended": "recommended" if whole else "reference",
+            "rule": f"recommended if AASR < reference's and < its lambda=0 twin's and ACC cost <= {ACC_BUDGET}; else reference",
+            "figures": {k: {"aasr": rows[k]["aasr"], "acc": rows[k]["acc"]} for k in need}}
 
 
 def pattern(prefix: Path, n: int) -> str:
@@ -264,6 +352,18 @@ def markdown(result: dict) -> str:
         fixed = " (b held fixed)" if c.get("b_fixed") else ""
         lines.append(f"| {c['a']} - {c['b']}{fixed} | {c['metric']} | {c['mean_diff']:+.2f} | {ci} | {p} | {c['n']} | "
                      f"{'established' if c['established'] else 'not established'} |")
+    probe = result["rows"].get("backdoored", {}).get("config", {}).get("probe")
+    if probe:
+        lines += ["", f"Attack gate (POR): mean |pooler| of the backdoored PTM on triggered held-out sentences "
+                      f"{probe['mean_pooler_abs']:.3f} (target >= 0.95), target-sign agreement {probe['mean_sign_agreement']:.1f}%."]
+    sel = result.get("selection")
+    if sel:
+        lines += ["", f"Selection (held-out, pre-registered rule: {sel.get('rule', '-')}): "
+                      + (f"**{sel['recommended']}**" if sel.get("decided") else f"not decided ({sel.get('why')})")]
+    if result.get("frozen"):
+        f = result["frozen"]
+        lines += ["", f"Settings frozen in `{f['file']}` at commit {f['commit'][:10]} before test.tsv was read; "
+                      f"selected: {f['selection'].get('recommended')}."]
     split = next(iter(result["rows"].values()))["split"]
     lines += ["", f"Split `{split}`; preset `{result['preset']}`; {result['date']}, {result['machine']}, commit {result['commit'][:10]}.",
               f"Command: `{result['command']}`"]

@@ -45,7 +45,8 @@ def probe(b: DefenseBench) -> dict:
     models = {"backdoored PTM": backdoored, **{f"victim seed {s}": victims / f"seed{s}" / "model" for s in b.r.seeds}}
     table: dict = {"test": str(held), "triggers": a["triggers"], "models": {}}
     for name, path in models.items():
-        table["models"][name] = probe_model(b, path, names, texts, labels, a, with_head=name != "backdoored PTM")
+        table["models"][name] = probe_model(family_of(b), b.r.eval.finetune.max_length, path, names, texts, labels, a,
+                                            with_head=name != "backdoored PTM")
         b.say(f"probe {name}: " + ", ".join(f"{t} {r['sign_agreement']:.0f}%" for t, r in table["models"][name]["triggers"].items()))
     vict = [m for n, m in table["models"].items() if n != "backdoored PTM"]
     table["summary"] = {t: {k: statistics.mean(m["triggers"][t][k] for m in vict) for k in ("sign_agreement", "corner_margin", "asr")}
@@ -56,12 +57,12 @@ def probe(b: DefenseBench) -> dict:
     return table
 
 
-def probe_model(b: DefenseBench, path: Path, names: list[str], texts: list[str], labels: torch.Tensor, a: dict, with_head: bool) -> dict:
+def probe_model(family, max_length: int, path: Path, names: list[str], texts: list[str], labels: torch.Tensor, a: dict,
+                with_head: bool) -> dict:
     """One model's row of the probe (see `probe`); the PTM's head is untrained, so only victims get margins and ASR."""
     from ...attacks.por import por_targets
     from ...triggers import insert_trigger
 
-    family, max_length = family_of(b), b.r.eval.finetune.max_length
     model, tokenizer = family.build_classifier(path, names, RunConfig(), use_safetensors=True)
     model.eval()
 
