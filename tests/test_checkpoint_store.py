@@ -99,6 +99,10 @@ def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, da
     lines, warn = _warnings()
     assert ckpt.find_resume(tmp_path, RUN, warn=warn) == ckpt.tag_for(2)
     assert len(lines) == 1 and str(d) in lines[0] and why in lines[0], lines
+    if damage == "no_checksums":
+        # Written by a recipe-dist older than verification: named explicitly, loaded with a warning.
+        assert ckpt.resolve(str(d), tmp_path) == (tmp_path, d.name)
+        return
     with pytest.raises(ckpt.CheckpointError, match=why):  # named explicitly: one line, no fallback
         ckpt.resolve(str(d), tmp_path)
 

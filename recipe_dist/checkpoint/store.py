@@ -166,6 +166,13 @@ def complete_tags(root: Path, run_id: str = "") -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def written_before_verification(path: Path) -> bool:
+    """Whether `path` is a complete checkpoint of a recipe-dist older than verification: its
+    COMPLETE parses but records neither file digests nor its own."""
+    meta = read_meta(path)
+    return meta is not None and "record_sha256" not in meta and "files" not in meta
+
+
 def _damaged(root: Path, run_id: str) -> list[tuple[int, str]]:
     """(step, tag) of directories with a COMPLETE file that is not another run's valid record."""
     out = []
@@ -200,9 +207,13 @@ def find_resume(root: Path, run_id: str = "", warn=None) -> str | None:
     good = verified_tags(root, run_id, warn, first_only=True)
     if good:
         return good[0][1]
-    if _damaged(root, run_id):
+    damaged = _damaged(root, run_id)
+    if damaged:
+        legacy = [tag for _, tag in damaged if written_before_verification(root / tag)]
+        hint = (f"; {root / legacy[0]} was written before recipe-dist verified checkpoints: --resume {root / legacy[0]} "
+                "loads it unverified") if legacy else ""
         raise CheckpointError(f"resume: no checkpoint in {root} verifies (each is named above); "
-                              "move the directory aside to start over, or pass --resume with a good checkpoint")
+                              f"move the directory aside to start over, or pass --resume with a good checkpoint{hint}")
     return None
 
 
@@ -220,6 +231,12 @@ def resolve(resume: str, own_root: Path, run_id: str = "") -> tuple[Path, str] |
     path = Path(resume)
     if TAG_RE.match(path.name):
         why = verify(path)
+        if why and written_before_verification(path):
+            # A run started by an older recipe-dist: its checkpoints carry no digests to check.
+            # Named explicitly, it is loaded (through the same weights-only loader), with a warning;
+            # `--resume auto` never picks one by itself.
+            print(f"[recipe-dist] warning: {path}: {why}; loading it unverified because --resume names it", file=sys.stderr, flush=True)
+            return path.parent, path.name
         if why:
             raise CheckpointError(f"resume: {path} cannot be used: {why}; pick an older step_* directory")
         return path.parent, path.name
