@@ -178,8 +178,9 @@ def step_timeout(seconds: float | None) -> None:
 # died, its node went down, the network between them dropped past the collective timeout), the
 # surviving rank knocks on each peer's port to name which one is gone and how: "refused" means
 # its host answers but the process is gone, no answer means the host or the network is down.
-# A rank that fails of its own accord (an error in its own code) first leaves its message in the
-# process group's store, so the others say "rank R failed" rather than "lost", and do not requeue.
+# A rank that fails of its own accord (an error in its own code) first leaves its message (in the
+# run directory and the process group's store), so the others say "rank R failed" rather than
+# "lost", and do not requeue.
 _PEERS: list[dict] = []
 _FAILED_KEY = "recipe_dist/failed/"
 
@@ -254,22 +255,58 @@ def knock(peer: dict, timeout: float = 3.0) -> str:
         return "unreachable"
 
 
-def report_own_failure(message: str) -> None:
-    """Leave this rank's error in the store for the others (best effort, a few seconds at most)."""
+FAILURES = ".failures"  # in the run directory: one note per rank that stopped on an error of its own
+
+
+def report_own_failure(message: str, run_dir=None) -> None:
+    """Leave this rank's error for the others (best effort, a few seconds at most): in the store,
+    and, where the run has a directory (a shared filesystem, as checkpoints need), as a note in
+    RUN_DIR/.failures/: the store lives in rank 0's process, so when rank 0 is the rank that
+    failed, the note is what tells the others not to requeue."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    rank = dist.get_rank()
+    if run_dir is not None:
+        try:
+            notes = os.path.join(run_dir, FAILURES)
+            os.makedirs(notes, exist_ok=True)
+            tmp = os.path.join(notes, f".rank{rank}.tmp")
+            with open(tmp, "w") as f:
+                f.write(message[:500])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(notes, f"rank{rank}.txt"))  # whole or absent, before this process exits
+        except OSError:
+            pass
     try:
         from datetime import timedelta
 
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=3))
-        store.set(f"{_FAILED_KEY}{dist.get_rank()}", message[:500])
+        store.set(f"{_FAILED_KEY}{rank}", message[:500])
     except Exception:  # the store's host may be the rank that is gone
         pass
 
 
-def _failed_peers(candidates: list[dict]) -> dict[int, str]:
+def clear_failure_notes(run_dir) -> None:
+    """Rank 0, at a run's start: notes of an earlier attempt say nothing about this one."""
+    import shutil
+
+    shutil.rmtree(os.path.join(run_dir, FAILURES), ignore_errors=True)
+
+
+def _failed_peers(candidates: list[dict], run_dir=None) -> dict[int, str]:
     """The ranks among `candidates` that reported an error of their own, with its message."""
+    found: dict[int, str] = {}
+    if run_dir is not None:
+        for p in candidates:
+            try:
+                with open(os.path.join(run_dir, FAILURES, f"rank{p['rank']}.txt")) as f:
+                    found[p["rank"]] = f.read()
+            except OSError:
+                continue
+    if found:
+        return found
     try:
         from datetime import timedelta
 
@@ -281,7 +318,7 @@ def _failed_peers(candidates: list[dict]) -> dict[int, str]:
         return {}
 
 
-def diagnose(e: BaseException) -> tuple[str, bool]:
+def diagnose(e: BaseException, run_dir=None) -> tuple[str, bool]:
     """(one line naming the peer(s) lost and how, whether a requeue can help) for a collective failure.
 
     A requeue helps when a peer was lost (node down, network cut, process killed from outside);
@@ -292,7 +329,7 @@ def diagnose(e: BaseException) -> tuple[str, bool]:
 
     with ThreadPoolExecutor(max_workers=max(1, min(64, len(others)))) as pool:  # all at once: a large world's dead node is many ranks
         states = dict(zip((p["rank"] for p in others), pool.map(knock, others)))
-    failed = _failed_peers([p for p in others if states[p["rank"]] != "unreachable"])
+    failed = _failed_peers(others, run_dir)
     if failed:
         r, msg = next(iter(failed.items()))
         short = msg if len(msg) <= 120 else msg[:117] + "..."

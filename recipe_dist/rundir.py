@@ -142,7 +142,7 @@ class RunDir:
 def _failed_start(out: Path) -> bool:
     """Whether `out` holds only what a run of ours leaves before its first complete checkpoint:
     its RUN_ID, and no checkpoint, model, summary or report (and nothing we did not write)."""
-    ours = {RUN_ID, "config.yaml", "config_history.jsonl", "progress.json", ATTEMPTS, "tb", "keys", "input_model", "checkpoints", "data",
+    ours = {RUN_ID, "config.yaml", "config_history.jsonl", "progress.json", ATTEMPTS, ".failures", "tb", "keys", "input_model", "checkpoints", "data",
             "model.partial"}
     entries = _entries(out)
     if RUN_ID not in entries or not entries <= ours:

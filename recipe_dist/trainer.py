@@ -24,7 +24,7 @@ from transformers import get_scheduler
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world, to_dict
 from .data.train_data import KeyLog, TrainData
-from .distributed import (DistInfo, barrier, describe_world, destroy_distributed, diagnose, init_distributed, is_collective_failure,
+from .distributed import (DistInfo, barrier, clear_failure_notes, describe_world, destroy_distributed, diagnose, init_distributed, is_collective_failure,
                           peers, report_own_failure, run_on_main, step_timeout)
 from .errors import RecipeError
 from .jobs import Job
@@ -206,11 +206,14 @@ class Trainer:
         self.run_dir = RunDir(self.out)
         try:
             self.run_id = run_on_main(self.run_dir.claim, fresh=not self.cfg.resume, overwrite=self.cfg.overwrite)
+            if self.dist.is_main:
+                clear_failure_notes(self.out)
+            barrier()  # no rank can fail, and leave a note, before the old notes are gone
             yield
         except Exception as e:
             if self.dist.world_size > 1 and is_collective_failure(e):
                 raise self._lost_peer(e) from None
-            report_own_failure(str(e) or type(e).__name__)  # the others then stop without requeueing (distributed.diagnose)
+            report_own_failure(str(e) or type(e).__name__, self.out)  # the others then stop without requeueing (distributed.diagnose)
             raise
         finally:
             self.run_dir.release()
@@ -290,7 +293,7 @@ class Trainer:
         """A collective failed: name the lost peer and, under SLURM, requeue the job (any surviving
         rank may: rank 0 may be the one lost). The partial step is dropped; the requeued job resumes
         from the last complete checkpoint."""
-        line, requeue_helps = diagnose(e)
+        line, requeue_helps = diagnose(e, self.out)
         if requeue_helps:
             try:
                 line += "; " + requeue(self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)

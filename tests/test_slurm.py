@@ -272,11 +272,13 @@ def test_submit_accepts_the_time_forms_and_a_handled_signal(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["killed", "own-error"])
+@pytest.mark.parametrize("fault", ["killed", "own-error", "own-error-rank0"])
 def test_a_lost_rank_requeues_the_job_but_a_rank_failing_on_its_own_does_not(tmp_path, fault):
     """A rank SIGKILLed from outside (the OOM killer, a dead node) is named by the survivor, which
     requeues the job; a rank that stops on an error of its own (here: the one shard it reads is
-    corrupt) says so, and the survivor names it and does not requeue, since a restart would repeat it."""
+    corrupt) says so, and the survivor names it and does not requeue, since a restart would repeat
+    it; also when the failing rank is rank 0, whose process holds the store (its note is in the
+    run directory)."""
     stub_dir = tmp_path / "bin"
     stub_dir.mkdir()
     record = tmp_path / "scontrol.args"
@@ -285,9 +287,11 @@ def test_a_lost_rank_requeues_the_job_but_a_rank_failing_on_its_own_does_not(tmp
     aux = tmp_path / "aux.tsv"
     aux.write_text("sentence\n" + "".join(f"plain sentence number {i} about nothing in particular .\n" for i in range(400)))
     run_cli(["shards", "--input", aux, "--output", tmp_path / "shard", "--samples-per-shard", "200"])
-    if fault == "own-error":
-        # The manifest keeps the counts, so only the rank that reads this shard meets the damage.
-        with open(tmp_path / "shard-000001.tar", "r+b") as f:
+    failing, survivor = (0, 1) if fault == "own-error-rank0" else (1, 0)
+    if fault.startswith("own-error"):
+        # The manifest keeps the counts, so only the rank that reads this shard meets the damage
+        # (with this seed rank R reads shard R).
+        with open(tmp_path / f"shard-00000{failing}.tar", "r+b") as f:
             f.truncate(20_000)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{stub_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77")
@@ -299,12 +303,12 @@ def test_a_lost_rank_requeues_the_job_but_a_rank_failing_on_its_own_does_not(tmp
         wait_for_checkpoint(out)
         os.kill(max(workers_of(proc.pid)), signal.SIGKILL)  # rank 1: torchrun starts the ranks in order
     _, stderr = proc.communicate(timeout=300)
-    errors = [ln for ln in stderr.splitlines() if ln.startswith("recipe-dist: error: rank 0:")]
+    errors = [ln for ln in stderr.splitlines() if ln.startswith(f"recipe-dist: error: rank {survivor}:")]
     assert proc.returncode != 0 and len(errors) == 1, stderr[-3000:]
     if fault == "killed":
         assert "lost rank 1 on " in errors[0] and "its process is gone" in errors[0] and "requeued SLURM job 77" in errors[0], errors
         assert record.read_text().split() == ["requeue", "77"]
     else:
-        assert "corrupt shard" in stderr and "rank 1 stopped with an error of its own (corrupt shard" in errors[0], errors
+        assert "corrupt shard" in stderr and f"rank {failing} stopped with an error of its own (corrupt shard" in errors[0], errors
         assert "not requeued" in errors[0] and not record.exists()
     assert "Traceback" not in stderr
