@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from slurm_cluster import _free_port, _wait, start_munge
+from slurm_cluster import _free_port, _wait, common_conf, start_munge
 
 NODES = ("a", "b", "c")
 
@@ -83,29 +83,8 @@ class NetnsCluster:
 SlurmctldHost={socket.gethostname()}({self.bridge_ip})
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={self.socket}
-StateSaveLocation={self.dirs['state']}
-SlurmdSpoolDir={self.dirs['spool']}/%n
-SlurmctldPidFile={self.dirs['run']}/slurmctld.pid
-SlurmdPidFile={self.dirs['run']}/slurmd-%n.pid
-SlurmctldLogFile={self.dirs['log']}/slurmctld.log
-SlurmdLogFile={self.dirs['log']}/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-SlurmdTimeout={slurmd_timeout}
+{common_conf(self.dirs, self.socket, slurmd_suffix="%n")}SlurmdTimeout={slurmd_timeout}
 MessageTimeout=5
-KillWait=5
-MinJobAge=600
-InactiveLimit=0
 {node_lines}
 PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)

@@ -58,6 +58,34 @@ def start_munge(munge_dir: Path, sock: Path, env: dict) -> int:
     return int(pidfile.read_text())
 
 
+def common_conf(dirs: dict, sock: Path, slurmd_suffix: str) -> str:
+    """The slurm.conf lines both test clusters share: root daemons, munge at `sock`, state, spool,
+    pid and log files under `dirs` (`slurmd_suffix` "/%n"-style keeps several slurmds apart), no
+    cgroups, requeue allowed, a node back in service once its slurmd registers again."""
+    return f"""SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock}
+StateSaveLocation={dirs['state']}
+SlurmdSpoolDir={dirs['spool']}{slurmd_suffix and '/' + slurmd_suffix}
+SlurmctldPidFile={dirs['run']}/slurmctld.pid
+SlurmdPidFile={dirs['run']}/slurmd{slurmd_suffix and '-' + slurmd_suffix}.pid
+SlurmctldLogFile={dirs['log']}/slurmctld.log
+SlurmdLogFile={dirs['log']}/slurmd{slurmd_suffix and '-' + slurmd_suffix}.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+"""
+
+
 class Cluster:
     def __init__(self, root: Path):
         # munged runs as the munge user, which must reach its socket directory: a 0755 root.
@@ -76,28 +104,7 @@ class Cluster:
 SlurmctldHost={host}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={self.socket}
-StateSaveLocation={self.dirs['state']}
-SlurmdSpoolDir={self.dirs['spool']}
-SlurmctldPidFile={self.dirs['run']}/slurmctld.pid
-SlurmdPidFile={self.dirs['run']}/slurmd.pid
-SlurmctldLogFile={self.dirs['log']}/slurmctld.log
-SlurmdLogFile={self.dirs['log']}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-MinJobAge=600
-InactiveLimit=0
-NodeName={host} CPUs={cpus} State=UNKNOWN
+{common_conf(self.dirs, self.socket, slurmd_suffix="")}NodeName={host} CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
 

@@ -162,14 +162,20 @@ def test_bad_manifest_line_and_missing_sbatch_are_one_line(tmp_path):
     assert proc.returncode == 2 and "sbatch not found" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
-def test_signal_handler_saves_agrees_and_runs_the_requeue_command(tmp_path):
-    """flag -> all-reduce -> save -> `scontrol requeue <array job>_<task>`, with scontrol a recording stub."""
+def recording_scontrol(tmp_path: Path) -> tuple[Path, Path]:
+    """(a directory holding an `scontrol` that only appends its arguments to a file, that file)."""
     stub_dir = tmp_path / "bin"
     stub_dir.mkdir()
     record = tmp_path / "scontrol.args"
     (stub_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
     (stub_dir / "scontrol").chmod(0o755)
+    return stub_dir, record
+
+
+@pytest.mark.slow
+def test_signal_handler_saves_agrees_and_runs_the_requeue_command(tmp_path):
+    """flag -> all-reduce -> save -> `scontrol requeue <array job>_<task>`, with scontrol a recording stub."""
+    stub_dir, record = recording_scontrol(tmp_path)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{stub_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_ARRAY_JOB_ID="70",
                SLURM_ARRAY_TASK_ID="3", SLURM_RESTART_COUNT="1")
@@ -279,11 +285,7 @@ def test_a_lost_rank_requeues_the_job_but_a_rank_failing_on_its_own_does_not(tmp
     corrupt) says so, and the survivor names it and does not requeue, since a restart would repeat
     it; also when the failing rank is rank 0, whose process holds the store (its note is in the
     run directory)."""
-    stub_dir = tmp_path / "bin"
-    stub_dir.mkdir()
-    record = tmp_path / "scontrol.args"
-    (stub_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
-    (stub_dir / "scontrol").chmod(0o755)
+    stub_dir, record = recording_scontrol(tmp_path)
     aux = tmp_path / "aux.tsv"
     aux.write_text("sentence\n" + "".join(f"plain sentence number {i} about nothing in particular .\n" for i in range(400)))
     run_cli(["shards", "--input", aux, "--output", tmp_path / "shard", "--samples-per-shard", "200"])
