@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -114,7 +115,6 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" on every rank at every
         # start; anything else it prints here is passed on.
-        import contextlib
         import io
         import sys
 
@@ -279,13 +279,18 @@ def report_own_failure(message: str, run_dir=None) -> None:
         except OSError:
             pass
     try:
-        from datetime import timedelta
-
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=3))
-        store.set(f"{_FAILED_KEY}{rank}", message[:500])
+        _store().set(f"{_FAILED_KEY}{rank}", message[:500])
     except Exception:  # the store's host may be the rank that is gone
         pass
+
+
+def _store():
+    """The process group's store, its operations bounded to a few seconds (its host may be gone)."""
+    from datetime import timedelta
+
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(timedelta(seconds=3))
+    return store
 
 
 def clear_failure_notes(run_dir) -> None:
@@ -308,10 +313,7 @@ def _failed_peers(candidates: list[dict], run_dir=None) -> dict[int, str]:
     if found:
         return found
     try:
-        from datetime import timedelta
-
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=3))
+        store = _store()
         return {p["rank"]: store.get(f"{_FAILED_KEY}{p['rank']}").decode(errors="replace")
                 for p in candidates if store.check([f"{_FAILED_KEY}{p['rank']}"])}
     except Exception:  # the store lives in rank 0's process: gone with it
@@ -325,15 +327,15 @@ def diagnose(e: BaseException, run_dir=None) -> tuple[str, bool]:
     it does not when a peer stopped on an error of its own, which a restart would only repeat."""
     me = dist.get_rank() if dist.is_initialized() else 0
     others = [p for p in _PEERS if p["rank"] != me]
+    failed = _failed_peers(others, run_dir)
+    if failed:  # no knocking needed: that rank said why it stopped
+        r, msg = next(iter(failed.items()))
+        short = msg if len(msg) <= 120 else msg[:117] + "..."
+        return f"rank {r} stopped with an error of its own ({short}); not requeued: a restart would repeat it", False
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(64, len(others)))) as pool:  # all at once: a large world's dead node is many ranks
         states = dict(zip((p["rank"] for p in others), pool.map(knock, others)))
-    failed = _failed_peers(others, run_dir)
-    if failed:
-        r, msg = next(iter(failed.items()))
-        short = msg if len(msg) <= 120 else msg[:117] + "..."
-        return f"rank {r} stopped with an error of its own ({short}); not requeued: a restart would repeat it", False
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # gloo's own words, less its source location and advice ("[.../pair.cc:545] Read error [addr]:port: ...")
     import re
@@ -344,6 +346,16 @@ def diagnose(e: BaseException, run_dir=None) -> tuple[str, bool]:
     if not lost:
         return f"a collective failed while every peer still answers ({first})", True
     return f"lost {'; '.join(lost)} [{first}]", True
+
+
+@contextlib.contextmanager
+def process_group(timeout_s: float | None = None):
+    """`init_distributed` for the life of a `with` block, torn down however the block ends
+    (see `destroy_distributed`: left to interpreter exit, the process aborts with -6)."""
+    try:
+        yield init_distributed(timeout_s)
+    finally:
+        destroy_distributed()
 
 
 def destroy_distributed() -> None:

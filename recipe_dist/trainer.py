@@ -24,8 +24,8 @@ from transformers import get_scheduler
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world, to_dict
 from .data.train_data import KeyLog, TrainData
-from .distributed import (DistInfo, barrier, clear_failure_notes, describe_world, destroy_distributed, diagnose, init_distributed, is_collective_failure,
-                          peers, report_own_failure, run_on_main, step_timeout)
+from .distributed import (DistInfo, barrier, clear_failure_notes, describe_world, diagnose, is_collective_failure, peers,
+                          process_group, report_own_failure, run_on_main, step_timeout)
 from .errors import RecipeError
 from .jobs import Job
 from .metrics import build_logger
@@ -198,27 +198,28 @@ class Trainer:
         # First of all: a scheduler's warning that arrives while the model loads must not kill
         # the process (SIGUSR1's default action); the flag is acted on at the first step boundary.
         self.preemption = Preemption(self.cfg.preempt.signals)
-        self.dist = init_distributed(self.cfg.preempt.collective_timeout)
-        if self.dist.is_main and len({p["host"] for p in peers()}) > 1:
-            print(describe_world(), flush=True)
-        self.t_start = time.time()
-        # Rank 0 locks output_dir for the run's life and refuses another run's directory (rundir.py).
-        self.run_dir = RunDir(self.out)
         try:
-            self.run_id = run_on_main(self.run_dir.claim, fresh=not self.cfg.resume, overwrite=self.cfg.overwrite)
-            if self.dist.is_main:
-                clear_failure_notes(self.out)
-            barrier()  # no rank can fail, and leave a note, before the old notes are gone
-            yield
-        except Exception as e:
-            if self.dist.world_size > 1 and is_collective_failure(e):
-                raise self._lost_peer(e) from None
-            report_own_failure(str(e) or type(e).__name__, self.out)  # the others then stop without requeueing (distributed.diagnose)
-            raise
+            with process_group(self.cfg.preempt.collective_timeout) as self.dist:
+                if self.dist.is_main and len({p["host"] for p in peers()}) > 1:
+                    print(describe_world(), flush=True)
+                self.t_start = time.time()
+                # Rank 0 locks output_dir for the run's life and refuses another run's directory (rundir.py).
+                self.run_dir = RunDir(self.out)
+                try:
+                    self.run_id = run_on_main(self.run_dir.claim, fresh=not self.cfg.resume, overwrite=self.cfg.overwrite)
+                    if self.dist.is_main:
+                        clear_failure_notes(self.out)
+                    barrier()  # no rank can fail, and leave a note, before the old notes are gone
+                    yield
+                except Exception as e:
+                    if self.dist.world_size > 1 and is_collective_failure(e):
+                        raise self._lost_peer(e) from None
+                    report_own_failure(str(e) or type(e).__name__, self.out)  # the others then stop without requeueing (distributed.diagnose)
+                    raise
+                finally:
+                    self.run_dir.release()
         finally:
-            self.run_dir.release()
             self.preemption.restore()
-            destroy_distributed()
 
     def _model_dir(self) -> Path:
         if self.cfg.model.path:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError, deepspeed_config, fit_batch_to_world
 from ..data.train_data import TrainData
-from ..distributed import barrier, destroy_distributed, init_distributed, run_on_main
+from ..distributed import barrier, process_group, run_on_main
 from ..jobs import FamilyJob
 from ..models.base import carry_input_files, sha256_files
 from ..neurons import apply_pruning, prune_selection, record
@@ -81,17 +81,14 @@ class FinePruning:
         self.family = family
 
     def run(self, cfg) -> dict:
-        info = init_distributed(cfg.preempt.collective_timeout)
         out = Path(cfg.output_dir)
-        run_dir = RunDir(out)
-        try:
-            run_on_main(run_dir.claim, fresh=True, overwrite=cfg.overwrite)
-            return self._run(cfg, info, out)
-        finally:
-            run_dir.release()
-            # Left to interpreter exit, gloo's threads are destroyed while joinable and the process
-            # aborts (exit -6) after its one-line error or its export (distributed.destroy_distributed).
-            destroy_distributed()
+        with process_group(cfg.preempt.collective_timeout) as info:
+            run_dir = RunDir(out)
+            try:
+                run_on_main(run_dir.claim, fresh=True, overwrite=cfg.overwrite)
+                return self._run(cfg, info, out)
+            finally:
+                run_dir.release()
 
     def _run(self, cfg, info, out: Path) -> dict:
         t0 = time.time()
