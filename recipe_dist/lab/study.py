@@ -238,21 +238,15 @@ class Study:
         """POR's gate: mean |pooler| of the backdoored PTM on the held-out sentences with each
         trigger inserted once (as `evaluate` inserts it), and the share of dimensions whose sign
         matches the trigger's target. Forward passes only; cached in OUTPUT/probe.json."""
-        import torch
-
-        from ..data.shards import read_records
         from ..models import get_family
-        from .defense.diagnostics import probe_model
+        from .defense.diagnostics import labelled_texts, probe_model
 
         cached = self.out / "probe.json"
         if cached.is_file() and json.loads(cached.read_text()).get("model") == str(backdoored):
             return json.loads(cached.read_text())
-        records = list(read_records(str(held), "sentence", "label"))
-        names = sorted({str(r["label"]) for r in records})
-        texts, labels = [r["text"] for r in records], torch.tensor([names.index(str(r["label"])) for r in records])
-        a = asdict(attack.attack)
-        row = probe_model(get_family(attack.model.family), self.r.eval.finetune.max_length, backdoored, names, texts, labels, a,
-                          with_head=False)
+        names, texts, labels = labelled_texts(held)
+        row = probe_model(get_family(attack.model.family), self.r.eval.finetune.max_length, backdoored, names, texts, labels,
+                          asdict(attack.attack), with_head=False)
         out = {"model": str(backdoored), "heldout": str(held), "triggers": row["triggers"],
                "mean_pooler_abs": statistics.fmean(t["pooler_abs"] for t in row["triggers"].values()),
                "mean_sign_agreement": statistics.fmean(t["sign_agreement"] for t in row["triggers"].values())}
@@ -272,6 +266,7 @@ class Study:
         if not self.r.selection_file or not path.is_file():
             raise RecipeError("bench study: split=test reads test.tsv once, after the settings are frozen: "
                               "--set selection_file=STUDY_JSON (the held-out phase's, committed)")
+
         def git(*args: str) -> str:
             return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True).stdout.strip()
 

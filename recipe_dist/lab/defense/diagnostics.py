@@ -31,17 +31,13 @@ def probe(b: DefenseBench) -> dict:
     its mean clean margin, and the trigger's ASR. Forward passes only; writes OUTPUT_DIR/probe.json."""
     import yaml
 
-    from ...data.shards import read_records
-
     if b.r.attack.attack.name != "por":
         raise ConfigError(f"--probe: the {b.r.attack.attack.name!r} attack has no target vectors; the probe is for POR")
     _, _, train, _ = b.prepare()
     held, backdoored = b.heldout(train), b.backdoored_model("--probe")
     victims = b.victims(backdoored, train, held)
     a = yaml.safe_load((b.out / "configs" / f"{b.attack_stage}.yaml").read_text())["attack"]
-    records = list(read_records(str(held), "sentence", "label"))
-    names = sorted({str(r["label"]) for r in records})
-    texts, labels = [r["text"] for r in records], torch.tensor([names.index(str(r["label"])) for r in records])
+    names, texts, labels = labelled_texts(held)
     models = {"backdoored PTM": backdoored, **{f"victim seed {s}": victims / f"seed{s}" / "model" for s in b.r.seeds}}
     table: dict = {"test": str(held), "triggers": a["triggers"], "models": {}}
     for name, path in models.items():
@@ -55,6 +51,15 @@ def probe(b: DefenseBench) -> dict:
     (b.out / "probe.json").write_text(json.dumps(table, indent=2) + "\n")
     print(probe_markdown(table), end="")
     return table
+
+
+def labelled_texts(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
+    """(label names, texts, label indices) of a labelled task file, as the probe reads it."""
+    from ...data.shards import read_records
+
+    records = list(read_records(str(path), "sentence", "label"))
+    names = sorted({str(r["label"]) for r in records})
+    return names, [r["text"] for r in records], torch.tensor([names.index(str(r["label"])) for r in records])
 
 
 def probe_model(family, max_length: int, path: Path, names: list[str], texts: list[str], labels: torch.Tensor, a: dict,
