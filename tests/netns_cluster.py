@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from slurm_cluster import _free_port, _wait, common_conf, start_munge
+from slurm_cluster import SlurmQueries, _free_port, _wait, common_conf, start_munge
 
 NODES = ("a", "b", "c")
 
@@ -53,7 +53,7 @@ def _free_subnet() -> int:
     raise RuntimeError("no free 10.213.K.0/24 test subnet")
 
 
-class NetnsCluster:
+class NetnsCluster(SlurmQueries):
     def __init__(self, root: Path, cpus_per_node: int = 2, slurmd_timeout: int = 10):
         os.chmod(root, 0o755)  # munged (user munge) must reach its socket directory
         self.root = root
@@ -164,28 +164,11 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubs
         _ip("link", "set", self.nodes[node]["veth"], "up" if up else "down")
 
     # ------------------------------------------------------------------ queries
-    def run(self, cmd, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, **kw)
-
     def node_state(self, node: str) -> str:
         return self.run(["sinfo", "-h", "-N", "-n", self.nodes[node]["name"], "-o", "%T"]).stdout.strip()
 
     def wait_idle(self, *nodes: str, timeout: float = 60) -> None:
         _wait(lambda: all(self.node_state(n) == "idle" for n in nodes), timeout, f"nodes {', '.join(nodes)} to become idle")
-
-    def job_field(self, job: str, field: str) -> str:
-        for tok in self.run(["scontrol", "show", "job", job]).stdout.split():
-            if tok.startswith(field + "="):
-                return tok.split("=", 1)[1]
-        return ""
-
-    def job_state(self, job: str) -> str:
-        return self.job_field(job, "JobState") or "UNKNOWN"
-
-    def wait_job(self, job: str, timeout: float = 300) -> str:
-        done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
-        _wait(lambda: self.job_state(job) in done, timeout, f"job {job}")
-        return self.job_state(job)
 
     # ------------------------------------------------------------------ teardown
     def stop(self) -> None:

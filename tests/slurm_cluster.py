@@ -86,7 +86,30 @@ InactiveLimit=0
 """
 
 
-class Cluster:
+class SlurmQueries:
+    """What the tests ask a running test cluster (its `env` names its slurm.conf and munge socket)."""
+
+    env: dict
+
+    def run(self, cmd, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, **kw)
+
+    def job_field(self, job: str, field: str) -> str:
+        for tok in self.run(["scontrol", "show", "job", job]).stdout.split():
+            if tok.startswith(field + "="):
+                return tok.split("=", 1)[1]
+        return ""
+
+    def job_state(self, job: str) -> str:
+        return self.job_field(job, "JobState") or "UNKNOWN"
+
+    def wait_job(self, job: str, timeout: float = 300) -> str:
+        done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+        _wait(lambda: self.job_state(job) in done, timeout, f"job {job}")
+        return self.job_state(job)
+
+
+class Cluster(SlurmQueries):
     def __init__(self, root: Path):
         # munged runs as the munge user, which must reach its socket directory: a 0755 root.
         os.chmod(root, 0o755)
@@ -118,9 +141,6 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         _wait(lambda: "idle" in self.run(["sinfo", "-h", "-o", "%t"]).stdout, 60, "the node to become idle")
         return self
 
-    def run(self, cmd, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, **kw)
-
     def stop(self) -> None:
         for pid in reversed(self.pids):
             try:
@@ -128,18 +148,6 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
             except ProcessLookupError:
                 pass
         time.sleep(1)
-
-    def job_state(self, job: str) -> str:
-        out = self.run(["scontrol", "show", "job", job]).stdout
-        for tok in out.split():
-            if tok.startswith("JobState="):
-                return tok.split("=", 1)[1]
-        return "UNKNOWN"
-
-    def wait_job(self, job: str, timeout: float = 300) -> str:
-        done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
-        _wait(lambda: self.job_state(job) in done, timeout, f"job {job}")
-        return self.job_state(job)
 
 
 # ---------------------------------------------------------------------- helpers for the tests of jobs
