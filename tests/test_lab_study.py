@@ -18,7 +18,8 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
     study = json.loads((out / "study.json").read_text())
     assert {"command", "commit", "date", "machine", "recommended", "rows", "comparisons", "selection"} <= set(study)
     rows = study["rows"]
-    assert list(rows) == ["clean", "backdoored", "reference", "reference_lambda0", "recommended", "recommended_lambda0"]
+    # The held-out phase scores what its selection reads, nothing more.
+    assert list(rows) == ["clean", "backdoored", "reference", "recommended", "recommended_lambda0"]
     for rid, r in rows.items():
         assert r["split"] == "heldout" and r["n_finetune"] == 2
         assert r["per_purification"][0]["seeds"] == [11, 12]  # held-out classifiers are not the reported ones
@@ -26,18 +27,18 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
         assert all(len(p["per_finetune"]["aasr"]) == 2 for p in r["per_purification"])
     # Each purification is its own stage, trained with its own seed, on data kept apart from the attacker's.
     for s in (1, 2):
-        cfg = (out / "configs" / f"reference_lambda0-s{s}.yaml").read_text()
+        cfg = (out / "configs" / f"recommended_lambda0-s{s}.yaml").read_text()
         assert f"seed: {s}\n" in cfg and "lam: 0.0" in cfg
     assert "seed: 100\n" in (out / "configs" / "attack-por.yaml").read_text()
     # The comparisons are the paired statistics of the per-purification means, as lab/stats computes them.
-    c = next(c for c in study["comparisons"] if (c["a"], c["b"], c["metric"]) == ("reference", "reference_lambda0", "aasr"))
-    want = paired([p["aasr"] for p in rows["reference"]["per_purification"]], [p["aasr"] for p in rows["reference_lambda0"]["per_purification"]])
+    c = next(c for c in study["comparisons"] if (c["a"], c["b"], c["metric"]) == ("recommended", "recommended_lambda0", "aasr"))
+    want = paired([p["aasr"] for p in rows["recommended"]["per_purification"]], [p["aasr"] for p in rows["recommended_lambda0"]["per_purification"]])
     assert c["mean_diff"] == pytest.approx(want["mean_diff"]) and c["n"] == 2
     # The fine-tuning file excludes the held-out slice, which is the last rows of the training source.
     source = (out / "task-src" / "train.tsv").read_text().splitlines()
     train, held = (out / "task" / "train.tsv").read_text().splitlines(), (out / "task" / "heldout.tsv").read_text().splitlines()
     assert train == source[:-32] and held == [source[0], *source[-32:]]
-    assert "| reference - reference_lambda0 | aasr |" in proc.stdout
+    assert "| recommended - recommended_lambda0 | aasr |" in proc.stdout
     rendered = run_cli(["bench", "study", "--render", out / "study.json"])
     assert rendered.stdout == (out / "study.md").read_text()
     # The pre-registered selection decided from held-out rows only.
@@ -45,7 +46,15 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
     assert sel["decided"] and sel["recommended"] in ("recommended", "reference")
     want = "recommended" if (rows["recommended"]["aasr"] < rows["reference"]["aasr"] and rows["recommended"]["aasr"] < rows["recommended_lambda0"]["aasr"]
                              and rows["backdoored"]["acc"] - rows["recommended"]["acc"] <= 2.0) else "reference"
-    assert sel["recommended"] == want
+    assert sel["recommended"] == want == study["recommended"]
+    # Fine-mixing's rho from clean held-out accuracy alone: the smallest within 2 points of the victims'.
+    fm = sel["finemix"]
+    assert set(fm["heldout_acc"]) == {"0.3", "0.7"} and fm["victims_heldout_acc"] == rows["backdoored"]["acc"]
+    within = [r for r in (0.3, 0.7) if fm["heldout_acc"][f"{r:g}"] >= rows["backdoored"]["acc"] - 2.0]
+    assert fm["rho"] == (within[0] if within else max((0.3, 0.7), key=lambda r: fm["heldout_acc"][f"{r:g}"]))
+    # Its victims are the backdoored PTM fine-tuned again with the held-out seeds, kept: the same classifiers.
+    victims = json.loads((out / "eval-heldout-victims" / "eval.json").read_text())
+    assert victims["acc"] == rows["backdoored"]["acc"] and (out / "eval-heldout-victims" / "seed11" / "model").is_dir()
     assert not list(out.glob("eval-test-*")), "the test split was read in the held-out phase"
 
     # Phase 2: refused without a committed selection; with one, test is scored and its commit recorded.
@@ -63,8 +72,22 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
     subprocess.run([*git, "add", "study.json"], check=True)
     subprocess.run([*git, "commit", "-qm", "frozen"], check=True)
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "split=test", "--set", f"selection_file={frozen / 'study.json'}"])
+    proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "split=test",
+                    "--set", f"selection_file={frozen / 'study.json'}"])
     final = json.loads((out / "study.json").read_text())
     assert final["frozen"]["commit"] == commit and final["frozen"]["selection"] == sel
     assert all(r["split"] == "test" for r in final["rows"].values()) and list(out.glob("eval-test-*"))
     assert final["rows"]["reference"]["per_purification"][0]["seeds"] == [1, 2]
+    # Every row of the table, each defense replicated; the purifications of the held-out phase are reused.
+    assert list(final["rows"]) == ["clean", "backdoored", "reference", "reference_lambda0", "recommended", "recommended_lambda0",
+                                   "fp_gm", "finemix_epur", "adaptive_backdoored", "adaptive_reference", "adaptive_recommended"]
+    assert all(r["n_purify"] == 2 and r["n_finetune"] == 2 for k, r in final["rows"].items() if k not in ("clean", "backdoored", "adaptive_backdoored"))
+    assert "reference-s1: reusing" in proc.stdout and "recommended_lambda0-s2: reusing" in proc.stdout
+    for s in (1, 2):
+        assert f"seed: {s}\n" in (out / "configs" / f"fp_gm-s{s}.yaml").read_text()
+        mix = json.loads((out / f"finemix_epur-s{s}-v1" / "finemix.json").read_text())
+        assert mix["choices"]["rho"] == sel["finemix"]["rho"]
+    assert final["rows"]["finemix_epur"]["config"]["rho"] == sel["finemix"]["rho"]
+    adaptive = (out / "configs" / "attack-por-adaptive.yaml").read_text()
+    assert "adaptive_lam: 1.0" in adaptive and "seed: 100\n" in adaptive
+    assert {c["a"] for c in final["comparisons"]} >= {"reference", "recommended", "fp_gm", "finemix_epur", "adaptive_reference"}

@@ -14,11 +14,14 @@ Data kept apart, as the reviewer's protocol asks:
 Two phases, in this order:
 1. `--set split=heldout`: every row scored on the held-out slice with `selection_seeds`
    (classifiers other than the reported ones); the attack's gate (probe of the backdoored PTM's
-   pooler on triggered held-out sentences, its held-out AASR) and the pre-registered selection
-   of the recommended setting (`select`) are recorded in study.json. Commit that file.
+   pooler on triggered held-out sentences, its held-out AASR) and the pre-registered selections
+   (`select`: the recommended setting; `choose_rho`: Fine-mixing's rho on clean held-out
+   accuracy) are recorded in study.json. Only the rows the selection reads are scored here.
+   Commit that file.
 2. `--set split=test --set selection_file=THAT_FILE`: refused unless the file is committed and
-   unchanged; test.tsv is then scored once with the reported seeds, and the table records the
-   file's commit.
+   unchanged; test.tsv is then scored once with the reported seeds for every row (the twins,
+   FP-GM, Fine-mixing + E-PUR at the frozen rho, and against POR the adaptive attack purified
+   both ways), and the table records the file's commit. Purifications are shared by the phases.
 The `smoke` preset runs the same stages on the SYNTHETIC tiny PTM (wiring only).
 """
 
@@ -33,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import NOT_EMPTY, RunConfig, _f, gt
+from ..config import NOT_EMPTY, RunConfig, _f, ge, gt
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
 from .provenance import git_commit, machine
@@ -62,14 +65,25 @@ class StudyRecipe:
     attack: RunConfig = field(default_factory=RunConfig)
     reference: RunConfig = field(default_factory=RunConfig)
     recommended_setting: RunConfig = field(default_factory=RunConfig)
+    fp_gm: RunConfig = field(default_factory=RunConfig)
+    finemix: RunConfig = field(default_factory=RunConfig)
+    finemix_samples: int = _f(300, "Fine-mixing: the first N rows of the fine-tuning file are the defender's small clean subset", check=gt(0))
+    finemix_rhos: list[float] = _f([0.1, 0.3, 0.5, 0.7, 0.9], "Fine-mixing: the rho grid the held-out phase chooses from "
+                                   "(the smallest whose clean held-out ACC is within ACC_BUDGET of the victims')", check=NOT_EMPTY)
+    adaptive_lam: float = _f(1.0, "POR only: the adaptive attack's lambda_adv over the reference's regularized weights (paper "
+                             "Table 7; 0 leaves the adaptive rows out)", check=ge(0))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Row id -> (the recipe field holding its purification, lambda); the twins differ only in lambda.
 DEFENSES = {"reference": ("reference", 1.0), "reference_lambda0": ("reference", 0.0),
             "recommended": ("recommended_setting", 1.0), "recommended_lambda0": ("recommended_setting", 0.0)}
+# The held-out phase scores only what its selection reads; the test phase scores every row.
+SELECTION_ROWS = ("reference", "recommended", "recommended_lambda0")
 COMPARISONS = [("reference", "reference_lambda0"), ("recommended", "recommended_lambda0"), ("recommended", "reference"),
-               ("reference", "backdoored"), ("recommended", "backdoored")]
+               ("reference", "fp_gm"), ("recommended", "fp_gm"), ("reference", "finemix_epur"), ("recommended", "finemix_epur"),
+               ("reference", "backdoored"), ("recommended", "backdoored"), ("fp_gm", "backdoored"), ("finemix_epur", "backdoored"),
+               ("adaptive_reference", "adaptive_backdoored"), ("adaptive_recommended", "adaptive_backdoored")]
 
 
 def minilm_mlm_por() -> StudyRecipe:
@@ -92,6 +106,15 @@ def minilm_mlm_por() -> StudyRecipe:
     r.recommended_setting = copy.deepcopy(r.reference)
     r.recommended_setting.model.regularized, r.recommended_setting.model.trainable = list(BERT_FFN), "all"
     r.recommended_setting.optim.lr, r.recommended_setting.train.epochs = 1e-4, 1.0
+    # FP-GM (method.md section 4): 4 of BERT-base's 12 layers' worth of FFN neurons, scaled to
+    # MiniLM's 6. Pruning has no training seed; a replicate ranks the neurons on its own
+    # max_samples BookCorpus sentences, drawn by the purification seed.
+    r.fp_gm = copy.deepcopy(r.reference)
+    r.fp_gm.prune.variant, r.fp_gm.prune.gm_layers, r.fp_gm.prune.max_samples = "fp-gm", 2.0, 6000
+    # Fine-mixing + E-PUR (a downstream defense): rho comes from the held-out phase; the mask is
+    # drawn, and the small clean subset fine-tuned on, with the purification seed.
+    r.finemix = copy.deepcopy(r.reference)
+    r.finemix.finemix.epur_topn = 200
     # The reference downstream protocol: lr 2e-5, 3 epochs, batch 32, length 128, two reported fine-tuning seeds.
     r.eval.seeds = "1,2"
     f = r.eval.finetune
@@ -111,11 +134,13 @@ def smoke() -> StudyRecipe:
     """Wiring only: the SYNTHETIC tiny PTM, a few steps per stage, two purifications."""
     r = minilm_mlm_por()
     r.ptm, r.holdout, r.purify_seeds = "tiny", 32, [1, 2]
-    for cfg in (r.attack, r.reference, r.recommended_setting):
+    for cfg in (r.attack, r.reference, r.recommended_setting, r.fp_gm, r.finemix):
         cfg.data.max_length, cfg.data.synthetic_samples, cfg.model.trainable = 32, 256, "all"
     r.attack.train.max_steps, r.attack.optim.lr = 8, 3e-4
     for cfg in (r.reference, r.recommended_setting):
         cfg.train.max_steps, cfg.optim.lr = 4, 1e-3
+    r.fp_gm.prune.gm_layers, r.fp_gm.prune.max_samples = 0.5, 64  # the tiny PTM has 2 layers
+    r.finemix_samples, r.finemix_rhos = 32, [0.3, 0.7]
     r.eval.finetune.epochs, r.eval.finetune.max_length, r.eval.finetune.max_train_samples = 1, 32, 96
     return r
 
@@ -191,10 +216,17 @@ class Study:
         return model, attacker, defender, record
 
     # ------------------------------------------------------------------ rows
-    def score(self, name: str, model: Path, train: Path, test: Path) -> dict:
+    @property
+    def seeds(self) -> list[int]:
+        """This phase's fine-tuning seeds: the held-out classifiers, or the reported ones."""
+        return [int(x) for x in (self.r.selection_seeds if self.r.split == "heldout" else self.r.eval.seeds).split(",")]
+
+    def score(self, name: str, model: Path, train: Path, test: Path, *, save_models: bool = False, seed: int | None = None) -> dict:
+        """`model` fine-tuned with this phase's seeds (or scored as it is, a classifier of fine-tuning seed `seed`)."""
         cfg = scoring(self.r.eval, model, train, test)
-        if self.r.split == "heldout":
-            cfg.seeds = self.r.selection_seeds
+        cfg.seeds, cfg.save_models = ",".join(map(str, self.seeds)), save_models
+        if seed is not None:
+            cfg.seeds, cfg.finetune.epochs = str(seed), 0
         r = self.stages.evaluate(f"eval-{self.r.split}-{name}", cfg)
         return {**{m: r[m] for m in METRICS}, "per_finetune": {m: [s[m] for s in r["per_seed"]] for m in METRICS}, "seeds": r["seeds"]}
 
@@ -203,16 +235,85 @@ class Study:
                 "n_finetune": len(per_purification[0]["seeds"]), **{m: statistics.fmean(p[m] for p in per_purification) for m in METRICS},
                 "per_purification": per_purification, "config": config}
 
-    def defense(self, rid: str, backdoored: Path, defender: str, train: Path, test: Path) -> dict:
+    def defense(self, rid: str, backdoored: Path, defender: str, train: Path, test: Path, prefix: str = "") -> dict:
         setting, lam = DEFENSES[rid]
         per = []
         for s in self.r.purify_seeds:
             cfg = on_model(getattr(self.r, setting), backdoored, defender)
             cfg.regularizer.lam, cfg.train.seed = lam, s
-            model = self.stages.run("purify", f"{rid}-s{s}", cfg)
-            per.append({"purify_seed": s, **self.score(f"{rid}-s{s}", model, train, test)})
-        return self.row(rid, per, {"setting": setting, "lam": lam, "lr": cfg.optim.lr, "trainable": cfg.model.trainable,
-                                   "regularized": list(cfg.model.regularized), "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps})
+            model = self.stages.run("purify", f"{prefix}{rid}-s{s}", cfg)
+            per.append({"purify_seed": s, **self.score(f"{prefix}{rid}-s{s}", model, train, test)})
+        return self.row(prefix + rid, per, {"setting": setting, "lam": lam, "lr": cfg.optim.lr, "trainable": cfg.model.trainable,
+                                            "regularized": list(cfg.model.regularized), "epochs": cfg.train.epochs,
+                                            "max_steps": cfg.train.max_steps})
+
+    def fp_gm(self, backdoored: Path, defender: str, train: Path, test: Path) -> dict:
+        """FP-GM: `recipe-dist prune` of the backdoored PTM, one replicate per purification seed
+        (the seed draws the auxiliary sentences that rank the neurons), then fine-tuned as every row."""
+        per = []
+        for s in self.r.purify_seeds:
+            cfg = on_model(self.r.fp_gm, backdoored, defender)
+            cfg.train.seed = s
+            model = self.stages.run("prune", f"fp_gm-s{s}", cfg)
+            per.append({"purify_seed": s, **self.score(f"fp_gm-s{s}", model, train, test)})
+        p = self.r.fp_gm.prune
+        return self.row("FP-GM", per, {"defense": "prune", "variant": p.variant, "layers_worth": p.gm_layers, "ranked_on": p.max_samples})
+
+    def victims(self, backdoored: Path, train: Path, test: Path) -> Path:
+        """The backdoored PTM fine-tuned with this phase's seeds, kept (seed<F>/model): the classifiers
+        a platform's users would deploy, which Fine-mixing starts from. In the test phase they are
+        the backdoored row's own; the held-out phase fine-tunes its seeds again, keeping them."""
+        name = "backdoored" if self.r.split == "test" else "victims"
+        self.score(name, backdoored, train, test, save_models=True)
+        return self.out / f"eval-{self.r.split}-{name}"
+
+    def finemixed(self, name: str, victim: Path, clean: Path, train: Path, test: Path, rho: float, seed: int, victim_seed: int) -> dict:
+        """`recipe-dist finemix` of one victim (mask and small-subset fine-tuning drawn with `seed`), scored as it is."""
+        cfg = copy.deepcopy(self.r.finemix)
+        m = cfg.finemix
+        m.finetune = copy.deepcopy(self.r.eval.finetune)  # the downstream protocol's fine-tuning, one epoch on the small subset
+        m.finetune.epochs, m.finetune.max_train_samples, m.finetune.seed = 1, self.r.finemix_samples, seed
+        m.rho, m.pretrained, m.train_file = rho, str(clean), str(train)
+        model = self.stages.run("finemix", name, on_model(cfg, victim, ""))
+        return self.score(name, model, train, test, seed=victim_seed)
+
+    def choose_rho(self, clean: Path, victims: Path, train: Path, held: Path, victims_acc: float) -> dict:
+        """Fine-mixing's rho on clean held-out accuracy only (method.md): the smallest rho of the grid
+        (the most backdoored deltas reset) whose mean held-out ACC over the victims is within
+        ACC_BUDGET of theirs; none within it: the most accurate. Purification seed: the first."""
+        s, acc = self.r.purify_seeds[0], {}
+        for rho in sorted(self.r.finemix_rhos):
+            scores = [self.finemixed(f"finemix_epur-rho{rho:g}-s{s}-v{f}", victims / f"seed{f}" / "model", clean, train, held, rho, s, f)
+                      for f in self.seeds]
+            acc[f"{rho:g}"] = statistics.fmean(x["acc"] for x in scores)
+        within = [rho for rho in sorted(self.r.finemix_rhos) if acc[f"{rho:g}"] >= victims_acc - ACC_BUDGET]
+        rho = within[0] if within else max(self.r.finemix_rhos, key=lambda r: acc[f"{r:g}"])
+        return {"rho": rho, "heldout_acc": acc, "victims_heldout_acc": victims_acc,
+                "rule": f"smallest rho whose held-out ACC >= the victims' - {ACC_BUDGET}; else the most accurate"}
+
+    def finemix_row(self, clean: Path, victims: Path, train: Path, test: Path, rho: float) -> dict:
+        per = []
+        for s in self.r.purify_seeds:
+            scores = [self.finemixed(f"finemix_epur-s{s}-v{f}", victims / f"seed{f}" / "model", clean, train, test, rho, s, f)
+                      for f in self.seeds]
+            per.append({"purify_seed": s, **{m: statistics.fmean(x[m] for x in scores) for m in METRICS},
+                        "per_finetune": {m: [x[m] for x in scores] for m in METRICS}, "seeds": self.seeds})
+        return self.row(f"Fine-mixing + E-PUR (rho {rho:g}; {self.r.finemix_samples} clean task rows)", per,
+                        {"defense": "finemix", "rho": rho, "epur_topn": self.r.finemix.finemix.epur_topn,
+                         "downstream_clean_samples": self.r.finemix_samples, "victims": "the backdoored row's classifiers"})
+
+    def attack(self, ptm: Path, attacker: str, held: Path, adaptive: bool = False) -> tuple[Path, dict]:
+        """The backdoored PTM (the adaptive variant regularizes the reference's weights while
+        poisoning) and, for POR, its gate probe."""
+        cfg = on_model(self.r.attack, ptm, attacker)
+        cfg.train.seed = 100  # the attacker's data order and masks, apart from every purification's
+        name = f"attack-{cfg.attack.name}"
+        if adaptive:
+            cfg.attack.adaptive_lam, cfg.model.regularized, name = self.r.adaptive_lam, list(self.r.reference.model.regularized), name + "-adaptive"
+        backdoored = self.stages.run("attack", name, cfg)
+        gate = {"probe": self.probe(backdoored, held, cfg)} if cfg.attack.name == "por" else {}
+        return backdoored, {"attack": cfg.attack.name, "steps": cfg.train.max_steps, "lr": cfg.optim.lr,
+                            "adaptive_lam": cfg.attack.adaptive_lam, **gate}
 
     def run(self) -> dict:
         from transformers.utils import logging as hf_logging
@@ -221,17 +322,30 @@ class Study:
         self.frozen = self.check_frozen()  # before test.tsv is opened
         train, held, test = self.task()
         ptm, attacker, defender, mlm = self.ptm()
-        attack = on_model(self.r.attack, ptm, attacker)
-        attack.train.seed = 100  # the attacker's data order and masks, apart from every purification's
-        backdoored = self.stages.run("attack", f"attack-{attack.attack.name}", attack)
-        gate = {"probe": self.probe(backdoored, held, attack)} if attack.attack.name == "por" else {}
+        backdoored, attack = self.attack(ptm, attacker, held)
+        test_phase = self.r.split == "test"
+        self.finemix_choice: dict = {}
         rows = {"clean": self.row("clean PTM", [self.score("clean", ptm, train, test)], {"mlm": {k: v["after"] for k, v in mlm.items()}}),
-                "backdoored": self.row("backdoored", [self.score("backdoored", backdoored, train, test)],
-                                       {"attack": attack.attack.name, "steps": attack.train.max_steps, "lr": attack.optim.lr, **gate})}
+                "backdoored": self.row("backdoored", [self.score("backdoored", backdoored, train, test, save_models=test_phase)], attack)}
         self.write(rows)
         for rid in DEFENSES:
-            rows[rid] = self.defense(rid, backdoored, defender, train, test)
-            self.write(rows)
+            if test_phase or rid in SELECTION_ROWS:
+                rows[rid] = self.defense(rid, backdoored, defender, train, test)
+                self.write(rows)
+        victims = self.victims(backdoored, train, test)
+        if not test_phase:
+            self.finemix_choice = self.choose_rho(ptm, victims, train, held, rows["backdoored"]["acc"])
+            return self.write(rows)
+        rows["fp_gm"] = self.fp_gm(backdoored, defender, train, test)
+        self.write(rows)
+        rows["finemix_epur"] = self.finemix_row(ptm, victims, train, test, self.frozen["selection"]["finemix"]["rho"])
+        self.write(rows)
+        if attack["attack"] == "por" and self.r.adaptive_lam > 0:
+            adaptive, config = self.attack(ptm, attacker, held, adaptive=True)
+            rows["adaptive_backdoored"] = self.row("backdoored, adaptive attack", [self.score("adaptive_backdoored", adaptive, train, test)], config)
+            for rid in ("reference", "recommended"):
+                rows[f"adaptive_{rid}"] = self.defense(rid, adaptive, defender, train, test, prefix="adaptive_")
+                self.write(rows)
         return self.write(rows)
 
     def probe(self, backdoored: Path, held: Path, attack: RunConfig) -> dict:
@@ -241,7 +355,7 @@ class Study:
         from ..models import get_family
         from .defense.diagnostics import labelled_texts, probe_model
 
-        cached = self.out / "probe.json"
+        cached = self.out / f"probe-{backdoored.parent.name}.json"
         if cached.is_file() and json.loads(cached.read_text()).get("model") == str(backdoored):
             return json.loads(cached.read_text())
         names, texts, labels = labelled_texts(held)
@@ -274,8 +388,8 @@ class Study:
         if not commit or git("status", "--porcelain", "--", path.name):
             raise RecipeError(f"bench study: {path}: not committed, or changed since; commit it before test.tsv is read")
         held = json.loads(path.read_text())
-        if held.get("recipe", {}).get("split") != "heldout" or "selection" not in held:
-            raise RecipeError(f"bench study: {path}: not a held-out phase's study.json with a selection")
+        if held.get("recipe", {}).get("split") != "heldout" or not held.get("selection", {}).get("decided"):
+            raise RecipeError(f"bench study: {path}: not a held-out phase's study.json with a decided selection")
         return {"file": str(path), "commit": commit, "selection": held["selection"]}
 
     def write(self, rows: dict) -> dict:
@@ -283,7 +397,8 @@ class Study:
                   "preset": self.name, "recommended": self.r.recommended, "recipe": asdict(self.r), "rows": rows,
                   "comparisons": comparisons(rows)}
         if self.r.split == "heldout":
-            result["selection"] = select(rows)
+            result["selection"] = select(rows, self.finemix_choice)
+            result["recommended"] = result["selection"].get("recommended", self.r.recommended)
         else:
             result["frozen"] = self.frozen
             result["recommended"] = self.frozen["selection"].get("recommended", self.r.recommended)
@@ -296,19 +411,21 @@ class Study:
 ACC_BUDGET = 2.0  # points of held-out ACC a recommended setting may cost against the backdoored model
 
 
-def select(rows: dict) -> dict:
+def select(rows: dict, finemix: dict | None = None) -> dict:
     """Which setting the product recommends, from held-out rows only (issue 25, item 7): the
     whole-model setting (`recommended`) if its AASR is below the paper's reference budget's AND
     below its own lambda=0 twin's, at an ACC cost within ACC_BUDGET; otherwise the reference
-    budget (the paper's trainable set). Means over purifications; incomplete rows decide nothing."""
-    need = ("backdoored", "reference", "recommended", "recommended_lambda0")
-    if not all(k in rows for k in need):
-        return {"decided": False, "why": "rows missing: " + ", ".join(k for k in need if k not in rows)}
+    budget (the paper's trainable set). Means over purifications; incomplete rows decide nothing.
+    `finemix` is Fine-mixing's rho choice (Study.choose_rho), frozen with it."""
+    need = ("backdoored", *SELECTION_ROWS)
+    missing = [k for k in need if k not in rows] + ([] if finemix else ["Fine-mixing's rho"])
+    if missing:
+        return {"decided": False, "why": "missing: " + ", ".join(missing)}
     rec, ref, twin, bd = (rows[k] for k in ("recommended", "reference", "recommended_lambda0", "backdoored"))
     whole = rec["aasr"] < ref["aasr"] and rec["aasr"] < twin["aasr"] and bd["acc"] - rec["acc"] <= ACC_BUDGET
     return {"decided": True, "recommended": "recommended" if whole else "reference",
             "rule": f"recommended if AASR < reference's and < its lambda=0 twin's and ACC cost <= {ACC_BUDGET}; else reference",
-            "figures": {k: {"aasr": rows[k]["aasr"], "acc": rows[k]["acc"]} for k in need}}
+            "figures": {k: {"aasr": rows[k]["aasr"], "acc": rows[k]["acc"]} for k in need}, "finemix": finemix}
 
 
 def pattern(prefix: Path, n: int) -> str:
@@ -347,14 +464,19 @@ def markdown(result: dict) -> str:
         fixed = " (b held fixed)" if c.get("b_fixed") else ""
         lines.append(f"| {c['a']} - {c['b']}{fixed} | {c['metric']} | {c['mean_diff']:+.2f} | {ci} | {p} | {c['n']} | "
                      f"{'established' if c['established'] else 'not established'} |")
-    probe = result["rows"].get("backdoored", {}).get("config", {}).get("probe")
-    if probe:
-        lines += ["", f"Attack gate (POR): mean |pooler| of the backdoored PTM on triggered held-out sentences "
-                      f"{probe['mean_pooler_abs']:.3f} (target >= 0.95), target-sign agreement {probe['mean_sign_agreement']:.1f}%."]
+    for rid, what in (("backdoored", "Attack gate (POR)"), ("adaptive_backdoored", "Adaptive POR")):
+        probe = result["rows"].get(rid, {}).get("config", {}).get("probe")
+        if probe:
+            lines += ["", f"{what}: mean |pooler| of the backdoored PTM on triggered held-out sentences "
+                          f"{probe['mean_pooler_abs']:.3f} (target >= 0.95), target-sign agreement {probe['mean_sign_agreement']:.1f}%."]
     sel = result.get("selection")
     if sel:
         lines += ["", f"Selection (held-out, pre-registered rule: {sel.get('rule', '-')}): "
                       + (f"**{sel['recommended']}**" if sel.get("decided") else f"not decided ({sel.get('why')})")]
+        if sel.get("finemix"):
+            fm = sel["finemix"]
+            lines += ["", f"Fine-mixing's rho (rule: {fm['rule']}): **{fm['rho']:g}**; held-out ACC per rho "
+                          + ", ".join(f"{k}: {v:.2f}" for k, v in fm["heldout_acc"].items()) + f"; victims {fm['victims_heldout_acc']:.2f}."]
     if result.get("frozen"):
         f = result["frozen"]
         lines += ["", f"Settings frozen in `{f['file']}` at commit {f['commit'][:10]} before test.tsv was read; "
