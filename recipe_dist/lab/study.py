@@ -14,7 +14,8 @@ Data kept apart, as the reviewer's protocol asks:
 Two phases, in this order:
 1. `--set split=heldout`: every row scored on the held-out slice with `selection_seeds`
    (classifiers other than the reported ones); the attack's gate (probe of the backdoored PTM's
-   pooler on triggered held-out sentences, its held-out AASR) and the pre-registered selections
+   pooler on triggered held-out sentences, its held-out AASR; a miss stops the study before any
+   purification) and the pre-registered selections
    (`select`: the recommended setting; `choose_rho`: Fine-mixing's rho on clean held-out
    accuracy) are recorded in study.json. Only the rows the selection reads are scored here.
    Commit that file.
@@ -70,6 +71,9 @@ class StudyRecipe:
     finemix_samples: int = _f(300, "Fine-mixing: the first N rows of the fine-tuning file are the defender's small clean subset", check=gt(0))
     finemix_rhos: list[float] = _f([0.1, 0.3, 0.5, 0.7, 0.9], "Fine-mixing: the rho grid the held-out phase chooses from "
                                    "(the smallest whose clean held-out ACC is within ACC_BUDGET of the victims')", check=NOT_EMPTY)
+    gate_aasr: float = _f(90.0, "the attack's gate: held-out AASR of the backdoored PTM on the first selection seed; below it "
+                          "the held-out phase stops before any purification (0: no gate)", check=ge(0))
+    gate_pooler: float = _f(0.95, "POR's gate: mean |pooler| of the backdoored PTM on triggered held-out sentences (0: no gate)", check=ge(0))
     adaptive_lam: float = _f(1.0, "POR only: the adaptive attack's lambda_adv over the reference's regularized weights (paper "
                              "Table 7; 0 leaves the adaptive rows out)", check=ge(0))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -141,6 +145,7 @@ def smoke() -> StudyRecipe:
         cfg.train.max_steps, cfg.optim.lr = 4, 1e-3
     r.fp_gm.prune.gm_layers, r.fp_gm.prune.max_samples = 0.5, 64  # the tiny PTM has 2 layers
     r.finemix_samples, r.finemix_rhos = 32, [0.3, 0.7]
+    r.gate_aasr = r.gate_pooler = 0.0  # a few poisoning steps on the tiny PTM saturate nothing
     r.eval.finetune.epochs, r.eval.finetune.max_length, r.eval.finetune.max_train_samples = 1, 32, 96
     return r
 
@@ -328,6 +333,8 @@ class Study:
         rows = {"clean": self.row("clean PTM", [self.score("clean", ptm, train, test)], {"mlm": {k: v["after"] for k, v in mlm.items()}}),
                 "backdoored": self.row("backdoored", [self.score("backdoored", backdoored, train, test, save_models=test_phase)], attack)}
         self.write(rows)
+        if not test_phase:
+            self.check_gate(rows["backdoored"])
         for rid in DEFENSES:
             if test_phase or rid in SELECTION_ROWS:
                 rows[rid] = self.defense(rid, backdoored, defender, train, test)
@@ -347,6 +354,18 @@ class Study:
                 rows[f"adaptive_{rid}"] = self.defense(rid, adaptive, defender, train, test, prefix="adaptive_")
                 self.write(rows)
         return self.write(rows)
+
+    def check_gate(self, backdoored: dict) -> None:
+        """Purify only a saturated attack (issue 25, item 3): its AASR on the first held-out seed
+        and, for POR, its triggered poolers; a miss stops the study with the figures to report."""
+        config, aasr = backdoored["config"], backdoored["per_purification"][0]["per_finetune"]["aasr"][0]
+        misses = [f"held-out AASR {aasr:.2f} < gate_aasr {self.r.gate_aasr:g}"] if aasr < self.r.gate_aasr else []
+        probe = config.get("probe")
+        if probe and probe["mean_pooler_abs"] < self.r.gate_pooler:
+            misses.append(f"mean |pooler| on triggered inputs {probe['mean_pooler_abs']:.3f} < gate_pooler {self.r.gate_pooler:g}")
+        if misses:
+            raise RecipeError(f"bench study: the {config['attack']} attack ({config['steps']} steps) missed its gate: {'; '.join(misses)}; "
+                              f"nothing was purified (report the miss, or poison longer: --set attack.train.max_steps=N)")
 
     def probe(self, backdoored: Path, held: Path, attack: RunConfig) -> dict:
         """POR's gate: mean |pooler| of the backdoored PTM on the held-out sentences with each
