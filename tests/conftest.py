@@ -55,7 +55,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 # The longest files first: xdist (--dist loadfile, pyproject) hands a worker its next file when it
 # is free, so starting the 7-minute SLURM file last would leave one worker running it alone at the
 # end. Longest-first keeps both workers busy until close to the end (measured per file, 2 cores).
-LONGEST_FIRST = ["test_slurm.py", "test_multinode.py", "test_bench_defense.py", "test_causal_lm.py", "test_resume.py"]
+LONGEST_FIRST = ["test_slurm.py", "test_multinode.py", "test_bench_defense.py", "test_lab_study.py", "test_causal_lm.py", "test_resume.py"]
 
 
 def pytest_collection_modifyitems(config, items):
