@@ -73,6 +73,18 @@ def scoring(cfg: EvalConfig, model: Path | str, train: Path | str, test: Path | 
     return cfg
 
 
+def finemix_run(cfg: RunConfig, finetune, *, samples: int, seed: int, clean: Path | str, train: Path | str) -> RunConfig:
+    """A copy of finemix stage `cfg` mixing against the clean PTM `clean`, then fine-tuning with the
+    downstream protocol `finetune` for one epoch on the first `samples` rows of `train`; `seed`
+    draws the random mask and that fine-tuning."""
+    cfg = copy.deepcopy(cfg)
+    m = cfg.finemix
+    m.finetune = copy.deepcopy(finetune)
+    m.finetune.epochs, m.finetune.max_train_samples, m.finetune.seed = 1, samples, seed
+    m.pretrained, m.train_file = str(clean), str(train)
+    return cfg
+
+
 def add_set_option(ap, example: str) -> None:
     """The lab's one override option on a command's parser (see `set_keys`)."""
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

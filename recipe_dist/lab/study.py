@@ -41,7 +41,7 @@ from ..config import NOT_EMPTY, RunConfig, _f, ge, gt
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
 from .provenance import git_commit, machine
-from .stages import Stages, add_set_option, base_run, on_model, scoring, set_keys, with_batch
+from .stages import Stages, add_set_option, base_run, finemix_run, on_model, scoring, set_keys, with_batch
 from .defense.recipes import BERT_FFN
 from .stats import established, paired
 
@@ -274,11 +274,8 @@ class Study:
 
     def finemixed(self, name: str, victim: Path, clean: Path, train: Path, test: Path, rho: float, seed: int, victim_seed: int) -> dict:
         """`recipe-dist finemix` of one victim (mask and small-subset fine-tuning drawn with `seed`), scored as it is."""
-        cfg = copy.deepcopy(self.r.finemix)
-        m = cfg.finemix
-        m.finetune = copy.deepcopy(self.r.eval.finetune)  # the downstream protocol's fine-tuning, one epoch on the small subset
-        m.finetune.epochs, m.finetune.max_train_samples, m.finetune.seed = 1, self.r.finemix_samples, seed
-        m.rho, m.pretrained, m.train_file = rho, str(clean), str(train)
+        cfg = finemix_run(self.r.finemix, self.r.eval.finetune, samples=self.r.finemix_samples, seed=seed, clean=clean, train=train)
+        cfg.finemix.rho = rho
         model = self.stages.run("finemix", name, on_model(cfg, victim, ""))
         return self.score(name, model, train, test, seed=victim_seed)
 

@@ -7,7 +7,6 @@ fine-tuned on the clean downstream task with each seed and scored with the same 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 from ...config import ConfigError, RunConfig
 from ...errors import RecipeError
 from ..provenance import git_commit, machine, norm_ratios
-from ..stages import Stages, on_model, scoring
+from ..stages import Stages, finemix_run, on_model, scoring
 from .recipes import SEARCH, SEARCH_STAGES, DefenseRecipe, candidate, describe, purification
 from .render import markdown
 
@@ -176,12 +175,8 @@ class DefenseBench:
         victims = self.victims(backdoored, train, test)
         per_seed = []
         for s in self.r.seeds:
-            cfg = copy.deepcopy(self.r.finemix)
-            m = cfg.finemix
-            m.finetune = copy.deepcopy(self.r.eval.finetune)  # the table's own fine-tuning, one epoch on the small subset
-            m.finetune.epochs, m.finetune.max_train_samples, m.finetune.seed = 1, self.r.finemix_samples, s
-            m.pretrained, m.train_file = str(clean), str(train)
-            m.epur_topn = m.epur_topn if epur else 0
+            cfg = finemix_run(self.r.finemix, self.r.eval.finetune, samples=self.r.finemix_samples, seed=s, clean=clean, train=train)
+            cfg.finemix.epur_topn = cfg.finemix.epur_topn if epur else 0
             out = self.run_job("finemix", f"{rid}-seed{s}", victims / f"seed{s}" / "model", "", cfg)
             per_seed.append(self.evaluate(f"{rid}-seed{s}", out, train, test, seeds=[s], epochs=0)["per_seed"][0])
         keys = ("acc", "aasr", "masr")
