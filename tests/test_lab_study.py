@@ -9,6 +9,37 @@ import pytest
 
 from conftest import run_cli
 from recipe_dist.lab.stats import paired
+from recipe_dist.lab.study import ACC_BUDGET, SELECTION_ROWS, pick_rho, select
+
+
+def test_pick_rho_takes_the_smallest_rho_within_the_accuracy_budget_else_the_most_accurate():
+    victims = 86.0
+    # Smallest rho resets the most; it is taken as soon as it is within ACC_BUDGET of the victims.
+    assert pick_rho({"0.1": 80.0, "0.3": victims - ACC_BUDGET, "0.5": 85.9, "0.9": 86.1}, victims) == 0.3
+    assert pick_rho({"0.9": 85.0, "0.1": 84.5}, victims) == 0.1  # key order does not matter
+    # None within: the most accurate, the smaller rho on a tie.
+    assert pick_rho({"0.1": 70.0, "0.3": 80.0, "0.5": 80.0, "0.7": 75.0}, victims) == 0.3
+    assert pick_rho({"0.5": 10.0}, victims) == 0.5
+
+
+def _rows(**aasr_acc):
+    return {k: {"aasr": a, "acc": c} for k, (a, c) in aasr_acc.items()}
+
+
+def test_select_takes_the_whole_model_setting_only_when_it_beats_both_and_costs_little():
+    rho = {"rho": 0.3}
+    base = dict(backdoored=(93.0, 86.0), reference=(57.0, 85.0), recommended_lambda0=(40.0, 85.5))
+    assert select(_rows(**base, recommended=(30.0, 84.0)), rho)["recommended"] == "recommended"
+    # Not below its own lambda=0 twin: the regularizer did not earn it.
+    assert select(_rows(**base, recommended=(45.0, 85.0)), rho)["recommended"] == "reference"
+    # Not below the reference budget.
+    assert select(_rows(**base, recommended=(58.0, 85.0)), rho)["recommended"] == "reference"
+    # Too dear in accuracy (more than ACC_BUDGET below the backdoored model).
+    assert select(_rows(**base, recommended=(20.0, 86.0 - ACC_BUDGET - 0.01)), rho)["recommended"] == "reference"
+    # Nothing is decided before every row it reads, and Fine-mixing's rho, are there.
+    assert not select(_rows(**base, recommended=(30.0, 84.0)), None)["decided"]
+    short = select(_rows(backdoored=(93.0, 86.0), reference=(57.0, 85.0)), rho)
+    assert not short["decided"] and all(k in short["why"] for k in SELECTION_ROWS if k != "reference")
 
 
 @pytest.mark.slow
@@ -47,11 +78,10 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
     want = "recommended" if (rows["recommended"]["aasr"] < rows["reference"]["aasr"] and rows["recommended"]["aasr"] < rows["recommended_lambda0"]["aasr"]
                              and rows["backdoored"]["acc"] - rows["recommended"]["acc"] <= 2.0) else "reference"
     assert sel["recommended"] == want == study["recommended"]
-    # Fine-mixing's rho from clean held-out accuracy alone: the smallest within 2 points of the victims'.
+    # Fine-mixing's rho from clean held-out accuracy alone (the rule itself: test_pick_rho_*).
     fm = sel["finemix"]
-    assert set(fm["heldout_acc"]) == {"0.3", "0.7"} and fm["victims_heldout_acc"] == rows["backdoored"]["acc"]
-    within = [r for r in (0.3, 0.7) if fm["heldout_acc"][f"{r:g}"] >= rows["backdoored"]["acc"] - 2.0]
-    assert fm["rho"] == (within[0] if within else max((0.3, 0.7), key=lambda r: fm["heldout_acc"][f"{r:g}"]))
+    assert set(fm["heldout_acc"]) == {"0.5"} and fm["victims_heldout_acc"] == rows["backdoored"]["acc"] and fm["rho"] == 0.5
+    assert (out / "finemix_epur-rho0.5-s1-v11" / "model").is_dir() and (out / "finemix_epur-rho0.5-s1-v12" / "model").is_dir()
     # Its victims are the backdoored PTM fine-tuned again with the held-out seeds, kept: the same classifiers.
     victims = json.loads((out / "eval-heldout-victims" / "eval.json").read_text())
     assert victims["acc"] == rows["backdoored"]["acc"] and (out / "eval-heldout-victims" / "seed11" / "model").is_dir()
