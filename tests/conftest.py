@@ -53,9 +53,11 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 # The longest files first: xdist (--dist loadfile, pyproject) hands a worker its next file when it
-# is free, so starting the 7-minute SLURM file last would leave one worker running it alone at the
-# end. Longest-first keeps both workers busy until close to the end (measured per file, 2 cores).
-LONGEST_FIRST = ["test_slurm.py", "test_multinode.py", "test_bench_defense.py", "test_lab_study.py", "test_causal_lm.py", "test_resume.py"]
+# is free, so starting the 10-minute SLURM file last would leave one worker running it alone at the
+# end. The two cluster files mostly wait (on SlurmdTimeout, time limits, requeues), so they do not
+# start together: the first three workers take one waiting file and two that keep a core busy
+# (the stage-runner smokes), and the multi-node file follows the first of those to finish.
+LONGEST_FIRST = ["test_slurm.py", "test_lab_study.py", "test_bench_defense.py", "test_multinode.py", "test_resume.py", "test_causal_lm.py"]
 
 
 def pytest_collection_modifyitems(config, items):
