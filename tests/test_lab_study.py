@@ -9,7 +9,9 @@ import pytest
 
 from conftest import run_cli
 from recipe_dist.lab.stats import paired
-from recipe_dist.lab.study import ACC_BUDGET, SELECTION_ROWS, pick_rho, select
+from recipe_dist.config import ConfigError
+from recipe_dist.errors import RecipeError
+from recipe_dist.lab.study import ACC_BUDGET, SELECTION_ROWS, Study, comparisons, pick_rho, select, smoke
 
 
 def test_pick_rho_takes_the_smallest_rho_within_the_accuracy_budget_else_the_most_accurate():
@@ -40,6 +42,53 @@ def test_select_takes_the_whole_model_setting_only_when_it_beats_both_and_costs_
     assert not select(_rows(**base, recommended=(30.0, 84.0)), None)["decided"]
     short = select(_rows(backdoored=(93.0, 86.0), reference=(57.0, 85.0)), rho)
     assert not short["decided"] and all(k in short["why"] for k in SELECTION_ROWS if k != "reference")
+
+
+def _committed(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    git = ["git", "-C", str(path.parent), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", path.name], check=True)
+    subprocess.run([*git, "commit", "-qm", "frozen"], check=True)
+    return path
+
+
+def test_the_test_phase_takes_only_its_own_held_out_selection(tmp_path):
+    from dataclasses import asdict
+
+    held = smoke()
+    record = {"preset": "smoke", "recipe": asdict(held), "selection": {"decided": True, "recommended": "reference", "finemix": {"rho": 0.5}}}
+    frozen = _committed(tmp_path / "frozen" / "study.json", json.dumps(record))
+
+    def study(*sets, name="smoke", out=tmp_path / "out"):
+        from recipe_dist.lab.stages import set_keys
+
+        return Study(name, set_keys(smoke(), ["split=test", f"selection_file={frozen}", *sets]), out, tmp_path)
+
+    assert study().check_frozen()["selection"]["recommended"] == "reference"
+    with pytest.raises(RecipeError, match=r"another recipe \(other purify_seeds\)"):
+        study("purify_seeds=1,3").check_frozen()
+    with pytest.raises(RecipeError, match="preset 'smoke', not 'minilm-mlm-por'"):
+        study(name="minilm-mlm-por").check_frozen()
+    # The file the test phase itself writes cannot be the frozen one.
+    with pytest.raises(RecipeError, match="the test phase writes OUTPUT/study.json"):
+        study(out=frozen.parent).check_frozen()
+    # Held-out classifiers are never the reported ones.
+    with pytest.raises(ConfigError, match="share a seed"):
+        study("selection_seeds=2,12").check_seeds()
+
+
+def test_comparisons_pair_purifications_by_seed_not_by_position():
+    def row(*per):
+        return {"per_purification": [{"purify_seed": s, "aasr": a, "acc": 80.0} for s, a in per]}
+
+    rows = {"reference": row((1, 50.0), (2, 60.0), (3, 70.0)), "reference_lambda0": row((3, 75.0), (1, 55.0), (2, 65.0))}
+    c = next(c for c in comparisons(rows) if c["metric"] == "aasr")
+    assert c["mean_diff"] == pytest.approx(-5.0) and c["ci95"] is None  # -5 on every pair: no spread, no claim
+    rows["reference_lambda0"] = row((1, 55.0), (2, 65.0), (4, 75.0))
+    with pytest.raises(RecipeError, match="other seeds"):
+        comparisons(rows)
 
 
 @pytest.mark.slow
@@ -97,11 +146,8 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
                     "--set", f"selection_file={frozen / 'study.json'}"], check=False)
     assert proc.returncode == 2 and "not committed" in proc.stderr.strip().splitlines()[-1]
     assert not list(out.glob("eval-test-*"))
-    git = ["git", "-C", str(frozen), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "study.json"], check=True)
-    subprocess.run([*git, "commit", "-qm", "frozen"], check=True)
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    _committed(frozen / "study.json", (frozen / "study.json").read_text())
+    commit = subprocess.run(["git", "-C", str(frozen), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "split=test",
                     "--set", f"selection_file={frozen / 'study.json'}"])
     final = json.loads((out / "study.json").read_text())

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import NOT_EMPTY, RunConfig, _f, ge, gt
+from ..config import NOT_EMPTY, ConfigError, RunConfig, _f, ge, gt
 from ..errors import RecipeError
 from ..evaluation.finetune import EvalConfig
 from .provenance import git_commit, machine
@@ -228,6 +228,13 @@ class Study:
         """This phase's fine-tuning seeds: the held-out classifiers, or the reported ones."""
         return [int(x) for x in (self.r.selection_seeds if self.r.split == "heldout" else self.r.eval.seeds).split(",")]
 
+    def check_seeds(self) -> None:
+        """The held-out phase selects with other classifiers than the ones the test phase reports."""
+        held, reported = ({int(x) for x in v.split(",")} for v in (self.r.selection_seeds, self.r.eval.seeds))
+        if held & reported:
+            raise ConfigError(f"bench study: selection_seeds {self.r.selection_seeds} and eval.seeds {self.r.eval.seeds} "
+                              "share a seed; the held-out phase must select with other classifiers than the reported ones")
+
     def score(self, name: str, model: Path, train: Path, test: Path, *, save_models: bool = False, seed: int | None = None) -> dict:
         """`model` fine-tuned with this phase's seeds (or scored as it is, a classifier of fine-tuning seed `seed`)."""
         cfg = scoring(self.r.eval, model, train, test)
@@ -322,6 +329,7 @@ class Study:
 
         hf_logging.disable_progress_bar()
         self.frozen = self.check_frozen()  # before test.tsv is opened
+        self.check_seeds()
         train, held, test = self.task()
         ptm, attacker, defender, mlm = self.ptm()
         backdoored, attack = self.attack(ptm, attacker, held)
@@ -403,9 +411,20 @@ class Study:
         commit = git("log", "-1", "--format=%H", "--", path.name)
         if not commit or git("status", "--porcelain", "--", path.name):
             raise RecipeError(f"bench study: {path}: not committed, or changed since; commit it before test.tsv is read")
+        if path.resolve() == (self.out / "study.json").resolve():
+            raise RecipeError(f"bench study: {path}: the test phase writes OUTPUT/study.json; freeze the held-out one elsewhere "
+                              "(e.g. lab/results/) and name that copy")
         held = json.loads(path.read_text())
         if held.get("recipe", {}).get("split") != "heldout" or not held.get("selection", {}).get("decided"):
             raise RecipeError(f"bench study: {path}: not a held-out phase's study.json with a decided selection")
+        # The selection holds only for the recipe it was made on: the same preset and every
+        # setting but the phase's own (keys both know; a field added later is not a change).
+        was, now = held["recipe"], asdict(self.r)
+        changed = sorted(k for k in set(was) & set(now) if k not in ("split", "selection_file") and was[k] != now[k])
+        if held.get("preset") != self.name or changed:
+            what = f"preset {held.get('preset')!r}, not {self.name!r}" if held.get("preset") != self.name else "other " + ", ".join(changed)
+            raise RecipeError(f"bench study: {path}: its selection was made on another recipe ({what}); "
+                              "the test phase scores the held-out phase's own settings")
         return {"file": str(path), "commit": commit, "selection": held["selection"]}
 
     def write(self, rows: dict) -> dict:
@@ -469,7 +488,13 @@ def comparisons(rows: dict) -> list[dict]:
         if a not in rows or b not in rows:
             continue
         pa, pb = rows[a]["per_purification"], rows[b]["per_purification"]
-        pb = pb * len(pa) if len(pb) == 1 else pb
+        if len(pb) == 1:
+            pb = pb * len(pa)
+        else:  # paired by purification seed, whatever the rows' order
+            by_seed = {p["purify_seed"]: p for p in pb}
+            if set(by_seed) != {p["purify_seed"] for p in pa}:
+                raise RecipeError(f"bench study: {a} and {b} were purified with other seeds; they cannot be paired")
+            pb = [by_seed[p["purify_seed"]] for p in pa]
         for metric in ("aasr", "acc"):
             c = paired([p[metric] for p in pa], [p[metric] for p in pb])
             out.append({"a": a, "b": b, "metric": metric, **{k: c[k] for k in ("mean_diff", "ci95", "p", "n")},
