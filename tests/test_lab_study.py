@@ -92,9 +92,18 @@ def test_comparisons_pair_purifications_by_seed_not_by_position():
 
 
 @pytest.mark.slow
-def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
+def test_study_smoke_stops_at_the_attack_gate_then_replicates_purifications_and_compares_them(tmp_path):
     out = tmp_path / "study"
+    # An attack below its gate stops the held-out phase before any purification, with the figures.
+    proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "gate_aasr=101",
+                    "--set", "gate_pooler=0.99"], check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "missed its gate" in last and "gate_aasr 101" in last and "gate_pooler 0.99" in last
+    assert (out / "eval-heldout-backdoored" / "eval.json").is_file() and not list(out.glob("reference-s*"))
+    assert list(json.loads((out / "study.json").read_text())["rows"]) == ["clean", "backdoored"]  # written before the stop
+    # The smoke's own gate (none) then continues from the stages already there.
     proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out])
+    assert "attack-por: reusing" in proc.stdout and "eval-heldout-backdoored: reusing" in proc.stdout
     study = json.loads((out / "study.json").read_text())
     assert {"command", "commit", "date", "machine", "recommended", "rows", "comparisons", "selection"} <= set(study)
     rows = study["rows"]
@@ -167,15 +176,3 @@ def test_study_smoke_replicates_purifications_and_compares_them(tmp_path):
     adaptive = (out / "configs" / "attack-por-adaptive.yaml").read_text()
     assert "adaptive_lam: 1.0" in adaptive and "seed: 100\n" in adaptive
     assert {c["a"] for c in final["comparisons"]} >= {"reference", "recommended", "fp_gm", "finemix_epur", "adaptive_reference"}
-
-
-@pytest.mark.slow
-def test_study_stops_before_purifying_when_the_attack_misses_its_gate(tmp_path):
-    out = tmp_path / "study"
-    proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", "gate_aasr=101",
-                    "--set", "gate_pooler=0.99"], check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "missed its gate" in last and "gate_aasr 101" in last and "gate_pooler 0.99" in last
-    assert (out / "eval-heldout-backdoored" / "eval.json").is_file() and not list(out.glob("reference-s*"))
-    # The rows scored so far are written before the stop.
-    assert list(json.loads((out / "study.json").read_text())["rows"]) == ["clean", "backdoored"]

@@ -361,7 +361,7 @@ def test_zero_stage_changes_in_every_direction_continue_the_run(straight, tmp_pa
 
     src = straight / "checkpoints" / ckpt.tag_for(10)
     z0, z2, z3 = (resume_under(src, stage, f"1to{stage}", 10) for stage in (0, 2, 3))
-    resume_under(z0 / "checkpoints" / ckpt.tag_for(20), 3, "0to3", 20)
+    # The second round: each stage once as the target, from checkpoints of three stages.
     resume_under(z0 / "checkpoints" / ckpt.tag_for(20), 1, "0to1", 20)
     resume_under(z3 / "checkpoints" / ckpt.tag_for(20), 0, "3to0", 20)
     resume_under(z3 / "checkpoints" / ckpt.tag_for(20), 2, "3to2", 20)
