@@ -255,6 +255,28 @@ def knock(peer: dict, timeout: float = 3.0) -> str:
         return "unreachable"
 
 
+def _others() -> list[dict]:
+    me = dist.get_rank() if dist.is_initialized() else 0
+    return [p for p in _PEERS if p["rank"] != me]
+
+
+def _knock_all(others: list[dict]) -> dict[int, str]:
+    """{rank: knock state} of `others`, all at once: a large world's dead node is many ranks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not others:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(64, len(others))) as pool:
+        return dict(zip((p["rank"] for p in others), pool.map(knock, others)))
+
+
+def a_peer_is_lost() -> bool:
+    """Whether any other rank's process or host no longer answers its knock: then an error this
+    rank raised is a symptom of that loss (say, a collective whose error names neither gloo nor
+    c10d, or data left half-received), not an error of its own. Live peers answer at once."""
+    return any(state != "alive" for state in _knock_all(_others()).values())
+
+
 FAILURES = ".failures"  # in the run directory: one note per rank that stopped on an error of its own
 
 
@@ -325,17 +347,13 @@ def diagnose(e: BaseException, run_dir=None) -> tuple[str, bool]:
 
     A requeue helps when a peer was lost (node down, network cut, process killed from outside);
     it does not when a peer stopped on an error of its own, which a restart would only repeat."""
-    me = dist.get_rank() if dist.is_initialized() else 0
-    others = [p for p in _PEERS if p["rank"] != me]
+    others = _others()
     failed = _failed_peers(others, run_dir)
     if failed:  # no knocking needed: that rank said why it stopped
         r, msg = next(iter(failed.items()))
         short = msg if len(msg) <= 120 else msg[:117] + "..."
         return f"rank {r} stopped with an error of its own ({short}); not requeued: a restart would repeat it", False
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, min(64, len(others)))) as pool:  # all at once: a large world's dead node is many ranks
-        states = dict(zip((p["rank"] for p in others), pool.map(knock, others)))
+    states = _knock_all(others)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # gloo's own words, less its source location and advice ("[.../pair.cc:545] Read error [addr]:port: ...")
     import re

@@ -24,7 +24,7 @@ from transformers import get_scheduler
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world, to_dict
 from .data.train_data import KeyLog, TrainData
-from .distributed import (DistInfo, barrier, clear_failure_notes, describe_world, diagnose, is_collective_failure, peers,
+from .distributed import (DistInfo, a_peer_is_lost, barrier, clear_failure_notes, describe_world, diagnose, is_collective_failure, peers,
                           process_group, report_own_failure, run_on_main, step_timeout)
 from .errors import RecipeError
 from .jobs import Job
@@ -212,7 +212,7 @@ class Trainer:
                     barrier()  # no rank can fail, and leave a note, before the old notes are gone
                     yield
                 except Exception as e:
-                    if self.dist.world_size > 1 and is_collective_failure(e):
+                    if self.dist.world_size > 1 and (is_collective_failure(e) or a_peer_is_lost()):
                         raise self._lost_peer(e) from None
                     report_own_failure(str(e) or type(e).__name__, self.out)  # the others then stop without requeueing (distributed.diagnose)
                     raise

@@ -209,3 +209,27 @@ def test_training_never_imports_the_report_or_matplotlib():
         assert "matplotlib" not in sys.modules and "recipe_dist.report" not in sys.modules, sorted(m for m in sys.modules if "matplotlib" in m or "report" in m)
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_an_error_of_a_rank_whose_peer_is_gone_counts_as_a_lost_peer(monkeypatch):
+    """Any error raised while a peer no longer answers is the loss's symptom (the trainer then
+    requeues); with every peer answering it stays the rank's own error."""
+    import socket
+
+    from recipe_dist import distributed
+
+    alive = socket.socket()
+    alive.bind(("127.0.0.1", 0))
+    alive.listen(4)
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))  # bound, never listening: the host refuses, as for a dead process
+    me = {"rank": 0, "host": "h0", "addr": "127.0.0.1", "port": 1}
+    peer = {"rank": 1, "host": "h1", "addr": "127.0.0.1", "port": alive.getsockname()[1]}
+    try:
+        monkeypatch.setattr(distributed, "_PEERS", [me, peer])
+        assert not distributed.a_peer_is_lost()
+        monkeypatch.setattr(distributed, "_PEERS", [me, peer, {**peer, "rank": 2, "port": gone.getsockname()[1]}])
+        assert distributed.a_peer_is_lost()
+    finally:
+        alive.close()
+        gone.close()
