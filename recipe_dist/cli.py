@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import RecipeError
 
@@ -380,5 +381,50 @@ def _error_line(message: str) -> None:
         sys.stderr.flush()
 
 
+def run() -> NoReturn:
+    """The process entry (the `recipe-dist` script, `python -m recipe_dist`): `main`, then `end_process`."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    except BaseException:  # a bug: the traceback Python would print, exit 1
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    end_process(code)
+
+
+def end_process(code) -> NoReturn:
+    """sys.exit(code), minus the interpreter's teardown, which can abort a run that has finished.
+
+    gloo's worker threads outlive destroy_process_group (gloo's shutdown does not stop them; a
+    finished 2-rank run still has four at exit) and may still be releasing the last collective's
+    tensors when the main thread returns. A thread that needs the GIL once the interpreter is
+    finalizing is ended by CPython (pthread_exit) inside torch's noexcept code, and the C++
+    runtime aborts the process: "terminate called without an active exception", exit -6, after a
+    run that had written everything (CI: rank 1 of a 2-rank run, and torchrun then killed rank 0
+    before its summary line; tests/test_core.py reproduces it with a thread inside a matmul).
+    Exit handlers (atexit: multiprocessing's cleanup of worker processes, logging's flush) still
+    run while every thread can take the GIL; then the streams are flushed and the process ends
+    without the teardown that races those threads. Files are closed where they are written."""
+    import atexit
+    import threading
+
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, exit 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():  # as Python does first: wait for the non-daemon threads
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # then what Py_Finalize runs while the interpreter is whole
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(code & 0xFF)  # sys.exit's truncation: -1 is 255
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -233,3 +233,50 @@ def test_an_error_of_a_rank_whose_peer_is_gone_counts_as_a_lost_peer(monkeypatch
     finally:
         alive.close()
         gone.close()
+
+
+def test_the_process_entry_ends_cleanly_while_a_thread_is_inside_torch(tmp_path):
+    """A finished run must exit 0 even when another thread is inside torch at the end (gloo's
+    workers releasing the last collective's tensors did so in CI): with plain sys.exit the
+    interpreter's teardown ends that thread inside torch's noexcept code and the process aborts
+    ("terminate called without an active exception", 5 of 5 here). `end_process` still runs
+    exit handlers and flushes the streams."""
+    marker = tmp_path / "atexit-ran"
+    script = textwrap.dedent(f"""
+        import atexit, sys, threading, time, torch
+        from recipe_dist.cli import end_process
+        torch.set_num_threads(1)
+        a = torch.randn(1500, 1500)
+        inside = threading.Event()
+        def spin():
+            inside.set()
+            while True:
+                a @ a
+        threading.Thread(target=spin, daemon=True).start()
+        inside.wait(); time.sleep(0.2)
+        atexit.register(lambda: open({str(marker)!r}, "w").close())
+        sys.stdout.write("unflushed at exit")
+        end_process(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+    assert proc.stdout == "unflushed at exit" and marker.exists()
+
+
+@pytest.mark.parametrize("body, code, said", [
+    ("raise SystemExit('stopped: reason')", 1, "stopped: reason"),
+    ("raise SystemExit(None)", 0, ""),
+    ("raise ValueError('a bug')", 1, "ValueError: a bug"),
+    ("return 2", 2, ""),
+])
+def test_the_process_entry_keeps_pythons_exit_codes(body, code, said):
+    script = textwrap.dedent(f"""
+        import recipe_dist.cli as cli
+        def main():
+            {body}
+        cli.main = main
+        cli.run()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code and said in proc.stderr, proc.stderr[-2000:]
