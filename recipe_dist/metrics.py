@@ -50,6 +50,17 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All scalars of a run's event files, read back with tensorboard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import logging
+
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
+    # A resumed run's writer starts at its checkpoint's step (purge_step), so the reader drops the
+    # steps the interrupted run logged past it, as intended, and warns "Detected out of order
+    # event.step likely caused by a TensorFlow restart" on the user's terminal; not a problem here.
+    tb_log = logging.getLogger("tensorboard")
+    level = tb_log.level
+    tb_log.setLevel(logging.ERROR)
+    try:
+        acc.Reload()
+    finally:
+        tb_log.setLevel(level)
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

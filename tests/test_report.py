@@ -129,3 +129,30 @@ def test_cli(run_dir, tmp_path):
     proc = _cli(missing)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and str(missing) in proc.stderr
+
+
+def test_a_resumed_runs_log_reads_back_without_the_orphaned_steps_or_a_restart_warning(tmp_path, capfd, caplog):
+    """The interrupted run logged steps 10-40, its checkpoint was step 20, the resume logs 30-40
+    again (SummaryWriter purge_step, as the trainer does): the reader keeps the resumed values and
+    says nothing about "a TensorFlow restart"."""
+    import logging
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from recipe_dist.metrics import read_scalars
+
+    first = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    for step in (10, 20, 30, 40):
+        first.add_scalar("train/loss", 1.0, step)
+    first.close()
+    time.sleep(1.1)  # a new event file name (its name carries the second)
+    resumed = SummaryWriter(log_dir=str(tmp_path / "tb"), purge_step=21)
+    for step in (30, 40):
+        resumed.add_scalar("train/loss", 2.0, step)
+    resumed.close()
+    with caplog.at_level(logging.INFO):
+        scalars = read_scalars(tmp_path / "tb")
+    assert scalars["train/loss"] == [(10, 1.0), (20, 1.0), (30, 2.0), (40, 2.0)]
+    said = capfd.readouterr()
+    assert "TensorFlow restart" not in said.out + said.err + caplog.text
