@@ -369,7 +369,7 @@ def diagnose(e: BaseException, run_dir=None) -> tuple[str, bool]:
 @contextlib.contextmanager
 def process_group(timeout_s: float | None = None):
     """`init_distributed` for the life of a `with` block, torn down however the block ends
-    (see `destroy_distributed`: left to interpreter exit, the process aborts with -6)."""
+    (`destroy_distributed`)."""
     try:
         yield init_distributed(timeout_s)
     finally:
@@ -377,9 +377,10 @@ def process_group(timeout_s: float | None = None):
 
 
 def destroy_distributed() -> None:
-    """Tear the process group down before the interpreter exits. Left to static destruction,
-    gloo's worker threads are destroyed while joinable and the C++ runtime aborts the process
-    ("terminate called without an active exception", exit -6) after an otherwise clean exit."""
+    """Tear every process group down once the run is over, as torch asks. This does not stop
+    gloo's worker threads (DeepSpeed still holds its groups), so a thread can be inside torch
+    at interpreter exit and abort the process ("terminate called without an active exception",
+    exit -6): the process entry ends without that teardown (cli.end_process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

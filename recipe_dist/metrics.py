@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 # Shown in TensorBoard's Text tab (tag "help/tags"): what each scalar means and when it is taken.
@@ -49,8 +50,6 @@ def build_logger(is_main: bool, log_dir: Path, purge_step: int | None = None) ->
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All scalars of a run's event files, read back with tensorboard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    import logging
 
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     # A resumed run's writer starts at its checkpoint's step (purge_step), so the reader drops the
