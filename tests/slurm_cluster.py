@@ -4,11 +4,13 @@ ports, stopped by pid. Installs slurm-wlm and munge with apt-get when they are m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +43,21 @@ def _wait(cond, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def cluster_dir(request, prefix: str):
+    """A directory for a test cluster's state, spool, sockets and daemon logs. It is made under
+    /tmp, not pytest's tmp_path: pytest's tree is mode 0700 and munged, running as user munge,
+    must reach its socket. Removed once the module's tests all passed; kept when one failed, since
+    the daemons' logs (a task's exit status is in slurmd-NODE.log) are the evidence."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    failed_before = request.session.testsfailed
+    try:
+        yield root
+    finally:
+        if request.session.testsfailed == failed_before:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def start_munge(munge_dir: Path, sock: Path, env: dict) -> int:
@@ -81,6 +98,7 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=5
+SlurmdDebug=verbose
 MinJobAge=600
 InactiveLimit=0
 """

@@ -7,7 +7,6 @@ a requeue onto another pair of nodes, a crash in the middle of one rank's checkp
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from netns_cluster import NetnsCluster, netns_unavailable
-from slurm_cluster import ensure_installed, finish, log_of, wait_for_checkpoint
+from slurm_cluster import cluster_dir, ensure_installed, finish, log_of, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +28,14 @@ SHORT = ["--data.synthetic_samples=320", "--train.micro_batch_size=8", "--train.
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
     why = ensure_installed() or netns_unavailable()
     if why:
         pytest.fail(why)  # CI runs as root with slurm-wlm: a machine that cannot is a real failure, not a skip
-    c = NetnsCluster(Path(tempfile.mkdtemp(prefix="recipe-netns-")), slurmd_timeout=30).start()
-    yield c
-    c.stop()
+    with cluster_dir(request, "recipe-netns-") as root:
+        c = NetnsCluster(root, slurmd_timeout=30).start()
+        yield c
+        c.stop()
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert c.tag not in leftover, leftover
 
@@ -95,6 +95,12 @@ def said(out: Path) -> str:
     return "\n".join(ln for ln in log_of(out).splitlines() if "step/s" not in ln and "?step" not in ln)[-4000:]
 
 
+def slurmd_log(cluster, node: str) -> str:
+    """The end of a node's slurmd log, and where the whole of it is kept."""
+    path = cluster.dirs["log"] / f"slurmd-{cluster.nodes[node]['name']}.log"
+    return f"{path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+
+
 def attempts(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
 
@@ -133,7 +139,8 @@ def test_a_node_that_dies_is_named_and_the_job_resumes_elsewhere(cluster, local_
     cluster.start_node("a")  # the node comes back later; the job no longer needs it
     finish(cluster, job, out)
     first_end = attempts(out)[1]
-    assert first_end["event"] == "end" and first_end["host"] == "nodeb", first_end
+    # The survivor's stderr went through srun on node A and is lost; node B's slurmd says how its task ended.
+    assert first_end["event"] == "end" and first_end["host"] == "nodeb", (first_end, slurmd_log(cluster, "b"))
     assert "lost rank 0 on nodea" in first_end["outcome"] and f"requeued SLURM job {job}" in first_end["outcome"], first_end
     restarts = [r for r in attempts(out) if r["event"] == "start"]
     assert restarts[0]["nodes"] == "nodea,nodeb" and restarts[-1]["nodes"] == "nodeb,nodec" and restarts[-1]["host"] == "nodeb"

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_cli
-from slurm_cluster import Cluster, ensure_installed, finish, log_of, wait_for_checkpoint
+from slurm_cluster import Cluster, cluster_dir, ensure_installed, finish, log_of, wait_for_checkpoint
 
 TINY = REPO / "configs" / "tiny-bert.yaml"
 # 2 tasks x micro 8 = global 16; long enough to be signalled mid-run.
@@ -23,13 +22,14 @@ LONG = ["--data.synthetic_samples=2000", "--train.micro_batch_size=8", "--train.
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
     why = ensure_installed()
     if why:
         pytest.fail(why)  # CI installs them; a machine that cannot is a real failure, not a skip
-    c = Cluster(Path(tempfile.mkdtemp(prefix="recipe-slurm-"))).start()
-    yield c
-    c.stop()
+    with cluster_dir(request, "recipe-slurm-") as root:
+        c = Cluster(root).start()
+        yield c
+        c.stop()
 
 
 @pytest.fixture(scope="module")
