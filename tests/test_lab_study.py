@@ -11,7 +11,7 @@ from conftest import run_cli
 from recipe_dist.lab.stats import paired
 from recipe_dist.config import ConfigError
 from recipe_dist.errors import RecipeError
-from recipe_dist.lab.study import ACC_BUDGET, SELECTION_ROWS, Study, comparisons, pick_rho, select, smoke
+from recipe_dist.lab.study import ACC_BUDGET, SELECTION_ROWS, Study, comparisons, headline, pick_rho, select, smoke
 
 
 def test_pick_rho_takes_the_smallest_rho_within_the_accuracy_budget_else_the_most_accurate():
@@ -89,6 +89,38 @@ def test_comparisons_pair_purifications_by_seed_not_by_position():
     rows["reference_lambda0"] = row((1, 55.0), (2, 65.0), (4, 75.0))
     with pytest.raises(RecipeError, match="other seeds"):
         comparisons(rows)
+
+
+def test_headline_puts_each_attacks_selected_row_and_comparisons_side_by_side(tmp_path):
+    def row(label, *per, n_finetune=2):
+        per = [{"purify_seed": s, "aasr": a, "acc": c} for s, a, c in per]
+        return {"label": label, "split": "test", "n_purify": len(per), "n_finetune": n_finetune, "per_purification": per,
+                "aasr": sum(p["aasr"] for p in per) / len(per), "acc": sum(p["acc"] for p in per) / len(per), "config": {}}
+
+    def study(attack, recommended, twin_aasr):
+        rows = {"clean": row("clean PTM", (0, 16.0, 86.0)), "backdoored": row("backdoored", (0, 95.0, 86.0)),
+                "reference": row("reference", (1, 50.0, 85.0), (2, 54.0, 85.5), (3, 58.0, 85.0)),
+                "recommended": row("recommended", (1, 20.0, 84.0), (2, 23.0, 84.5), (3, 24.0, 84.0)),
+                "recommended_lambda0": row("its twin", *((s, a + twin_aasr, 84.0) for s, a in ((1, 20.0), (2, 23.0), (3, 25.0))))}
+        rows["backdoored"]["config"] = {"attack": attack}
+        return {"rows": rows, "comparisons": comparisons(rows), "recommended": recommended, "preset": f"p-{attack}", "date": "d",
+                "machine": "m", "commit": "c" * 40, "frozen": {"file": "/x/held.json", "commit": "f" * 40, "selection": {}}}
+
+    por, badpre = study("por", "recommended", 10.0), study("badpre", "reference", 0.5)
+    text = headline([por, badpre])
+    lines = text.splitlines()
+    assert lines[0] == "| row | POR ACC | POR AASR | BadPre ACC | BadPre AASR | purifications x fine-tunings |"
+    # Each study's selected row comes third, starred: POR's whole-model row, BadPre's reference budget.
+    assert lines[4] == "| recommended **(recommended)** | 84.17 | 22.33 | 85.17 | 54.00 | 3 x 2 |"
+    # Rows a study does not have are dashes; the reference row is shown once more for POR, not for nothing.
+    assert "| reference | 85.17 | 54.00 | 85.17 | 54.00 | 3 x 2 |" in lines
+    twin = next(c for c in por["comparisons"] if (c["a"], c["b"], c["metric"]) == ("recommended", "recommended_lambda0", "aasr"))
+    cell = f"{twin['mean_diff']:+.2f} [{twin['ci95'][0]:+.2f}, {twin['ci95'][1]:+.2f}], p {twin['p']:.3f}, n 3: established"
+    assert cell.startswith("-10.33 [") and f"| selected - twin | aasr | {cell} | - |" in lines  # BadPre's reference has no twin row
+    assert "| recommended - reference | aasr |" in text and "frozen in `held.json` at commit ffffffffff" in text
+    (tmp_path / "por.json").write_text(json.dumps(por))
+    (tmp_path / "badpre.json").write_text(json.dumps(badpre))
+    assert run_cli(["bench", "study", "--render", tmp_path / "por.json", tmp_path / "badpre.json"]).stdout == text
 
 
 @pytest.mark.slow

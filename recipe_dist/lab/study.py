@@ -537,6 +537,69 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The side-by-side table of several attacks' studies (the README's headline): these rows, in this
+# order, where a study has them; "selected" is the row its selection recommends, "twin" that
+# row's lambda=0 twin.
+HEADLINE_ROWS = ("clean", "backdoored", "selected", "twin", "reference", "reference_lambda0", "recommended", "recommended_lambda0",
+                 "fp_gm", "finemix_epur", "adaptive_backdoored", "adaptive_reference", "adaptive_recommended")
+HEADLINE_COMPARISONS = (("selected", "backdoored", "aasr"), ("selected", "twin", "aasr"), ("selected", "backdoored", "acc"), ("selected", "fp_gm", "aasr"),
+                        ("selected", "fp_gm", "acc"), ("selected", "finemix_epur", "aasr"), ("recommended", "reference", "aasr"))
+
+
+def headline(results: list[dict]) -> str:
+    """Several studies (one per attack) side by side: ACC and AASR of each row, then the named
+    paired comparisons with their 95% CI and p; a row or comparison a study lacks shows "-"."""
+    def resolve(result: dict, rid: str) -> str:
+        rec = result["recommended"]
+        return {"selected": rec, "twin": f"{rec}_lambda0"}.get(rid, rid)
+
+    names = {"por": "POR", "badpre": "BadPre", "neuba": "NeuBA"}
+    attacks = [names.get(a, a) for a in (r["rows"]["backdoored"]["config"]["attack"] for r in results)]
+    # A row is shown once per study: "selected" and "twin" take the place of the rows they name
+    # (a study that selected otherwise still shows its values in that later row).
+    order: list[str] = []
+    shown: list[set[str]] = [set() for _ in results]
+    for rid in HEADLINE_ROWS:
+        fresh = [resolve(r, rid) in r["rows"] and resolve(r, rid) not in seen for r, seen in zip(results, shown)]
+        if any(fresh):
+            order.append(rid)
+            for r, seen in zip(results, shown):
+                seen.add(resolve(r, rid))
+    head = "| row | " + " | ".join(f"{a} ACC | {a} AASR" for a in attacks) + " | purifications x fine-tunings |"
+    lines = [head, "| --- |" + " ---: | ---: |" * len(results) + " ---: |"]
+    for rid in order:
+        cells, label, shape = [], "", set()
+        for r in results:
+            row = r["rows"].get(resolve(r, rid))
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            label = label or row["label"] + (" **(recommended)**" if rid == "selected" else "")
+            cells += [f"{row['acc']:.2f}", f"{row['aasr']:.2f}"]
+            shape.add(f"{row['n_purify']} x {row['n_finetune']}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(sorted(shape))} |")
+    compared = ["", "| a - b | metric | " + " | ".join(f"{a}: mean [95% CI], p, n" for a in attacks) + " |",
+                "| --- | --- |" + " --- |" * len(results)]
+    for a, b, metric in HEADLINE_COMPARISONS:
+        cells = []
+        for r in results:
+            ra, rb = resolve(r, a), resolve(r, b)
+            c = next((c for c in r["comparisons"] if c["a"] == ra and c["b"] == rb and c["metric"] == metric), None)
+            cells.append("-" if c is None or not c["ci95"] else
+                         f"{c['mean_diff']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}], p {c['p']:.3f}, n {c['n']}: "
+                         + ("established" if c["established"] else "not established"))
+        if any(x != "-" for x in cells):
+            compared.append(f"| {a} - {b} | {metric} | " + " | ".join(cells) + " |")
+    lines += compared if len(compared) > 3 else []
+    lines.append("")
+    for attack, r in zip(attacks, results):
+        split = r["rows"]["backdoored"]["split"]
+        frozen = r.get("frozen")
+        lines.append(f"{attack}: split `{split}`" + (f", settings frozen in `{Path(frozen['file']).name}` at commit {frozen['commit'][:10]}"
+                                                     if frozen else "") + f"; preset `{r['preset']}`; {r['date']}, {r['machine']}, commit {r['commit'][:10]}.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="recipe-dist bench study", description=__doc__.split("\n\n")[0],
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -544,10 +607,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output_dir", "--output-dir", default=None, help="default: runs/study-PRESET")
     ap.add_argument("--data", default="../shared/data", help="directory with sst2/, bookcorpus/ and wikitext2/ (minilm-mlm presets)")
     add_set_option(ap, "--set purify_seeds=1,2,3,4, --set eval.seeds=1,2,3")
-    ap.add_argument("--render", default=None, metavar="STUDY_JSON", help="print the tables of a study.json and exit")
+    ap.add_argument("--render", nargs="+", default=None, metavar="STUDY_JSON",
+                    help="print the tables of a study.json and exit; several (one per attack): side by side, as the README's headline")
     args = ap.parse_args(argv)
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        results = [json.loads(Path(f).read_text()) for f in args.render]
+        print(markdown(results[0]) if len(results) == 1 else headline(results), end="")
         return 0
     study = Study(args.preset, set_keys(PRESETS[args.preset](), args.set), Path(args.output_dir or f"runs/study-{args.preset}"),
                   Path(args.data), "recipe-dist bench study " + " ".join(argv))
