@@ -301,18 +301,49 @@ def report_own_failure(message: str, run_dir=None) -> None:
         except OSError:
             pass
     try:
-        _store().set(f"{_FAILED_KEY}{rank}", message[:500])
+        _bounded(lambda: _store().set(f"{_FAILED_KEY}{rank}", message[:500]))
     except Exception:  # the store's host may be the rank that is gone
         pass
 
 
+STORE_WAIT_S = 3.0  # the most a failing rank waits on the store, whose host may be gone
+
+
 def _store():
-    """The process group's store, its operations bounded to a few seconds (its host may be gone)."""
+    """The process group's store (it lives in rank 0's process). Call it through `_bounded`."""
     from datetime import timedelta
 
     store = dist.distributed_c10d._get_default_store()
-    store.set_timeout(timedelta(seconds=3))
+    store.set_timeout(timedelta(seconds=STORE_WAIT_S))
     return store
+
+
+def _bounded(fn, seconds: float | None = None):
+    """fn() on a daemon thread, waited for at most `seconds` (STORE_WAIT_S; TimeoutError after that).
+
+    The store's own timeout bounds a wait for a key, not a read from a host that went silent:
+    when rank 0's node loses power (no reset, no answer) a store call blocks in recv until TCP
+    gives up, many minutes later, and the survivor would never name the lost peer or requeue.
+    A thread left blocked is a daemon and does not hold the process at exit (cli.end_process)."""
+    import threading
+
+    seconds = STORE_WAIT_S if seconds is None else seconds
+    box: dict = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=call, name="recipe-dist-store", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise TimeoutError(f"the process group's store did not answer within {seconds:g} s (its host, rank 0's, may be gone)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def clear_failure_notes(run_dir) -> None:
@@ -334,11 +365,14 @@ def _failed_peers(candidates: list[dict], run_dir=None) -> dict[int, str]:
                 continue
     if found:
         return found
-    try:
+    def ask() -> dict[int, str]:
         store = _store()
         return {p["rank"]: store.get(f"{_FAILED_KEY}{p['rank']}").decode(errors="replace")
                 for p in candidates if store.check([f"{_FAILED_KEY}{p['rank']}"])}
-    except Exception:  # the store lives in rank 0's process: gone with it
+
+    try:
+        return _bounded(ask)
+    except Exception:  # the store lives in rank 0's process: gone with it, or silent
         return {}
 
 

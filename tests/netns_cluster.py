@@ -8,8 +8,9 @@ Names resolve through the cluster's own hosts file, bind-mounted over /etc/hosts
 mount namespace (the cluster's DNS). Everything is created with names carrying this process's id
 and removed by pid and by name in `stop()`; only addresses inside 10.213.K.0/24 are contacted.
 
-Faults: `kill_node` SIGKILLs every process in a node's namespace (its slurmd included),
-`start_node` brings its slurmd back, `link(node, up=False)` cuts its cable (the root-side veth).
+Faults: `kill_node` is a power loss (the cable cut, then every process in the node's namespace,
+its slurmd included, stopped and killed), `start_node` boots it (cable in, slurmd started),
+`link(node, up=False)` cuts only its cable (the root-side veth).
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubs
         return self
 
     def start_node(self, node: str) -> None:
-        """slurmd -N nodeX inside the node's namespace, with the node's own hostname (UTS namespace)."""
+        """slurmd -N nodeX inside the node's namespace, with the node's own hostname (UTS namespace),
+        its cable plugged in."""
         v = self.nodes[node]
+        self.link(node, up=True)
         # nsenter, not `ip netns exec`, which remounts /sys and so hides the cgroup tree slurmd
         # needs; the node's own hosts file is bind-mounted in a mount namespace of its own.
         (self.dirs["spool"] / v["name"]).mkdir(exist_ok=True)
@@ -145,16 +148,27 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubs
         return [int(p) for p in out.split()]
 
     def kill_node(self, node: str) -> None:
-        """The node dies: every process in its namespace (slurmd, slurmstepd, the ranks) is SIGKILLed."""
-        for _ in range(5):  # a process may fork while we kill
+        """The node loses power: its cable goes dead and every process in its namespace (slurmd,
+        slurmstepd, srun, the ranks) stops at once; `start_node` boots it again.
+
+        SIGKILLs sent one pid after another are not that: a process still alive between two of
+        them can act on what it sees, and one on this node asked slurmctld to kill the job step
+        on every node (node B's slurmd logged "Sent signal 9 to StepId=3.0" with the survivor
+        still in its error handling, and slurmctld could not answer the asker on node A). So the
+        cable is cut first (nothing the node does reaches anyone, as when it loses power), then
+        every process is stopped (SIGSTOP: nothing has died yet, so nothing reacts), then killed.
+        The survivors see silence, not a refused connection, as after a real power loss."""
+        self.link(node, up=False)
+        for _ in range(5):  # a process may fork while we stop them
             pids = self.node_pids(node)
             if not pids:
                 break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            for sig in (signal.SIGSTOP, signal.SIGKILL):
+                for pid in pids:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
             time.sleep(0.2)
         if node in self.slurmd:
             self.slurmd.pop(node).wait(10)

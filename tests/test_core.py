@@ -3,9 +3,11 @@ the attacks on the shared masked-LM loss, the data facade, named seed streams an
 the training loop."""
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -233,6 +235,36 @@ def test_an_error_of_a_rank_whose_peer_is_gone_counts_as_a_lost_peer(monkeypatch
     finally:
         alive.close()
         gone.close()
+
+
+def test_a_store_whose_host_went_silent_does_not_hold_a_failing_rank(monkeypatch):
+    """The store lives in rank 0's process. When rank 0's node loses power its host goes silent
+    (no reset, no answer), and a store call blocks in recv far past the store's own timeout: the
+    survivor then never named the lost peer nor requeued (a stopped process is that silence).
+    Asking the store for the others' error notes must give up after STORE_WAIT_S."""
+    import signal
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from recipe_dist import distributed
+
+    host = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d\n"
+                             "s = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+                             "print(s.port, flush=True)\ntime.sleep(300)"], stdout=subprocess.PIPE, text=True)
+    try:
+        store = dist.TCPStore("127.0.0.1", int(host.stdout.readline()), is_master=False, timeout=timedelta(seconds=30))
+        monkeypatch.setattr(distributed, "_store", lambda: store)
+        monkeypatch.setattr(distributed, "STORE_WAIT_S", 1.0)
+        store.set(f"{distributed._FAILED_KEY}1", "rank 1's own error")
+        assert distributed._failed_peers([{"rank": 1}]) == {1: "rank 1's own error"}  # an answering store is read
+        os.kill(host.pid, signal.SIGSTOP)  # connected, never answering: the kernel keeps the connection open
+        t0 = time.monotonic()
+        assert distributed._failed_peers([{"rank": 1}]) == {}
+        assert time.monotonic() - t0 < 10
+    finally:
+        host.kill()
+        host.wait()
 
 
 def test_the_process_entry_ends_cleanly_while_a_thread_is_inside_torch(tmp_path):

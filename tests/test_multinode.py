@@ -125,7 +125,7 @@ def test_two_node_job_matches_the_same_ranks_on_one_host(cluster, tmp_path, tmp_
 
 
 def test_a_node_that_dies_is_named_and_the_job_resumes_elsewhere(cluster, local_run, tmp_path):
-    """Node A (rank 0 and the batch script) is SIGKILLed, slurmd and all: the rank on B names the
+    """Node A (rank 0 and the batch script) loses power, slurmd and all: the rank on B names the
     lost peer and requeues the job; A is still down, so the job resumes on B+C, rank 0 on B."""
     out = tmp_path / "run"
     job = submit(cluster, out, *RUN, "--train.zero_stage=1")
