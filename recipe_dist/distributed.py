@@ -365,6 +365,7 @@ def _failed_peers(candidates: list[dict], run_dir=None) -> dict[int, str]:
                 continue
     if found:
         return found
+
     def ask() -> dict[int, str]:
         store = _store()
         return {p["rank"]: store.get(f"{_FAILED_KEY}{p['rank']}").decode(errors="replace")
