@@ -49,15 +49,14 @@ def _wait(cond, timeout: float, what: str) -> None:
 def cluster_dir(request, prefix: str):
     """A directory for a test cluster's state, spool, sockets and daemon logs. It is made under
     /tmp, not pytest's tmp_path: pytest's tree is mode 0700 and munged, running as user munge,
-    must reach its socket. Removed once the module's tests all passed; kept when one failed, since
-    the daemons' logs (a task's exit status is in slurmd-NODE.log) are the evidence."""
+    must reach its socket. Removed once the module's tests all passed; kept when one failed or
+    the cluster did not start, since the daemons' logs (a task's exit status is in
+    slurmd-NODE.log) are the evidence."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     failed_before = request.session.testsfailed
-    try:
-        yield root
-    finally:
-        if request.session.testsfailed == failed_before:
-            shutil.rmtree(root, ignore_errors=True)
+    yield root  # a cluster that failed to start raises here: its directory is kept
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def start_munge(munge_dir: Path, sock: Path, env: dict) -> int:
