@@ -79,6 +79,37 @@ def test_the_test_phase_takes_only_its_own_held_out_selection(tmp_path):
         study("selection_seeds=2,12").check_seeds()
 
 
+def test_a_held_out_phase_adopts_another_attacks_committed_selection_for_the_same_setting(tmp_path):
+    """One product setting: BadPre's held-out phase may take POR's frozen choice instead of
+    selecting its own; it then decides once Fine-mixing's rho is chosen."""
+    from dataclasses import asdict
+
+    from recipe_dist.lab.stages import set_keys
+
+    por = smoke()
+    record = {"preset": "minilm-mlm-por", "recipe": asdict(por), "selection": {"decided": True, "recommended": "recommended"}}
+    frozen = tmp_path / "frozen" / "por-heldout.json"
+    frozen.parent.mkdir()
+    frozen.write_text(json.dumps(record))
+
+    def study(*sets):
+        return Study("smoke", set_keys(smoke(), [f"selection_from={frozen}", *sets]), tmp_path / "out", tmp_path)
+
+    with pytest.raises(RecipeError, match="not committed"):
+        study().check_adopted()
+    _committed(frozen, frozen.read_text())
+    adopted = study().check_adopted()
+    assert adopted["recommended"] == "recommended" and adopted["preset"] == "minilm-mlm-por" and len(adopted["commit"]) == 40
+    assert study("split=test").check_adopted() == {}  # the test phase reads its own held-out file only
+    with pytest.raises(RecipeError, match="another recommended_setting"):
+        study("recommended_setting.optim.lr=3e-4").check_adopted()
+    rows = _rows(backdoored=(93.0, 86.0))  # no defense row scored here: the choice is adopted, not made
+    assert select(rows, None, adopted) == {"decided": False, "why": "missing: Fine-mixing's rho"}
+    sel = select(rows, {"rho": 0.3}, adopted)
+    assert sel["decided"] and sel["recommended"] == "recommended" and sel["finemix"] == {"rho": 0.3}
+    assert sel["rule"].startswith("adopted from por-heldout.json (minilm-mlm-por, commit ")
+
+
 def test_comparisons_pair_purifications_by_seed_not_by_position():
     def row(*per):
         return {"per_purification": [{"purify_seed": s, "aasr": a, "acc": 80.0} for s, a in per]}
@@ -208,3 +239,10 @@ def test_study_smoke_stops_at_the_attack_gate_then_replicates_purifications_and_
     adaptive = (out / "configs" / "attack-por-adaptive.yaml").read_text()
     assert "adaptive_lam: 1.0" in adaptive and "seed: 100\n" in adaptive
     assert {c["a"] for c in final["comparisons"]} >= {"reference", "recommended", "fp_gm", "finemix_epur", "adaptive_reference"}
+
+    # Another attack's held-out phase may adopt this frozen selection: it then scores no defense row.
+    proc = run_cli(["bench", "study", "--preset", "smoke", "--output_dir", out, "--set", f"selection_from={frozen / 'study.json'}"])
+    adopted = json.loads((out / "study.json").read_text())
+    assert list(adopted["rows"]) == ["clean", "backdoored"] and "reference-s1" not in proc.stdout
+    assert adopted["selection"]["recommended"] == sel["recommended"] and adopted["selection"]["adopted"]["commit"] == commit
+    assert adopted["selection"]["finemix"]["rho"] == sel["finemix"]["rho"] and "Selection (held-out, pre-registered rule: adopted from" in proc.stdout

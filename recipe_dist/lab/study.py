@@ -18,7 +18,9 @@ Two phases, in this order:
    purification) and the pre-registered selections
    (`select`: the recommended setting; `choose_rho`: Fine-mixing's rho on clean held-out
    accuracy) are recorded in study.json. Only the rows the selection reads are scored here.
-   Commit that file.
+   Commit that file. With `--set selection_from=OTHER_HELD_OUT_JSON` (committed) the phase adopts
+   that study's recommended setting instead (one product setting, selected on one attack and
+   tested on the others) and scores only the gate, the victims and Fine-mixing's rho.
 2. `--set split=test --set selection_file=THAT_FILE`: refused unless the file is committed and
    unchanged; test.tsv is then scored once with the reported seeds for every row (the twins,
    FP-GM, Fine-mixing + E-PUR at the frozen rho, and against POR the adaptive attack purified
@@ -58,6 +60,9 @@ class StudyRecipe:
                     "reported phase: test.tsv, read once, only with a committed selection_file)")
     selection_seeds: str = _f("11,12", "fine-tuning seeds of the held-out phase: other classifiers than the reported eval.seeds")
     selection_file: str = _f("", "split=test: the committed study.json of the held-out phase (its selection is what is scored)")
+    selection_from: str = _f("", "split=heldout: adopt the recommended setting of another attack's committed held-out study.json "
+                             "instead of selecting here (the product recommends one setting: a defender does not know the "
+                             "attack); this phase then scores the gate, the victims and Fine-mixing's rho only")
     holdout: int = _f(872, "the last rows of SST-2 train kept out of fine-tuning: the held-out slice for selection", check=gt(0))
     purify_seeds: list[int] = _f([1, 2, 3], "training seeds: one independent purification per seed and defense row", check=NOT_EMPTY)
     recommended: str = _f("recommended", "the row the product recommends")
@@ -329,6 +334,7 @@ class Study:
 
         hf_logging.disable_progress_bar()
         self.frozen = self.check_frozen()  # before test.tsv is opened
+        self.adopted = self.check_adopted()
         self.check_seeds()
         train, held, test = self.task()
         ptm, attacker, defender, mlm = self.ptm()
@@ -341,7 +347,7 @@ class Study:
         if not test_phase:
             self.check_gate(rows["backdoored"])
         for rid in DEFENSES:
-            if test_phase or rid in SELECTION_ROWS:
+            if test_phase or (rid in SELECTION_ROWS and not self.adopted):
                 rows[rid] = self.defense(rid, backdoored, defender, train, test)
                 self.write(rows)
         victims = self.victims(backdoored, train, test)
@@ -394,8 +400,6 @@ class Study:
     def check_frozen(self) -> dict:
         """split=test only with a held-out phase's study.json that git has committed, unchanged:
         (its path, commit, selection). The held-out phase needs nothing."""
-        import subprocess
-
         if self.r.split == "heldout":
             return {}
         if self.r.split != "test":
@@ -404,35 +408,44 @@ class Study:
         if not self.r.selection_file or not path.is_file():
             raise RecipeError("bench study: split=test reads test.tsv once, after the settings are frozen: "
                               "--set selection_file=STUDY_JSON (the held-out phase's, committed)")
-
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True).stdout.strip()
-
-        commit = git("log", "-1", "--format=%H", "--", path.name)
-        if not commit or git("status", "--porcelain", "--", path.name):
-            raise RecipeError(f"bench study: {path}: not committed, or changed since; commit it before test.tsv is read")
+        commit = committed(path, "commit it before test.tsv is read")
         if path.resolve() == (self.out / "study.json").resolve():
             raise RecipeError(f"bench study: {path}: the test phase writes OUTPUT/study.json; freeze the held-out one elsewhere "
                               "(e.g. lab/results/) and name that copy")
-        held = json.loads(path.read_text())
-        if held.get("recipe", {}).get("split") != "heldout" or not held.get("selection", {}).get("decided"):
-            raise RecipeError(f"bench study: {path}: not a held-out phase's study.json with a decided selection")
+        held = held_out_selection(path)
         # The selection holds only for the recipe it was made on: the same preset and every
         # setting but the phase's own (keys both know; a field added later is not a change).
         was, now = held["recipe"], asdict(self.r)
-        changed = sorted(k for k in set(was) & set(now) if k not in ("split", "selection_file") and was[k] != now[k])
+        changed = sorted(k for k in set(was) & set(now) if k not in ("split", "selection_file", "selection_from") and was[k] != now[k])
         if held.get("preset") != self.name or changed:
             what = f"preset {held.get('preset')!r}, not {self.name!r}" if held.get("preset") != self.name else "other " + ", ".join(changed)
             raise RecipeError(f"bench study: {path}: its selection was made on another recipe ({what}); "
                               "the test phase scores the held-out phase's own settings")
         return {"file": str(path), "commit": commit, "selection": held["selection"]}
 
+    def check_adopted(self) -> dict:
+        """split=heldout with selection_from: the other study's committed, decided selection, made
+        on the same recommended setting ({file, commit, recommended}); none asked: {}. The
+        reference budget is the paper's for each attack (method.md: 4 or 8 epochs), so only the
+        whole-model setting must match."""
+        if not self.r.selection_from or self.r.split != "heldout":
+            return {}
+        path = Path(self.r.selection_from)
+        if not path.is_file():
+            raise RecipeError(f"bench study: selection_from={path}: no such file (another attack's held-out study.json, committed)")
+        commit = committed(path, "commit it before adopting its selection")
+        held = held_out_selection(path)
+        if held["recipe"].get("recommended_setting") != asdict(self.r)["recommended_setting"]:
+            raise RecipeError(f"bench study: {path}: its selection was made on another recommended_setting; "
+                              "adopt a selection only for the same setting")
+        return {"file": str(path), "commit": commit, "preset": held.get("preset"), "recommended": held["selection"]["recommended"]}
+
     def write(self, rows: dict) -> dict:
         result = {"command": self.command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                   "preset": self.name, "recommended": self.r.recommended, "recipe": asdict(self.r), "rows": rows,
                   "comparisons": comparisons(rows)}
         if self.r.split == "heldout":
-            result["selection"] = select(rows, self.finemix_choice)
+            result["selection"] = select(rows, self.finemix_choice, self.adopted)
             result["recommended"] = result["selection"].get("recommended", self.r.recommended)
         else:
             result["frozen"] = self.frozen
@@ -446,12 +459,19 @@ class Study:
 ACC_BUDGET = 2.0  # points of held-out ACC a recommended setting may cost against the backdoored model
 
 
-def select(rows: dict, finemix: dict | None = None) -> dict:
+def select(rows: dict, finemix: dict | None = None, adopted: dict | None = None) -> dict:
     """Which setting the product recommends, from held-out rows only (issue 25, item 7): the
     whole-model setting (`recommended`) if its AASR is below the paper's reference budget's AND
     below its own lambda=0 twin's, at an ACC cost within ACC_BUDGET; otherwise the reference
     budget (the paper's trainable set). Means over purifications; incomplete rows decide nothing.
-    `finemix` is Fine-mixing's rho choice (Study.choose_rho), frozen with it."""
+    `finemix` is Fine-mixing's rho choice (Study.choose_rho), frozen with it. `adopted`
+    (Study.check_adopted): another attack's committed selection, taken as it is."""
+    if adopted:
+        if not finemix:
+            return {"decided": False, "why": "missing: Fine-mixing's rho"}
+        return {"decided": True, "recommended": adopted["recommended"], "finemix": finemix,
+                "rule": f"adopted from {Path(adopted['file']).name} ({adopted['preset']}, commit {adopted['commit'][:10]})",
+                "adopted": adopted}
     need = ("backdoored", *SELECTION_ROWS)
     missing = [k for k in need if k not in rows] + ([] if finemix else ["Fine-mixing's rho"])
     if missing:
@@ -461,6 +481,27 @@ def select(rows: dict, finemix: dict | None = None) -> dict:
     return {"decided": True, "recommended": "recommended" if whole else "reference",
             "rule": f"recommended if AASR < reference's and < its lambda=0 twin's and ACC cost <= {ACC_BUDGET}; else reference",
             "figures": {k: {"aasr": rows[k]["aasr"], "acc": rows[k]["acc"]} for k in need}, "finemix": finemix}
+
+
+def committed(path: Path, why: str) -> str:
+    """The commit of `path`, which git must hold unchanged (a frozen selection); else one line."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True).stdout.strip()
+
+    commit = git("log", "-1", "--format=%H", "--", path.name)
+    if not commit or git("status", "--porcelain", "--", path.name):
+        raise RecipeError(f"bench study: {path}: not committed, or changed since; {why}")
+    return commit
+
+
+def held_out_selection(path: Path) -> dict:
+    """A held-out phase's study.json with a decided selection; else one line."""
+    held = json.loads(path.read_text())
+    if held.get("recipe", {}).get("split") != "heldout" or not held.get("selection", {}).get("decided"):
+        raise RecipeError(f"bench study: {path}: not a held-out phase's study.json with a decided selection")
+    return held
 
 
 def pick_rho(heldout_acc: dict[str, float], victims_acc: float) -> float:
