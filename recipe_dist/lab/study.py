@@ -583,8 +583,9 @@ def markdown(result: dict) -> str:
 # row's lambda=0 twin.
 HEADLINE_ROWS = ("clean", "backdoored", "selected", "twin", "reference", "reference_lambda0", "recommended", "recommended_lambda0",
                  "fp_gm", "finemix_epur", "adaptive_backdoored", "adaptive_reference", "adaptive_recommended")
-HEADLINE_COMPARISONS = (("selected", "backdoored", "aasr"), ("selected", "twin", "aasr"), ("selected", "backdoored", "acc"), ("selected", "fp_gm", "aasr"),
-                        ("selected", "fp_gm", "acc"), ("selected", "finemix_epur", "aasr"), ("recommended", "reference", "aasr"))
+HEADLINE_COMPARISONS = (("selected", "backdoored", "aasr"), ("selected", "twin", "aasr"), ("selected", "backdoored", "acc"),
+                        ("selected", "fp_gm", "aasr"), ("selected", "fp_gm", "acc"), ("selected", "finemix_epur", "aasr"),
+                        ("recommended", "reference", "aasr"))
 
 
 def headline(results: list[dict]) -> str:
@@ -622,15 +623,16 @@ def headline(results: list[dict]) -> str:
     compared = ["", "| a - b | metric | " + " | ".join(f"{a}: mean [95% CI], p, n" for a in attacks) + " |",
                 "| --- | --- |" + " --- |" * len(results)]
     for a, b, metric in HEADLINE_COMPARISONS:
-        cells = []
+        cells, fixed = [], False
         for r in results:
             ra, rb = resolve(r, a), resolve(r, b)
             c = next((c for c in r["comparisons"] if c["a"] == ra and c["b"] == rb and c["metric"] == metric), None)
             cells.append("-" if c is None or not c["ci95"] else
                          f"{c['mean_diff']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}], p {c['p']:.3f}, n {c['n']}: "
                          + ("established" if c["established"] else "not established"))
-        if any(x != "-" for x in cells):
-            compared.append(f"| {a} - {b} | {metric} | " + " | ".join(cells) + " |")
+            fixed = fixed or bool(c and c.get("b_fixed"))
+        if any(x != "-" for x in cells):  # a one-model b (backdoored): its own fine-tuning noise is not in the CI
+            compared.append(f"| {a} - {b}{' (b held fixed)' if fixed else ''} | {metric} | " + " | ".join(cells) + " |")
     lines += compared if len(compared) > 3 else []
     lines.append("")
     for attack, r in zip(attacks, results):
