@@ -318,8 +318,8 @@ def _store():
     return store
 
 
-def _bounded(fn, seconds: float | None = None):
-    """fn() on a daemon thread, waited for at most `seconds` (STORE_WAIT_S; TimeoutError after that).
+def _bounded(fn):
+    """fn() on a daemon thread, waited for at most STORE_WAIT_S (TimeoutError after that).
 
     The store's own timeout bounds a wait for a key, not a read from a host that went silent:
     when rank 0's node loses power (no reset, no answer) a store call blocks in recv until TCP
@@ -327,7 +327,6 @@ def _bounded(fn, seconds: float | None = None):
     A thread left blocked is a daemon and does not hold the process at exit (cli.end_process)."""
     import threading
 
-    seconds = STORE_WAIT_S if seconds is None else seconds
     box: dict = {}
 
     def call() -> None:
@@ -338,9 +337,9 @@ def _bounded(fn, seconds: float | None = None):
 
     t = threading.Thread(target=call, name="recipe-dist-store", daemon=True)
     t.start()
-    t.join(seconds)
+    t.join(STORE_WAIT_S)
     if t.is_alive():
-        raise TimeoutError(f"the process group's store did not answer within {seconds:g} s (its host, rank 0's, may be gone)")
+        raise TimeoutError(f"the process group's store did not answer within {STORE_WAIT_S:g} s (its host, rank 0's, may be gone)")
     if "error" in box:
         raise box["error"]
     return box.get("value")
