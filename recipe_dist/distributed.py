@@ -277,6 +277,20 @@ def a_peer_is_lost() -> bool:
     return any(state != "alive" for state in _knock_all(_others()).values())
 
 
+def launcher_gone() -> bool:
+    """Whether this rank's stdout or stderr lost its reader: the launcher holding the other end
+    (slurmstepd, srun, torchrun's agent) is gone while this process lives on. Its next write
+    raises BrokenPipeError, which is then a symptom of that loss, not an error of the rank's own
+    (a requeue helps). A pipe whose readers all closed polls POLLERR, a socket or a hung-up
+    terminal POLLHUP; a file or a live pipe never does."""
+    import select
+
+    poller = select.poll()
+    for fd in (1, 2):
+        poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
 FAILURES = ".failures"  # in the run directory: one note per rank that stopped on an error of its own
 
 

@@ -24,8 +24,8 @@ from transformers import get_scheduler
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, RunConfig, deepspeed_config, fit_batch_to_world, to_dict
 from .data.train_data import KeyLog, TrainData
-from .distributed import (DistInfo, a_peer_is_lost, barrier, clear_failure_notes, describe_world, diagnose, is_collective_failure, peers,
-                          process_group, report_own_failure, run_on_main, step_timeout)
+from .distributed import (DistInfo, a_peer_is_lost, barrier, clear_failure_notes, describe_world, diagnose, is_collective_failure, launcher_gone,
+                          peers, process_group, report_own_failure, run_on_main, step_timeout)
 from .errors import RecipeError
 from .jobs import Job
 from .metrics import build_logger
@@ -214,6 +214,8 @@ class Trainer:
                 except Exception as e:
                     if self.dist.world_size > 1 and (is_collective_failure(e) or a_peer_is_lost()):
                         raise self._lost_peer(e) from None
+                    if launcher_gone():
+                        raise self._lost_launcher(e) from None
                     report_own_failure(str(e) or type(e).__name__, self.out)  # the others then stop without requeueing (distributed.diagnose)
                     raise
                 finally:
@@ -305,6 +307,28 @@ class Trainer:
                 record_attempt(self.out, "end", outcome=f"rank {self.dist.rank}: {line}")
             except OSError:
                 pass
+        return RecipeError(f"rank {self.dist.rank}: {line}")
+
+    def _lost_launcher(self, e: Exception) -> RecipeError:
+        """This rank's launcher died under it (its slurmstepd crashed, say): the error (typically a
+        BrokenPipeError from a log line) is not the rank's own, so it leaves no failure note. The
+        other ranks then see its process gone, name it and requeue (`_lost_peer`); a rank alone
+        requeues the job itself. Nobody reads this rank's stderr any more: the line goes to
+        attempts.jsonl as well."""
+        line = (f"its launcher is gone (stdout/stderr lost their reader: srun or slurmstepd died; "
+                f"{type(e).__name__}: {e})")
+        if self.dist.world_size > 1:
+            line += "; left to the other ranks, which requeue"
+        else:
+            try:
+                line += "; " + requeue(self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)
+            except RecipeError as refused:
+                line += "; " + str(refused)
+            if hasattr(self, "step_started"):
+                try:
+                    record_attempt(self.out, "end", outcome=f"rank {self.dist.rank}: {line}")
+                except OSError:
+                    pass
         return RecipeError(f"rank {self.dist.rank}: {line}")
 
     def _stopped(self, why: str, step: int, total: int) -> dict:

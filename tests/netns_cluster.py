@@ -173,6 +173,22 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubs
         if node in self.slurmd:
             self.slurmd.pop(node).wait(10)
 
+    def kill_daemons(self, node: str) -> None:
+        """SLURM's daemons on the node crash (slurmd and every slurmstepd, SIGKILL), while the node,
+        its network and whatever else runs there (srun, the batch script) stay up."""
+        for pid in self.node_pids(node):
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if name in ("slurmd", "slurmstepd"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if node in self.slurmd:
+            self.slurmd.pop(node).wait(10)
+
     def link(self, node: str, up: bool) -> None:
         """Plug or unplug the node's cable: its veth in the root namespace, up or down."""
         _ip("link", "set", self.nodes[node]["veth"], "up" if up else "down")

@@ -237,6 +237,29 @@ def test_an_error_of_a_rank_whose_peer_is_gone_counts_as_a_lost_peer(monkeypatch
         gone.close()
 
 
+def test_a_rank_knows_when_its_launcher_is_gone(tmp_path):
+    """slurmstepd holds the other end of a task's stdout and stderr; when it crashes, the rank's
+    next log line raises BrokenPipeError. That must read as a lost launcher (the other ranks
+    requeue), not as an error of the rank's own, which would tell them not to."""
+    probe = ("import sys, time\nfrom recipe_dist.distributed import launcher_gone\n"
+             "open(sys.argv[1], 'w').write(str(launcher_gone()))\n"
+             "sys.stdin.readline()\n"  # the parent closes our stdout's reader meanwhile
+             "open(sys.argv[2], 'w').write(str(launcher_gone()))\n")
+    before, after = tmp_path / "before", tmp_path / "after"
+    child = subprocess.Popen([sys.executable, "-c", probe, str(before), str(after)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not before.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.stdout.close()  # the launcher's end of the pipe: gone
+    child.communicate(b"\n", timeout=60)
+    assert before.read_text() == "False" and after.read_text() == "True"
+    with open(tmp_path / "log", "w") as log:  # a file (sbatch --output, a redirect) never reads as a lost launcher
+        done = subprocess.run([sys.executable, "-c", "from recipe_dist.distributed import launcher_gone; print(launcher_gone())"],
+                              stdout=log, stderr=log, cwd=REPO)
+    assert done.returncode == 0 and (tmp_path / "log").read_text().strip() == "False"
+
+
 def _wait_until_stopped(pid: int, within_s: float = 10.0) -> None:
     """Until every thread of `pid` is in the stopped state ('T' in /proc/<pid>/task/*/stat)."""
     deadline = time.monotonic() + within_s

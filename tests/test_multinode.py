@@ -150,6 +150,29 @@ def test_a_node_that_dies_is_named_and_the_job_resumes_elsewhere(cluster, local_
     assert (out / "model" / "model.safetensors").read_bytes() == local_run
 
 
+def test_a_node_whose_slurm_daemons_crash_is_named_and_the_job_resumes_elsewhere(cluster, local_run, tmp_path):
+    """Only SLURM's daemons on node A crash (slurmd and the job's slurmstepds); the node, its
+    network and srun stay up. Rank 0's next log line then meets a broken pipe: that is its
+    launcher lost, not an error of its own (before the fix it left a note, and the rank on B
+    stopped without requeueing: "a restart would repeat it"). The rank on B must name rank 0
+    lost and requeue, and the job must end as the uninterrupted run."""
+    out = tmp_path / "run"
+    job = submit(cluster, out, *RUN, "--train.zero_stage=1")
+    wait_for_checkpoint(out)
+    cluster.kill_daemons("a")
+    deadline = time.time() + 150
+    while time.time() < deadline and len(attempts(out)) < 3:
+        if cluster.job_state(job) == "PENDING":
+            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+        time.sleep(1)
+    cluster.start_node("a")
+    finish(cluster, job, out)
+    first_end = attempts(out)[1]
+    assert first_end["event"] == "end" and first_end["host"] == "nodeb", (first_end, slurmd_log(cluster, "b"))
+    assert "lost rank 0 on nodea" in first_end["outcome"] and f"requeued SLURM job {job}" in first_end["outcome"], first_end
+    assert (out / "model" / "model.safetensors").read_bytes() == local_run
+
+
 def test_a_network_cut_longer_than_the_timeout_fails_the_rank_with_one_line_and_requeues(cluster, local_run, tmp_path):
     out = tmp_path / "run"
     job = submit(cluster, out, *RUN, "--train.zero_stage=1")

@@ -422,3 +422,31 @@ def test_replayed_reader_streams_match_what_dataloader_workers_gave(tmp_path):
     replayed = [[s["__key__"] for s in b] for b in itertools.islice(data._old_rank_batches(0, 0, 0), 24)]
     recorded = [r["keys"] for r in keys(out)["rank0.jsonl"]]
     assert replayed == recorded
+
+
+def test_a_lone_rank_whose_launcher_dies_records_it_and_resumes_exactly(tmp_path):
+    """The launcher holding a lone rank's stdout and stderr dies (slurmstepd crashes, a terminal
+    closes): the rank's next log line meets a broken pipe. That is a lost launcher, not an error
+    of the run: it leaves no failure note, records why in attempts.jsonl (nobody reads its
+    stderr now), asks for a requeue (outside SLURM: says to resubmit), and the run then resumes
+    to the uninterrupted run's weights."""
+    one = [*COMMON, "--data.num_workers=0"]
+    whole = tmp_path / "whole"
+    run_cli([*one, "--output_dir", whole])
+    out = tmp_path / "orphan"
+    proc = subprocess.Popen([sys.executable, "-m", "recipe_dist", *map(str, one), "--output_dir", str(out)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while recorded_step(out) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before its launcher was lost"
+    proc.stdout.close()  # the launcher's ends of both pipes go away
+    proc.stderr.close()
+    assert proc.wait(timeout=120) != 0
+    end = json.loads((out / "attempts.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and "its launcher is gone" in end["outcome"], end
+    assert "BrokenPipeError" in end["outcome"] and "resubmit with --resume auto" in end["outcome"], end
+    assert not (out / ".failures").exists()
+    assert ckpt.find_resume(out / "checkpoints") is not None
+    assert resumed_from(run_cli([*one, "--output_dir", out, "--resume", "auto"]).stdout) >= 4
+    assert_same_weights(out, whole)
