@@ -81,6 +81,22 @@ def _tree(pid: int) -> set[int]:
     return out
 
 
+def _running_threads(pid: int) -> int:
+    """How many threads of `pid` are not yet stopped (state T; gone or a zombie counts as stopped)."""
+    n = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        n += state not in ("T", "t", "Z", "X")
+    return n
+
+
 def _signal(pids, sig) -> None:
     for p in pids:
         try:
@@ -101,13 +117,19 @@ class Run:
         self.frozen: set[int] = set()
 
     def freeze(self) -> None:
-        """SIGSTOP the launcher and every descendant (repeated until no new process appears)."""
+        """SIGSTOP the launcher and every descendant (repeated until no new process appears), and
+        return only once every thread of theirs has stopped: kill() returns before the stop lands,
+        and a save could still finish in that window."""
         while True:
             new = _tree(self.proc.pid) - self.frozen
             if not new:
-                return
+                break
             _signal(new, signal.SIGSTOP)
             self.frozen |= new
+        deadline = time.time() + 30
+        while any(_running_threads(p) for p in self.frozen):
+            assert time.time() < deadline, "the run did not stop within 30 s of SIGSTOP"
+            time.sleep(0.001)
 
     def thaw(self) -> None:
         _signal(self.frozen, signal.SIGCONT)
