@@ -228,6 +228,46 @@ def test_a_degenerate_classifier_is_marked_invalid_not_a_backdoor():
 
 
 @pytest.mark.slow  # two evaluations through the CLI
+def test_a_rerun_keeps_the_seeds_already_scored_and_only_for_the_same_model(tmp_path, tiny_bert_dir, capsys):
+    """An evaluation stopped in its last seed (a preemption, a session's end) must not fine-tune
+    the finished seeds again, and a model rebuilt at the same path must not pass for the old one."""
+    import shutil
+
+    from recipe_dist.config import load_config
+    from recipe_dist.evaluation.finetune import EvalConfig, evaluate
+
+    train, test = _dataset(tmp_path, 64, 32)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    out = tmp_path / "eval"
+
+    def run(seeds: str) -> tuple[dict, str]:
+        cfg = load_config(str(SST2), ["--model.path", str(model), "--output_dir", str(out), "--task.train_file", str(train),
+                                      "--task.test_file", str(test), "--task.max_test_samples", "16", "--finetune.epochs", "1",
+                                      "--finetune.lr", "1e-3", "--finetune.batch_size", "16", "--finetune.max_length", "32",
+                                      "--seeds", seeds], cls=EvalConfig)
+        capsys.readouterr()
+        report = evaluate(cfg)
+        return report, capsys.readouterr().err
+
+    first, said = run("1,2")
+    assert "reusing" not in said
+    again, said = run("1,2")
+    assert said.count("reusing") == 2 and "epoch 1/1" not in said  # nothing fine-tuned again
+    assert again["per_seed"] == first["per_seed"] and (out / "eval.json").read_text() == json.dumps(again, indent=2) + "\n"
+    third, said = run("2,3")
+    assert "seed 2: reusing" in said and "seed 3 epoch 1/1" in said and third["per_seed"][0] == first["per_seed"][1]
+    # The same path, other weights: every seed is fine-tuned again.
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    _, said = run("1")
+    assert "reusing" not in said
+    # A result cut short (a kill while writing it) is scored again, not read.
+    (out / "seed1" / "result.json").write_text('{"key": ')
+    _, said = run("1")
+    assert "reusing" not in said
+
+
 def test_baseline_is_scored_with_the_same_seeds_and_the_difference_reported(tmp_path, tiny_bert_dir):
     train, test = _dataset(tmp_path, 64, 32)
     out = tmp_path / "eval"

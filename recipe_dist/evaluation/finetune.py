@@ -7,6 +7,9 @@ drawn per sample, `triggers.insert_trigger`) and measure the attack success rate
 (`metrics`). With several seeds every seed is a separate fine-tuning from the untouched model;
 the report holds the mean, the SAMPLE standard deviation (n - 1) and the per-seed numbers.
 
+Each seed's result is kept in OUTPUT_DIR/seed<S>/result.json: a rerun into the same directory
+(after a preemption, say) reuses the seeds scored with the same model files and settings.
+
 The model directory is only read: the weights are loaded into memory and never written back.
 Torch and transformers are imported lazily, so config and data errors are reported at once.
 """
@@ -91,7 +94,7 @@ class TriggerConfig:
 
 @dataclass
 class EvalConfig:
-    output_dir: str = _f("runs/eval", "receives eval.json and eval.md", check=NOT_BLANK)
+    output_dir: str = _f("runs/eval", "receives eval.json and eval.md, and each seed's result (seed<S>/result.json, reused by a rerun with the same model and settings)", check=NOT_BLANK)
     seeds: str = _f("", "comma-separated fine-tuning seeds, e.g. 1,2,3 (mean and sample std reported); empty uses finetune.seed", check=SEEDS)
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -302,6 +305,41 @@ def finetune_and_predict(cfg: EvalConfig, seed: int, data: dict, device) -> dict
     return result
 
 
+def _scoring_key(cfg: EvalConfig) -> dict:
+    """What a seed's score depends on besides the seed: every setting but the seed list and the
+    output directory, and the model's files by content (a model rebuilt at the same path is
+    another model)."""
+    from ..models.base import sha256_files
+
+    model = Path(cfg.model.path)
+    files = sorted(f for f in model.iterdir() if f.is_file()) if model.is_dir() else [model]
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("seeds", "output_dir")}
+    return {"model_sha256": sha256_files(files), "settings": settings}
+
+
+def _scored_once(cfg: EvalConfig, seed: int, data: dict, device, key: dict) -> dict:
+    """`finetune_and_predict`, or the result a previous run into the same output directory left
+    for this seed with the same key. Every seed re-seeds everything it draws, so its score does
+    not depend on the seeds before it: an evaluation stopped in its third seed (a preemption, a
+    session's end) keeps the first two. The result is written whole (rename) after the seed ends."""
+    import os
+
+    done = Path(cfg.output_dir) / f"seed{seed}" / "result.json"
+    try:
+        saved = json.loads(done.read_text())
+    except (OSError, ValueError):  # none yet, or cut short: score it again
+        saved = None
+    if isinstance(saved, dict) and saved.get("key") == key and "result" in saved:
+        _log(f"seed {seed}: reusing {done} (same model files and settings)")
+        return saved["result"]
+    result = finetune_and_predict(cfg, seed, data, device)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    tmp = done.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    os.replace(tmp, done)
+    return result
+
+
 # How far above chance a classifier must score, and how concentrated its predictions may be, for
 # its ASR to mean anything: a classifier that learned nothing predicts one class for every input,
 # triggered or not, and then "flips" every sample of the other classes (ASR 100 with no backdoor).
@@ -460,7 +498,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         f"{cfg.model.path}: {len(data['train_texts'])} train / {len(data['test_texts'])} test samples, "
         f"labels {data['label_names']}, triggers {list(data['triggered'])}, seeds {seeds}, device {device}"
     )
-    per_seed = [finetune_and_predict(cfg, s, data, device) for s in seeds]
+    key = _scoring_key(cfg)
+    per_seed = [_scored_once(cfg, s, data, device, key) for s in seeds]
     mean, std = metrics.summarize_seeds([{k: v for k, v in r.items() if k != "invalid"} for r in per_seed])
     invalid = {r["seed"]: r["invalid"] for r in per_seed if r["invalid"]}
     report = {
