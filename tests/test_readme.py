@@ -160,6 +160,7 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 300) -> subprocess
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # a command's help, once per test process: the README shows some commands many times
 def help_text(path: tuple[str, ...]) -> str:
     proc = run_cli([*path, "--help"], timeout=120)
     assert proc.returncode == 0, f"recipe-dist {' '.join(path)} --help exited {proc.returncode}: {proc.stderr[-2000:]}"
