@@ -297,6 +297,21 @@ class Trainer:
         rank may: rank 0 may be the one lost). The partial step is dropped; the requeued job resumes
         from the last complete checkpoint."""
         line, requeue_helps = diagnose(e, self.out)
+        return self._ended(line, requeue_helps)
+
+    def _lost_launcher(self, e: Exception) -> RecipeError:
+        """This rank's launcher died under it (its slurmstepd crashed, say): the error (typically a
+        BrokenPipeError from a log line) is not the rank's own, so it leaves no failure note. The
+        other ranks then see its process gone, name it and requeue (`_lost_peer`); a rank alone
+        requeues the job itself. Nobody reads this rank's stderr any more: a lone rank's line goes
+        to attempts.jsonl."""
+        line = f"its launcher is gone (stdout/stderr lost their reader: srun or slurmstepd died; {type(e).__name__}: {e})"
+        if self.dist.world_size > 1:
+            return RecipeError(f"rank {self.dist.rank}: {line}; left to the other ranks, which requeue")
+        return self._ended(line, requeue_helps=True)
+
+    def _ended(self, line: str, requeue_helps: bool) -> RecipeError:
+        """Requeue under SLURM where that helps, record the attempt's end, and the error to raise."""
         if requeue_helps:
             try:
                 line += "; " + requeue(self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)
@@ -307,28 +322,6 @@ class Trainer:
                 record_attempt(self.out, "end", outcome=f"rank {self.dist.rank}: {line}")
             except OSError:
                 pass
-        return RecipeError(f"rank {self.dist.rank}: {line}")
-
-    def _lost_launcher(self, e: Exception) -> RecipeError:
-        """This rank's launcher died under it (its slurmstepd crashed, say): the error (typically a
-        BrokenPipeError from a log line) is not the rank's own, so it leaves no failure note. The
-        other ranks then see its process gone, name it and requeue (`_lost_peer`); a rank alone
-        requeues the job itself. Nobody reads this rank's stderr any more: the line goes to
-        attempts.jsonl as well."""
-        line = (f"its launcher is gone (stdout/stderr lost their reader: srun or slurmstepd died; "
-                f"{type(e).__name__}: {e})")
-        if self.dist.world_size > 1:
-            line += "; left to the other ranks, which requeue"
-        else:
-            try:
-                line += "; " + requeue(self.cfg.preempt.requeue, self.cfg.preempt.max_requeues)
-            except RecipeError as refused:
-                line += "; " + str(refused)
-            if hasattr(self, "step_started"):
-                try:
-                    record_attempt(self.out, "end", outcome=f"rank {self.dist.rank}: {line}")
-                except OSError:
-                    pass
         return RecipeError(f"rank {self.dist.rank}: {line}")
 
     def _stopped(self, why: str, step: int, total: int) -> dict:
