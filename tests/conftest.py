@@ -2,6 +2,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,27 @@ LONGEST_FIRST = ["test_slurm.py", "test_lab_study.py", "test_bench_defense.py", 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
+def wait_until_stopped(pids, within_s: float = 30.0) -> None:
+    """Until every thread of `pids` is stopped (state T in /proc/PID/task/*/stat; gone or a zombie
+    counts): kill(SIGSTOP) returns before the stop lands, and one thread stops the others later."""
+    def running(pid: int) -> int:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return 0
+        n = 0
+        for tid in tids:
+            try:
+                state = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]  # the name may hold spaces
+            except OSError:
+                continue
+            n += state not in ("T", "t", "Z", "X")
+        return n
+
+    deadline = time.monotonic() + within_s
+    while any(running(p) for p in pids):
+        assert time.monotonic() < deadline, f"not stopped {within_s:g} s after SIGSTOP: {sorted(pids)}"
+        time.sleep(0.001)
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import REPO, wait_until_stopped
 from recipe_dist.config import RunConfig, load_config
 from recipe_dist.data import synthetic
 from recipe_dist.errors import RecipeError
@@ -260,20 +260,6 @@ def test_a_rank_knows_when_its_launcher_is_gone(tmp_path):
     assert done.returncode == 0 and (tmp_path / "log").read_text().strip() == "False"
 
 
-def _wait_until_stopped(pid: int, within_s: float = 10.0) -> None:
-    """Until every thread of `pid` is in the stopped state ('T' in /proc/<pid>/task/*/stat)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        states = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                states.append(f.read().rsplit(")", 1)[1].split()[0])  # the name may hold spaces
-        if all(s == "T" for s in states):
-            return
-        assert time.monotonic() < deadline, f"process {pid} not stopped after {within_s:g} s: thread states {states}"
-        time.sleep(0.01)
-
-
 def test_a_store_whose_host_went_silent_does_not_hold_a_failing_rank(monkeypatch):
     """The store lives in rank 0's process. When rank 0's node loses power its host goes silent
     (no reset, no answer), and a store call blocks in recv far past the store's own timeout: the
@@ -299,7 +285,7 @@ def test_a_store_whose_host_went_silent_does_not_hold_a_failing_rank(monkeypatch
         # kill() returns before the stop lands: one thread takes SIGSTOP and only then stops the
         # others, so on busy cores the store's server thread answered two more requests (CI, 1 of
         # 1). Ask only once every thread is stopped.
-        _wait_until_stopped(host.pid)
+        wait_until_stopped([host.pid])
         t0 = time.monotonic()
         assert distributed._failed_peers([{"rank": 1}]) == {}
         assert time.monotonic() - t0 < 10

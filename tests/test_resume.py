@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, wait_until_stopped
 from recipe_dist import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: outside the fast lane (pytest -m "not slow")
@@ -81,22 +81,6 @@ def _tree(pid: int) -> set[int]:
     return out
 
 
-def _running_threads(pid: int) -> int:
-    """How many threads of `pid` are not yet stopped (state T; gone or a zombie counts as stopped)."""
-    n = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tids:
-        try:
-            state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        n += state not in ("T", "t", "Z", "X")
-    return n
-
-
 def _signal(pids, sig) -> None:
     for p in pids:
         try:
@@ -126,10 +110,7 @@ class Run:
                 break
             _signal(new, signal.SIGSTOP)
             self.frozen |= new
-        deadline = time.time() + 30
-        while any(_running_threads(p) for p in self.frozen):
-            assert time.time() < deadline, "the run did not stop within 30 s of SIGSTOP"
-            time.sleep(0.001)
+        wait_until_stopped(self.frozen)
 
     def thaw(self) -> None:
         _signal(self.frozen, signal.SIGCONT)
